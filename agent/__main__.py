@@ -1,0 +1,7 @@
+"""``python -m agent …`` is ``prefetcher …``."""
+
+import sys
+
+from agent.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``prefetcher`` command line: one module per command group, wired in ``main``."""

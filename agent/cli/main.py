@@ -1,0 +1,60 @@
+"""``prefetcher`` entry point: build the argument parser from each command module.
+
+Each command module exposes ``register(subparsers)``, which adds its sub-parser and sets
+``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
+Expected failures (:class:`agent.images.errors.ImageError`, configuration errors) print one
+line on stderr and exit non-zero; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+import agent
+
+#: Command modules under ``agent.cli``, in the order ``--help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = ("pulling", "configs")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefetcher",
+        description="Get container images onto nodes before pods need them.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {agent.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"agent.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"agent.cli.{name}":
+                continue  # a command group not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code: int = func(args)
+    except KeyboardInterrupt:
+        print("prefetcher: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
