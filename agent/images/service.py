@@ -1,0 +1,512 @@
+"""``ImageService``: pull an image into the content store and unpack it into snapshots.
+
+``pull(reference)`` is containerd's CRI ``PullImage`` without Kubernetes:
+
+1. **resolve** the reference (``HEAD``, then ``GET`` unless the manifest is already stored),
+   and pick the platform's manifest from an index;
+2. **fetch** the config and every layer concurrently (``max_concurrent_downloads`` per pull,
+   a node-wide limit shared by all pulls of this service), each blob streamed into an ingest,
+   hashed as it arrives, resumed with ``Range`` after a broken or silent connection, and
+   committed only once verified. Blobs already in the store are not downloaded; a blob two
+   pulls need at once is downloaded once (a lock per digest);
+3. **unpack** the layers into snapshots named by chain ID (skipping chains that exist),
+   ``syncfs``-ing each before it is committed when configured;
+4. **record** the image (name → digest, platform manifest, config, top chain ID).
+
+Progress goes to the caller's ``on_event`` through a :class:`PullProgress`; a
+:class:`StallWatchdog` cancels a pull that makes no byte progress for the progress timeout
+with :class:`~agent.images.errors.PullStalled`. A request whose socket goes silent on its own
+is aborted and resumed (a recovered stall) while the others keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.images import (
+    descriptors,
+    digests,
+    durations,
+    errors,
+    locks,
+    mediatypes,
+    platforms,
+    records,
+    references,
+    tracing,
+)
+from agent.images.content import local
+from agent.images.progress import events, stall, tracker
+from agent.images.registry import client as registry_client
+from agent.images.snapshots import snapshotter as snapshotter_api
+from agent.images.unpack import unpacker as unpacker_mod
+
+EventCallback = Callable[[events.ProgressEvent], None]
+
+SPAN_PREFIX = "agent.images.service"
+
+#: Resumes of one blob after a broken (not silent) connection before the pull fails.
+MAX_BLOB_RESUMES = 5
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What a pull did."""
+
+    reference: str
+    #: the digest the reference resolved to (the index's, for a multi-platform image)
+    digest: digests.Digest
+    media_type: str
+    manifest_digest: digests.Digest
+    config_digest: digests.Digest
+    platform: str
+    layers: int
+    #: bytes of every blob the image needs (compressed, as stored)
+    size: int
+    #: bytes this pull actually downloaded (0 when everything was present)
+    bytes_downloaded: int
+    #: top chain ID ("" when not unpacked)
+    chain_id: str
+    seconds: float
+    stalls: int
+    stall_cancellations: int
+    retries: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, digests.Digest) else v) for k, v in
+                dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """Plain arguments for :class:`ImageService` (the edge builds them from settings)."""
+
+    max_concurrent_downloads: int = 3
+    node_max_concurrent_downloads: int = 8
+    #: seconds without byte progress before a pull is cancelled; 0 disables
+    progress_timeout: float = 300.0
+    min_bytes_per_second: float = 0.0
+    sync_fs: bool = False
+    #: "overlayfs", "naive", or "" (content only, no unpack)
+    snapshotter: str = "overlayfs"
+    max_layer_uncompressed_bytes: int = 32 * 1024**3
+    unpack_concurrency: int = 2
+    #: per-request stalls of one blob recovered by a resume before the pull gives up
+    max_request_stalls: int = 3
+
+
+class ImageService:
+    """Pulls images into a store root. Create one per process; close it when done.
+
+    Layout of ``root``: ``content/`` (:class:`LocalStore`), ``snapshots/`` (the
+    snapshotter), ``images.db`` (:class:`ImageRecords`).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        registry: registry_client.RegistryClient,
+        options: ServiceOptions | None = None,
+        *,
+        snapshotter: snapshotter_api.Snapshotter | None = None,
+    ):
+        self.root = Path(root)
+        self.options = options or ServiceOptions()
+        self.registry = registry
+        self.content = local.LocalStore(self.root / "content")
+        self.records = records.ImageRecords(self.root / "images.db")
+        self.snapshotter = snapshotter if snapshotter is not None else self._make_snapshotter()
+        self._blob_locks = locks.KeyedLock()
+        self._node_downloads = asyncio.Semaphore(max(1, self.options.node_max_concurrent_downloads))
+
+    def _make_snapshotter(self) -> snapshotter_api.Snapshotter | None:
+        name = self.options.snapshotter
+        if not name:
+            return None
+        if name == "overlayfs":
+            from agent.images.snapshots import overlay
+
+            return overlay.OverlaySnapshotter(
+                self.root / "snapshots", sync_fs=self.options.sync_fs
+            )
+        if name == "naive":
+            from agent.images.snapshots import naive
+
+            return naive.NaiveSnapshotter(self.root / "snapshots-naive")
+        raise errors.ImageError(
+            f"unknown snapshotter {name!r}: expected 'overlayfs' or 'naive'"
+        )
+
+    def close(self) -> None:
+        self.records.close()
+        closer = getattr(self.snapshotter, "close", None)
+        if closer is not None:
+            closer()
+
+    # Pull.
+
+    async def pull(
+        self,
+        reference: str | references.Reference,
+        *,
+        platform: descriptors.Platform | None = None,
+        on_event: EventCallback | None = None,
+        progress_timeout: float | None = None,
+        unpack: bool = True,
+        labels: dict[str, str] | None = None,
+    ) -> PullResult:
+        """Pull ``reference`` for ``platform`` (default: this host's). See the module doc.
+
+        Raises:
+            ImageError: any subclass; :class:`PullStalled` when cancelled for no progress.
+        """
+        ref = reference if isinstance(reference, references.Reference) else references.parse(
+            reference
+        )
+        want = platform or platforms.default()
+        timeout = self.options.progress_timeout if progress_timeout is None else progress_timeout
+        progress = tracker.PullProgress(str(ref), on_event)
+        started = time.monotonic()
+        stalled: list[errors.PullStalled] = []
+        inner: asyncio.Task[PullResult] | None = None
+
+        def cancel(error: errors.PullStalled) -> None:
+            stalled.append(error)
+            if inner is not None:
+                inner.cancel()
+
+        watchdog = stall.StallWatchdog(
+            progress, timeout, cancel, min_bytes_per_second=self.options.min_bytes_per_second
+        )
+        with tracing.span(SPAN_PREFIX, "pull", {tracing.IMAGE_REF: str(ref)}) as span:
+            try:
+                async with watchdog:
+                    inner = asyncio.ensure_future(
+                        self._pull(ref, want, progress, timeout, unpack, labels or {})
+                    )
+                    try:
+                        result = await asyncio.shield(inner)
+                    except asyncio.CancelledError:
+                        if not inner.done():  # the caller was cancelled: stop the pull too
+                            inner.cancel()
+                            with contextlib.suppress(BaseException):
+                                await inner
+                            raise
+                        if inner.cancelled() and stalled:
+                            raise stalled[0] from None
+                        raise
+            except errors.PullStalled as e:
+                progress.set_phase(events.Phase.FAILED, str(e))
+                tracing.record_error(span, e)
+                raise
+            except errors.ImageError as e:
+                progress.set_phase(events.Phase.FAILED, str(e))
+                tracing.record_error(span, e)
+                raise
+            snap = progress.snapshot()
+            done = dataclasses.replace(
+                result,
+                seconds=time.monotonic() - started,
+                stalls=snap.stalls,
+                stall_cancellations=snap.stall_cancellations,
+                retries=snap.retries,
+            )
+            span.set_attribute("image.digest", str(done.digest))
+            span.set_attribute("image.bytes_downloaded", done.bytes_downloaded)
+            progress.set_phase(events.Phase.READY, f"{done.reference}@{done.digest}")
+            return done
+
+    async def _pull(
+        self,
+        ref: references.Reference,
+        want: descriptors.Platform,
+        progress: tracker.PullProgress,
+        timeout: float,
+        unpack: bool,
+        labels: dict[str, str],
+    ) -> PullResult:
+        progress.set_phase(events.Phase.RESOLVING)
+        with tracing.span(SPAN_PREFIX, "resolve", {tracing.IMAGE_REF: str(ref)}):
+            top, top_data = await self._resolve(ref)
+        blobs: list[digests.Digest] = [top.digest]
+        manifest_desc, manifest_data = top, top_data
+        if top.media_type in mediatypes.INDEXES:
+            index = descriptors.Index.parse(top_data, top.media_type)
+            chosen = platforms.select(index, want)
+            manifest_desc, manifest_data = await self._manifest_by_digest(ref, chosen)
+            blobs.append(manifest_desc.digest)
+        elif top.media_type not in mediatypes.MANIFESTS:
+            raise errors.UnsupportedMediaType(
+                f"{ref} resolved to {top.digest} of media type {top.media_type!r}, which is"
+                " neither an image manifest nor an index"
+            )
+        manifest = descriptors.Manifest.parse(manifest_data, manifest_desc.media_type)
+
+        progress.set_phase(events.Phase.DOWNLOADING)
+        progress.add_blobs([manifest.config, *manifest.layers])
+        read_timeout = stall.request_read_timeout(timeout)
+        downloaded = 0
+        with tracing.span(SPAN_PREFIX, "fetch", {tracing.IMAGE_REF: str(ref)}):
+            per_pull = asyncio.Semaphore(max(1, self.options.max_concurrent_downloads))
+            fetched = await asyncio.gather(
+                *(
+                    self._fetch_blob(ref, desc, progress, per_pull, read_timeout)
+                    for desc in _unique([manifest.config, *manifest.layers])
+                )
+            )
+            downloaded = sum(fetched)
+        config = descriptors.ImageConfig.parse(self.content.read_blob(manifest.config.digest))
+        if len(config.diff_ids) != len(manifest.layers):
+            raise errors.InvalidManifest(
+                f"{ref}: the manifest lists {len(manifest.layers)} layers but the config"
+                f" {manifest.config.digest} has {len(config.diff_ids)} diff IDs"
+            )
+        blobs += [manifest.config.digest, *(layer.digest for layer in manifest.layers)]
+
+        chain_id = ""
+        if unpack and self.snapshotter is not None and manifest.layers:
+            progress.set_phase(events.Phase.UNPACKING)
+            chain_id = str(await self._unpack(manifest, config, progress))
+
+        progress.set_phase(events.Phase.COMMITTING)
+        platform_text = str(config.platform) if config.platform.os else str(want)
+        record = records.ImageRecord(
+            name=str(ref),
+            digest=top.digest,
+            media_type=top.media_type,
+            size=sum(_blob_sizes(top, manifest_desc, manifest)),
+            manifest_digest=manifest_desc.digest,
+            config_digest=manifest.config.digest,
+            platform=platform_text,
+            chain_id=chain_id,
+            blobs=tuple(dict.fromkeys(blobs)),
+            labels=labels,
+        )
+        await asyncio.to_thread(self.records.put, record)
+        return PullResult(
+            reference=str(ref),
+            digest=top.digest,
+            media_type=top.media_type,
+            manifest_digest=manifest_desc.digest,
+            config_digest=manifest.config.digest,
+            platform=platform_text,
+            layers=len(manifest.layers),
+            size=record.size,
+            bytes_downloaded=downloaded,
+            chain_id=chain_id,
+            seconds=0.0,
+            stalls=0,
+            stall_cancellations=0,
+            retries=0,
+        )
+
+    async def _resolve(
+        self, ref: references.Reference
+    ) -> tuple[descriptors.Descriptor, bytes]:
+        """The top descriptor and its bytes, from the store when the digest is known there."""
+        if ref.digest is not None:
+            desc = descriptors.Descriptor(media_type="", digest=ref.digest, size=0)
+            return await self._manifest_by_digest(ref, desc)
+        head = await self.registry.resolve(ref)
+        if head is not None and self.content.exists(head.digest):
+            data = self.content.read_blob(head.digest)
+            media_type = descriptors.media_type_of(data, head.media_type)
+            return dataclasses.replace(head, media_type=media_type, size=len(data)), data
+        desc, data = await self.registry.fetch_manifest(ref)
+        if head is not None and head.digest != desc.digest:
+            # The tag moved between HEAD and GET: the GET's verified bytes win.
+            pass
+        await self._store_small(desc, data)
+        return desc, data
+
+    async def _manifest_by_digest(
+        self, ref: references.Reference, desc: descriptors.Descriptor
+    ) -> tuple[descriptors.Descriptor, bytes]:
+        if self.content.exists(desc.digest):
+            data = self.content.read_blob(desc.digest)
+        else:
+            fetched, data = await self.registry.fetch_manifest(ref, str(desc.digest))
+            await self._store_small(fetched, data)
+        media_type = descriptors.media_type_of(data, desc.media_type)
+        if desc.size and desc.size != len(data):
+            raise errors.SizeMismatch(
+                f"{ref.name}@{desc.digest}: the index says {desc.size} bytes, the manifest has"
+                f" {len(data)}"
+            )
+        return dataclasses.replace(desc, media_type=media_type, size=len(data)), data
+
+    async def _store_small(self, desc: descriptors.Descriptor, data: bytes) -> None:
+        async with self._blob_locks.hold(str(desc.digest)):
+            if self.content.exists(desc.digest):
+                return
+            writer = self.content.writer(str(desc.digest), total=len(data))
+            try:
+                writer.truncate(0)
+                writer.write(data)
+                await asyncio.to_thread(writer.commit, len(data), desc.digest)
+            except errors.AlreadyExists:
+                pass
+            finally:
+                writer.close()
+
+    async def _fetch_blob(
+        self,
+        ref: references.Reference,
+        desc: descriptors.Descriptor,
+        progress: tracker.PullProgress,
+        per_pull: asyncio.Semaphore,
+        read_timeout: float | None,
+    ) -> int:
+        """Download one blob into the store unless it is there. Returns bytes downloaded."""
+        key = str(desc.digest)
+        if self.content.exists(desc.digest):
+            progress.blob_present(desc)
+            return 0
+        async with self._blob_locks.hold(key):
+            if self.content.exists(desc.digest):
+                progress.blob_present(desc)
+                return 0
+            async with per_pull, self._node_downloads:
+                attrs = {
+                    tracing.LAYER_DIGEST: key,
+                    tracing.LAYER_SIZE: desc.size,
+                    tracing.LAYER_MEDIA_TYPE: desc.media_type,
+                }
+                with tracing.span(SPAN_PREFIX, "fetch_blob", attrs) as span:
+                    got = await self._download(ref, desc, progress, read_timeout)
+                    span.set_attribute("blob.bytes_downloaded", got)
+                    return got
+
+    async def _download(
+        self,
+        ref: references.Reference,
+        desc: descriptors.Descriptor,
+        progress: tracker.PullProgress,
+        read_timeout: float | None,
+    ) -> int:
+        writer = await self._open_writer(desc)
+        downloaded = 0
+        stalls = 0
+        resumes = 0
+        try:
+            if writer.offset > desc.size:
+                writer.truncate(0)
+            if writer.offset:
+                progress.bytes_read(desc.digest, 0)
+            while writer.offset < desc.size or desc.size == 0:
+                offset = writer.offset
+                progress.request_started(desc.digest)
+                try:
+                    async with self.registry.open_blob(
+                        ref, desc, offset=offset, read_timeout=read_timeout
+                    ) as body:
+                        if body.offset != offset:
+                            writer.truncate(body.offset)
+                            progress.restart_blob(desc.digest, body.offset)
+                        async for chunk in body.chunks():
+                            if writer.offset + len(chunk) > desc.size:
+                                raise errors.SizeMismatch(
+                                    f"blob {desc.digest} of {ref.name}: the registry sent more"
+                                    f" than the {desc.size} bytes the manifest states"
+                                )
+                            writer.write(chunk)
+                            downloaded += len(chunk)
+                            progress.bytes_read(desc.digest, len(chunk))
+                except registry_client.RequestStalled as e:
+                    stalls += 1
+                    if stalls > self.options.max_request_stalls:
+                        message = (
+                            f"blob {desc.digest} of {ref.name} stalled {stalls} times"
+                            f" (no data for {durations.format(read_timeout or 0)} each time)"
+                        )
+                        progress.stalled(desc.digest, message, fatal=True)
+                        raise errors.PullStalled(message) from e
+                    progress.retry(desc.digest, stalls, str(e), stalled=True)
+                    await asyncio.sleep(stall.backoff(stalls))
+                    continue
+                except errors.Unavailable as e:
+                    resumes += 1
+                    if resumes > MAX_BLOB_RESUMES:
+                        raise
+                    progress.retry(desc.digest, resumes, str(e), stalled=False)
+                    await asyncio.sleep(stall.backoff(resumes))
+                    continue
+                finally:
+                    progress.request_finished(desc.digest)
+                if desc.size == 0 or writer.offset >= desc.size:
+                    break
+                # EOF before the stated size: resume from where it stopped.
+                resumes += 1
+                if resumes > MAX_BLOB_RESUMES:
+                    raise errors.SizeMismatch(
+                        f"blob {desc.digest} of {ref.name}: the registry keeps ending the body"
+                        f" at {writer.offset} of {desc.size} bytes"
+                    )
+                progress.retry(desc.digest, resumes, "short body", stalled=False)
+            with contextlib.suppress(errors.AlreadyExists):
+                await asyncio.to_thread(writer.commit, desc.size, desc.digest)
+            progress.blob_done(desc.digest)
+            return downloaded
+        except BaseException:
+            writer.close()  # keeps the ingest for a resume; verification failures removed it
+            raise
+
+    async def _open_writer(self, desc: descriptors.Descriptor) -> local.LocalWriter:
+        """Open the ingest for ``desc``; wait while another process writes it."""
+        delay = 0.05
+        while True:
+            try:
+                return self.content.writer(str(desc.digest), total=desc.size)
+            except errors.Unavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _unpack(
+        self,
+        manifest: descriptors.Manifest,
+        config: descriptors.ImageConfig,
+        progress: tracker.PullProgress,
+    ) -> digests.Digest:
+        assert self.snapshotter is not None
+        unpacker = unpacker_mod.Unpacker(
+            self.content,
+            self.snapshotter,
+            sync_fs=self.options.sync_fs,
+            max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
+            concurrency=self.options.unpack_concurrency,
+            on_progress=lambda event: _forward_unpack(progress, event),
+        )
+        return await unpacker.unpack(manifest.layers, config.diff_ids)
+
+
+def _forward_unpack(progress: tracker.PullProgress, event: Any) -> None:
+    digest = getattr(event, "digest", None)
+    if getattr(event, "kind", "") == "done" and digest is not None:
+        progress.layer_unpacked(digest)
+
+
+def _unique(descs: Sequence[descriptors.Descriptor]) -> list[descriptors.Descriptor]:
+    seen: dict[str, descriptors.Descriptor] = {}
+    for d in descs:
+        seen.setdefault(str(d.digest), d)
+    return list(seen.values())
+
+
+def _blob_sizes(
+    top: descriptors.Descriptor,
+    manifest_desc: descriptors.Descriptor,
+    manifest: descriptors.Manifest,
+) -> list[int]:
+    sizes = {str(top.digest): top.size, str(manifest_desc.digest): manifest_desc.size}
+    sizes[str(manifest.config.digest)] = manifest.config.size
+    for layer in manifest.layers:
+        sizes[str(layer.digest)] = layer.size
+    return list(sizes.values())
