@@ -185,7 +185,9 @@ class LocalWriter:
         self._ref = ref
         self._path = path
         self._lock_fd = lock_fd
-        self._file = open(path / "data", "a+b")  # noqa: SIM115 - lives as long as the writer
+        # Unbuffered: chunks are large already, and what write() returned is in the kernel,
+        # so a killed process leaves exactly the bytes it reported for a resume.
+        self._file = open(path / "data", "a+b", buffering=0)  # noqa: SIM115
         self._hasher = digests.Hasher()
         self._offset = 0
         self._closed = False
@@ -200,18 +202,19 @@ class LocalWriter:
         return self._offset
 
     def write(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += self._file.write(view[written:]) or 0
         self._hasher.update(data)
-        self._offset += len(data)
+        self._offset += len(view)
 
     def truncate(self, offset: int = 0) -> None:
-        self._file.flush()
         self._file.truncate(offset)
         self._rehash()
 
     def commit(self, size: int, expected: digests.Digest) -> store.Info:
         expected = digests.Digest(expected)
-        self._file.flush()
         os.fsync(self._file.fileno())
         if size and self._offset != size:
             got = self._offset
@@ -240,9 +243,7 @@ class LocalWriter:
         return info
 
     def close(self) -> None:
-        if not self._closed:
-            self._file.flush()
-            self._finish(remove=False)
+        self._finish(remove=False)
 
     def abort(self) -> None:
         self._finish(remove=True)
