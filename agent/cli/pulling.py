@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, config.ConfigError) as e:
         print(f"prefetcher: {e}", file=sys.stderr)
         return 2
-    mode = "json" if args.json else ("plain" if args.quiet else "auto")
-    renderer = rendering.make_renderer("quiet" if args.quiet else mode, sys.stderr)
+    # --json and --quiet print only the result: the json renderer is silent while pulling.
+    renderer = rendering.make_renderer("json" if args.json or args.quiet else "auto", sys.stderr)
     try:
         result = asyncio.run(_pull(args, settings, renderer))
     except errors.ImageError as e:

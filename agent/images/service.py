@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.images import (
     descriptors,
@@ -46,8 +46,9 @@ from agent.images import (
 from agent.images.content import local
 from agent.images.progress import events, stall, tracker
 from agent.images.registry import client as registry_client
-from agent.images.snapshots import snapshotter as snapshotter_api
-from agent.images.unpack import unpacker as unpacker_mod
+
+if TYPE_CHECKING:
+    from agent.images.snapshots import snapshotter as snapshotter_api
 
 EventCallback = Callable[[events.ProgressEvent], None]
 
@@ -99,8 +100,6 @@ class ServiceOptions:
     snapshotter: str = "overlayfs"
     max_layer_uncompressed_bytes: int = 32 * 1024**3
     unpack_concurrency: int = 2
-    #: per-request stalls of one blob recovered by a resume before the pull gives up
-    max_request_stalls: int = 3
 
 
 class ImageService:
@@ -252,17 +251,18 @@ class ImageService:
 
         progress.set_phase(events.Phase.DOWNLOADING)
         progress.add_blobs([manifest.config, *manifest.layers])
-        read_timeout = stall.request_read_timeout(timeout)
         downloaded = 0
         with tracing.span(SPAN_PREFIX, "fetch", {tracing.IMAGE_REF: str(ref)}):
             per_pull = asyncio.Semaphore(max(1, self.options.max_concurrent_downloads))
-            fetched = await asyncio.gather(
-                *(
-                    self._fetch_blob(ref, desc, progress, per_pull, read_timeout)
-                    for desc in _unique([manifest.config, *manifest.layers])
-                )
-            )
-            downloaded = sum(fetched)
+            try:
+                async with asyncio.TaskGroup() as group:  # one failure cancels the rest
+                    tasks = [
+                        group.create_task(self._fetch_blob(ref, desc, progress, per_pull, timeout))
+                        for desc in _unique([manifest.config, *manifest.layers])
+                    ]
+            except BaseExceptionGroup as eg:
+                raise _first_error(eg) from None
+            downloaded = sum(t.result() for t in tasks)
         config = descriptors.ImageConfig.parse(self.content.read_blob(manifest.config.digest))
         if len(config.diff_ids) != len(manifest.layers):
             raise errors.InvalidManifest(
@@ -363,7 +363,7 @@ class ImageService:
         desc: descriptors.Descriptor,
         progress: tracker.PullProgress,
         per_pull: asyncio.Semaphore,
-        read_timeout: float | None,
+        progress_timeout: float,
     ) -> int:
         """Download one blob into the store unless it is there. Returns bytes downloaded."""
         key = str(desc.digest)
@@ -381,7 +381,7 @@ class ImageService:
                     tracing.LAYER_MEDIA_TYPE: desc.media_type,
                 }
                 with tracing.span(SPAN_PREFIX, "fetch_blob", attrs) as span:
-                    got = await self._download(ref, desc, progress, read_timeout)
+                    got = await self._download(ref, desc, progress, progress_timeout)
                     span.set_attribute("blob.bytes_downloaded", got)
                     return got
 
@@ -390,27 +390,27 @@ class ImageService:
         ref: references.Reference,
         desc: descriptors.Descriptor,
         progress: tracker.PullProgress,
-        read_timeout: float | None,
+        progress_timeout: float,
     ) -> int:
         writer = await self._open_writer(desc)
+        policy = stall.RetryPolicy.for_stall_timeout(progress_timeout)
         downloaded = 0
         stalls = 0
         resumes = 0
         try:
             if writer.offset > desc.size:
                 writer.truncate(0)
-            if writer.offset:
-                progress.bytes_read(desc.digest, 0)
             while writer.offset < desc.size or desc.size == 0:
                 offset = writer.offset
-                progress.request_started(desc.digest)
+                progress.request_started(desc.digest, offset=offset)
                 try:
                     async with self.registry.open_blob(
-                        ref, desc, offset=offset, read_timeout=read_timeout
+                        ref, desc, offset=offset, read_timeout=policy.read_timeout
                     ) as body:
-                        if body.offset != offset:
+                        if body.offset != offset:  # the server ignored Range: start over
                             writer.truncate(body.offset)
-                            progress.restart_blob(desc.digest, body.offset)
+                            progress.request_finished(desc.digest)
+                            progress.request_started(desc.digest, offset=body.offset)
                         async for chunk in body.chunks():
                             if writer.offset + len(chunk) > desc.size:
                                 raise errors.SizeMismatch(
@@ -422,22 +422,23 @@ class ImageService:
                             progress.bytes_read(desc.digest, len(chunk))
                 except registry_client.RequestStalled as e:
                     stalls += 1
-                    if stalls > self.options.max_request_stalls:
+                    if stalls > policy.max_request_stalls:
                         message = (
                             f"blob {desc.digest} of {ref.name} stalled {stalls} times"
-                            f" (no data for {durations.format(read_timeout or 0)} each time)"
+                            f" (no data for {durations.format(policy.read_timeout or 0)} each"
+                            " time)"
                         )
                         progress.stalled(desc.digest, message, fatal=True)
                         raise errors.PullStalled(message) from e
                     progress.retry(desc.digest, stalls, str(e), stalled=True)
-                    await asyncio.sleep(stall.backoff(stalls))
+                    await asyncio.sleep(policy.backoff(stalls))
                     continue
                 except errors.Unavailable as e:
                     resumes += 1
                     if resumes > MAX_BLOB_RESUMES:
                         raise
                     progress.retry(desc.digest, resumes, str(e), stalled=False)
-                    await asyncio.sleep(stall.backoff(resumes))
+                    await asyncio.sleep(policy.backoff(resumes))
                     continue
                 finally:
                     progress.request_finished(desc.digest)
@@ -475,6 +476,8 @@ class ImageService:
         config: descriptors.ImageConfig,
         progress: tracker.PullProgress,
     ) -> digests.Digest:
+        from agent.images.unpack import unpacker as unpacker_mod
+
         assert self.snapshotter is not None
         unpacker = unpacker_mod.Unpacker(
             self.content,
@@ -491,6 +494,24 @@ def _forward_unpack(progress: tracker.PullProgress, event: Any) -> None:
     digest = getattr(event, "digest", None)
     if getattr(event, "kind", "") == "done" and digest is not None:
         progress.layer_unpacked(digest)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group: an image error before anything else."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    for e in leaves:
+        if isinstance(e, errors.ImageError):
+            return e
+    return leaves[0]
 
 
 def _unique(descs: Sequence[descriptors.Descriptor]) -> list[descriptors.Descriptor]:

@@ -1,0 +1,93 @@
+"""``prefetcher pull`` as a user runs it: the console script against the real registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fixtures import images
+from fixtures.registries import Registry
+
+from tests.images.pulling import stored_blobs
+
+#: The console script installed beside this interpreter (the venv's ``prefetcher``).
+PREFETCHER = str(Path(sys.executable).with_name("prefetcher"))
+
+
+def prefetcher(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PREFETCHER, *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def skopeo_digest(ref: str) -> str:
+    out = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    return str(json.loads(out.stdout)["Digest"])
+
+
+def test_pull_prints_the_digest_skopeo_reports(registry: Registry, tmp_path: Path) -> None:
+    image = images.Image(
+        [images.layer({"a.txt": "a"}), images.random_layer(200_000, files=4, seed=21)]
+    )
+    images.push(registry, "cli/app", "1.4", image)
+    ref = f"{registry.host}/cli/app:1.4"
+
+    out = prefetcher("pull", ref, "--root", str(tmp_path / "store"), "--no-unpack")
+
+    assert out.returncode == 0, out.stderr
+    digest = skopeo_digest(ref)
+    assert out.stdout.splitlines()[0] == f"{ref}: {digest}"
+    assert "2 layers" in out.stdout
+    assert stored_blobs(tmp_path / "store") == {b.digest for b in image.blobs} | {digest}
+    # Piped stderr gets plain progress lines, not a terminal's bars.
+    assert "Ready" in out.stderr and "\x1b[" not in out.stderr
+
+
+def test_pull_json_prints_one_result_and_a_second_pull_downloads_nothing(
+    registry: Registry, tmp_path: Path
+) -> None:
+    images.push(registry, "cli/json", "1", images.Image([images.random_layer(50_000, seed=22)]))
+    ref = f"{registry.host}/cli/json:1"
+    args = ["pull", ref, "--root", str(tmp_path), "--no-unpack", "--json"]
+    first = json.loads(prefetcher(*args).stdout)
+    second = json.loads(prefetcher(*args).stdout)
+    assert first["digest"] == second["digest"] == skopeo_digest(ref)
+    assert first["bytes_downloaded"] > 50_000
+    assert second["bytes_downloaded"] == 0
+
+
+def test_a_tampered_blob_fails_the_pull_naming_the_digest(
+    registry: Registry, tmp_path: Path
+) -> None:
+    image = images.Image([images.random_layer(100_000, seed=23)])
+    images.push(registry, "cli/tampered", "1", image)
+    layer = image.layers[0]
+    path = registry.blob_path(layer.digest)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    out = prefetcher(
+        "pull", f"{registry.host}/cli/tampered:1", "--root", str(tmp_path), "--no-unpack"
+    )
+
+    assert out.returncode == 1
+    assert layer.digest in out.stderr
+    assert "Traceback" not in out.stderr
+    assert layer.digest not in stored_blobs(tmp_path)
+
+
+def test_expected_failures_are_one_line_with_a_non_zero_exit(tmp_path: Path) -> None:
+    bad = prefetcher("pull", "UPPER/case", "--root", str(tmp_path))
+    assert bad.returncode == 1
+    assert "lowercase" in bad.stderr and "Traceback" not in bad.stderr
+    bad_flag = prefetcher("pull", "x", "--root", str(tmp_path), "--progress-timeout", "5 min")
+    assert bad_flag.returncode == 2 and "5 min" in bad_flag.stderr
+    unreachable = prefetcher("pull", "127.0.0.1:9/app:1", "--root", str(tmp_path))
+    assert unreachable.returncode == 1
+    assert "127.0.0.1:9" in unreachable.stderr and "Traceback" not in unreachable.stderr
