@@ -91,3 +91,23 @@ def test_expected_failures_are_one_line_with_a_non_zero_exit(tmp_path: Path) -> 
     unreachable = prefetcher("pull", "127.0.0.1:9/app:1", "--root", str(tmp_path))
     assert unreachable.returncode == 1
     assert "127.0.0.1:9" in unreachable.stderr and "Traceback" not in unreachable.stderr
+
+
+def test_a_stalled_pull_exits_non_zero_with_the_stall_reason(
+    fault_proxy_factory: object, registry: Registry, tmp_path: Path
+) -> None:
+    image = images.Image([images.random_layer(200_000, seed=24)])
+    images.push(registry, "cli/stall", "1", image)
+    proxy = fault_proxy_factory(registry.url)  # type: ignore[operator]
+    proxy.stall(f"/blobs/{image.layers[0].digest}", after=30_000)
+
+    out = prefetcher(
+        "pull", f"{proxy.host}/cli/stall:1", "--root", str(tmp_path), "--no-unpack",
+        "--progress-timeout", "2s",
+    )
+
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"prefetcher: pull {proxy.host}/cli/stall:1 failed:")
+    assert "stalled" in last and image.layers[0].digest in last
+    assert "retry" in out.stderr.lower()  # the recovered stalls were shown as they happened

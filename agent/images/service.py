@@ -233,14 +233,16 @@ class ImageService:
         labels: dict[str, str],
     ) -> PullResult:
         progress.set_phase(events.Phase.RESOLVING)
+        # Manifest requests count as active for the stall watchdog (digest None: they are
+        # not part of the byte totals), as every request does in containerd's reporter.
         with tracing.span(SPAN_PREFIX, "resolve", {tracing.IMAGE_REF: str(ref)}):
-            top, top_data = await self._resolve(ref)
+            top, top_data = await self._resolve(ref, progress)
         blobs: list[digests.Digest] = [top.digest]
         manifest_desc, manifest_data = top, top_data
         if top.media_type in mediatypes.INDEXES:
             index = descriptors.Index.parse(top_data, top.media_type)
-            chosen = platforms.select(index, want)
-            manifest_desc, manifest_data = await self._manifest_by_digest(ref, chosen)
+            chosen = platforms.select(index, want, what=str(ref))
+            manifest_desc, manifest_data = await self._manifest_by_digest(ref, chosen, progress)
             blobs.append(manifest_desc.digest)
         elif top.media_type not in mediatypes.MANIFESTS:
             raise errors.UnsupportedMediaType(
@@ -309,31 +311,40 @@ class ImageService:
         )
 
     async def _resolve(
-        self, ref: references.Reference
+        self, ref: references.Reference, progress: tracker.PullProgress
     ) -> tuple[descriptors.Descriptor, bytes]:
-        """The top descriptor and its bytes, from the store when the digest is known there."""
+        """The top descriptor and its bytes, from the store when the digest is known there.
+
+        Registry requests count as active for the stall watchdog while they are on the wire
+        (digest ``None``: not part of the byte totals), as every request does in containerd's
+        reporter; storing the manifest afterwards does not.
+        """
         if ref.digest is not None:
             desc = descriptors.Descriptor(media_type="", digest=ref.digest, size=0)
-            return await self._manifest_by_digest(ref, desc)
-        head = await self.registry.resolve(ref)
+            return await self._manifest_by_digest(ref, desc, progress)
+        with progress.request(None):
+            head = await self.registry.resolve(ref)
         if head is not None and self.content.exists(head.digest):
             data = self.content.read_blob(head.digest)
             media_type = descriptors.media_type_of(data, head.media_type)
             return dataclasses.replace(head, media_type=media_type, size=len(data)), data
-        desc, data = await self.registry.fetch_manifest(ref)
-        if head is not None and head.digest != desc.digest:
-            # The tag moved between HEAD and GET: the GET's verified bytes win.
-            pass
+        with progress.request(None):
+            desc, data = await self.registry.fetch_manifest(ref)
+        # (If the tag moved between HEAD and GET, the GET's verified bytes win.)
         await self._store_small(desc, data)
         return desc, data
 
     async def _manifest_by_digest(
-        self, ref: references.Reference, desc: descriptors.Descriptor
+        self,
+        ref: references.Reference,
+        desc: descriptors.Descriptor,
+        progress: tracker.PullProgress,
     ) -> tuple[descriptors.Descriptor, bytes]:
         if self.content.exists(desc.digest):
             data = self.content.read_blob(desc.digest)
         else:
-            fetched, data = await self.registry.fetch_manifest(ref, str(desc.digest))
+            with progress.request(None):
+                fetched, data = await self.registry.fetch_manifest(ref, str(desc.digest))
             await self._store_small(fetched, data)
         media_type = descriptors.media_type_of(data, desc.media_type)
         if desc.size and desc.size != len(data):
