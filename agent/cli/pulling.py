@@ -133,6 +133,7 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
         plain_http=args.plain_http,
         skip_verify=args.skip_verify,
         headers=dict(img.registry.headers),
+        mirrors=img.registry.mirrors,
     )
     keychain = credentials.default_keychain(args.auth_file, os.environ)
     options = service_options(settings)

@@ -14,6 +14,7 @@
     ├── InvalidManifest           a manifest, index or config that is not what it claims
     ├── UnsafeLayer               a layer that would write outside its root, or is a bomb
     ├── DiskPressure              not enough free space for what is about to be written
+    ├── InvalidConfiguration      a hosts.toml, auth file or pull secret that cannot be used
     ├── PullStalled               no progress for the stall timeout; the pull was cancelled
     └── RegistryError             the registry answered with an error (status, code, message)
         ├── Unauthorized          401: no or wrong credentials
@@ -100,6 +101,15 @@ class DiskPressure(ImageError):
     """Not enough free space for what is about to be written."""
 
     reason = "DiskPressure"
+
+
+class InvalidConfiguration(ImageError):
+    """A registry configuration (``hosts.toml``, auth file, pull secret) that cannot be used.
+
+    The message names the file or secret and the offending key.
+    """
+
+    reason = "InvalidConfiguration"
 
 
 class PullStalled(ImageError):

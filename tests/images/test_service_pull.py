@@ -276,3 +276,29 @@ async def test_unknown_repositories_and_tags_are_not_found(
 async def test_a_bad_reference_is_refused_before_any_request(tmp_root: Path) -> None:
     with pytest.raises(errors.InvalidReference, match="lowercase"):
         await pull(tmp_root, "127.0.0.1:1/Bad/Name:1")
+
+
+async def test_a_mirror_serves_first_and_the_upstream_covers_what_it_lacks(
+    registry: Registry, fault_proxy_factory: object, tmp_root: Path
+) -> None:
+    from agent.images import service
+    from agent.images.registry import client, hosts
+
+    image = three_layer_image(15)
+    images.push(registry, "pull/mirrored", "1", image)
+    mirror: FaultProxy = fault_proxy_factory(registry.url)  # type: ignore[operator]
+    missing = image.layers[2].digest
+    mirror.respond(f"/blobs/{missing}", 404, error="BLOB_UNKNOWN")
+    registry_hosts = hosts.RegistryHosts(None, mirrors={registry.host: [mirror.url]})
+
+    async with client.RegistryClient(registry_hosts, retry=client.RetryPolicy(base=0.01)) as rc:
+        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(snapshotter=""))
+        try:
+            await svc.pull(f"{registry.host}/pull/mirrored:1", platform=AMD64)
+        finally:
+            svc.close()
+
+    served = {r.path.rsplit("/", 1)[-1] for r in mirror.requests if r.status == 200}
+    assert {b.digest for b in image.blobs} - {missing} <= served
+    assert all(f"ns={registry.host}" in r.target for r in mirror.requests)
+    assert {b.digest for b in image.blobs} <= stored_blobs(tmp_root)  # the rest from upstream

@@ -43,10 +43,8 @@ DOCKER_HUB = "docker.io"
 _DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
 
-class CredentialsConfigError(errors.ImageError):
-    """A credentials file or pull secret that cannot be read; the message names it."""
-
-    reason = "InvalidCredentialsConfig"
+#: A credentials file or pull secret that cannot be read (the one error tree's class).
+CredentialsConfigError = errors.InvalidConfiguration
 
 
 @dataclass(frozen=True, repr=False)

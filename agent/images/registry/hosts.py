@@ -35,7 +35,7 @@ import ipaddress
 import logging
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,10 +67,8 @@ _HOST_KEYS = frozenset(
 _ROOT_KEYS = _HOST_KEYS | {"server", "host"}
 
 
-class HostsConfigError(errors.ImageError):
-    """A ``hosts.toml`` that cannot be used; the message names the file and the key."""
-
-    reason = "InvalidHostsConfig"
+#: A ``hosts.toml`` that cannot be used (the one error tree's class, by its local name).
+HostsConfigError = errors.InvalidConfiguration
 
 
 @dataclass(frozen=True)
@@ -160,11 +158,15 @@ class RegistryHosts:
         plain_http: bool = False,
         skip_verify: bool = False,
         headers: Mapping[str, str] | None = None,
+        mirrors: Mapping[str, Sequence[str]] | None = None,
     ):
         self.config_path = Path(config_path) if config_path else None
         self.plain_http = plain_http
         self.skip_verify = skip_verify
         self.headers = dict(headers or {})
+        #: domain → mirror URLs, tried in order before the upstream, for domains that have
+        #: no hosts.toml (a hosts.toml for the same domain wins).
+        self.mirrors = {k: list(v) for k, v in (mirrors or {}).items()}
 
     def for_domain(self, domain: str) -> list[RegistryHost]:
         """The endpoints for ``domain`` (a reference's domain), to be tried in order:
@@ -178,6 +180,14 @@ class RegistryHosts:
         """
         directory = self.directory_for(domain)
         hosts = _load_directory(directory) if directory else None
+        if hosts is None and self.mirrors.get(domain):
+            hosts = parse_hosts_toml(
+                "".join(
+                    f'[host."{url}"]\ncapabilities = ["pull", "resolve"]\n'
+                    for url in self.mirrors[domain]
+                ),
+                f"images.registry.mirrors[{domain!r}]",
+            )
         upstream = _upstream(domain)
         if hosts is None:
             hosts = [upstream]
