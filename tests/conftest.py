@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,12 +84,12 @@ def token_server(token_registry: registries.Registry) -> Iterator[tokenserver.To
 
 
 @pytest.fixture
-def fault_proxy_factory() -> Iterator[Callable[[str], faultproxy.FaultProxy]]:
-    """Start fault proxies in front of any URL; all are stopped after the test."""
+def fault_proxy_factory() -> Iterator[Callable[..., faultproxy.FaultProxy]]:
+    """``start(upstream_url, **options)``: fault proxies stopped after the test."""
     proxies: list[faultproxy.FaultProxy] = []
 
-    def start(upstream: str) -> faultproxy.FaultProxy:
-        proxies.append(faultproxy.FaultProxy(upstream).start())
+    def start(upstream: str, **options: Any) -> faultproxy.FaultProxy:
+        proxies.append(faultproxy.FaultProxy(upstream, **options).start())
         return proxies[-1]
 
     yield start
@@ -99,7 +100,7 @@ def fault_proxy_factory() -> Iterator[Callable[[str], faultproxy.FaultProxy]]:
 @pytest.fixture
 def fault_proxy(
     registry: registries.Registry,
-    fault_proxy_factory: Callable[[str], faultproxy.FaultProxy],
+    fault_proxy_factory: Callable[..., faultproxy.FaultProxy],
 ) -> faultproxy.FaultProxy:
     """A fresh fault proxy in front of the anonymous ``registry`` (no rules)."""
     return fault_proxy_factory(registry.url)
