@@ -49,7 +49,7 @@ class Digest(str):
 def is_digest(value: str) -> bool:
     """Whether ``value`` is a well-formed digest."""
     m = _DIGEST.match(value)
-    return bool(m) and len(m.group(2)) == _ALGORITHMS[m.group(1)]
+    return m is not None and len(m.group(2)) == _ALGORITHMS[m.group(1)]
 
 
 class Hasher:

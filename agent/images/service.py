@@ -25,11 +25,12 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.images import (
     descriptors,
@@ -44,6 +45,7 @@ from agent.images import (
     tracing,
 )
 from agent.images.content import local
+from agent.images.content import store as content_store
 from agent.images.progress import events, stall, tracker
 from agent.images.registry import client as registry_client
 
@@ -123,6 +125,9 @@ class ImageService:
         self.content = local.LocalStore(self.root / "content")
         self.records = records.ImageRecords(self.root / "images.db")
         self.snapshotter = snapshotter if snapshotter is not None else self._make_snapshotter()
+        if self.snapshotter is not None:
+            # Active snapshots of processes that died mid-unpack (kill -9, power cut).
+            self.snapshotter.cleanup()
         self._blob_locks = locks.KeyedLock()
         self._node_downloads = asyncio.Semaphore(max(1, self.options.node_max_concurrent_downloads))
 
@@ -133,9 +138,8 @@ class ImageService:
         if name == "overlayfs":
             from agent.images.snapshots import overlay
 
-            return overlay.OverlaySnapshotter(
-                self.root / "snapshots", sync_fs=self.options.sync_fs
-            )
+            # syncfs is the unpacker's job (after each layer's files, before its commit).
+            return overlay.OverlaySnapshotter(self.root / "snapshots")
         if name == "naive":
             from agent.images.snapshots import naive
 
@@ -253,30 +257,51 @@ class ImageService:
 
         progress.set_phase(events.Phase.DOWNLOADING)
         progress.add_blobs([manifest.config, *manifest.layers])
-        downloaded = 0
+        per_pull = asyncio.Semaphore(max(1, self.options.max_concurrent_downloads))
         with tracing.span(SPAN_PREFIX, "fetch", {tracing.IMAGE_REF: str(ref)}):
-            per_pull = asyncio.Semaphore(max(1, self.options.max_concurrent_downloads))
+            # The config first: its diff IDs name the snapshot chain, which says which layers
+            # are needed at all (a layer whose chain is committed needs no download).
+            downloaded = await self._fetch_blob(ref, manifest.config, progress, per_pull, timeout)
+            config = descriptors.ImageConfig.parse(
+                self.content.read_blob(manifest.config.digest)
+            )
+            if len(config.diff_ids) != len(manifest.layers):
+                raise errors.InvalidManifest(
+                    f"{ref}: the manifest lists {len(manifest.layers)} layers but the config"
+                    f" {manifest.config.digest} has {len(config.diff_ids)} diff IDs"
+                )
+            unpacking = unpack and self.snapshotter is not None and bool(manifest.layers)
+            needed = list(manifest.layers)
+            if unpacking:
+                unpacked = await asyncio.to_thread(self._unpacked_depth, config.diff_ids)
+                for layer in manifest.layers[:unpacked]:
+                    if not self.content.exists(layer.digest):
+                        progress.blob_present(layer)  # its snapshot is there: nothing to fetch
+                needed = list(manifest.layers[unpacked:])
+            arriving = _ArrivingBlobs(self.content, [d.digest for d in needed])
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest
-                    tasks = [
-                        group.create_task(self._fetch_blob(ref, desc, progress, per_pull, timeout))
-                        for desc in _unique([manifest.config, *manifest.layers])
+                    fetches = [
+                        group.create_task(
+                            self._fetch_and_announce(ref, desc, progress, per_pull, timeout,
+                                                     arriving)
+                        )
+                        for desc in _unique(needed)
                     ]
+                    # Unpacking starts now and takes each layer as soon as its blob is in.
+                    unpacked_chain = None
+                    if unpacking:
+                        unpacked_chain = group.create_task(
+                            self._unpack(manifest, config, progress, arriving)
+                        )
+                        group.create_task(_phase_after(fetches, progress, events.Phase.UNPACKING))
             except BaseExceptionGroup as eg:
                 raise _first_error(eg) from None
-            downloaded = sum(t.result() for t in tasks)
-        config = descriptors.ImageConfig.parse(self.content.read_blob(manifest.config.digest))
-        if len(config.diff_ids) != len(manifest.layers):
-            raise errors.InvalidManifest(
-                f"{ref}: the manifest lists {len(manifest.layers)} layers but the config"
-                f" {manifest.config.digest} has {len(config.diff_ids)} diff IDs"
-            )
+            finally:
+                arriving.close()
+            downloaded += sum(t.result() for t in fetches)
         blobs += [manifest.config.digest, *(layer.digest for layer in manifest.layers)]
-
-        chain_id = ""
-        if unpack and self.snapshotter is not None and manifest.layers:
-            progress.set_phase(events.Phase.UNPACKING)
-            chain_id = str(await self._unpack(manifest, config, progress))
+        chain_id = str(unpacked_chain.result()) if unpacked_chain is not None else ""
 
         progress.set_phase(events.Phase.COMMITTING)
         platform_text = str(config.platform) if config.platform.os else str(want)
@@ -386,7 +411,7 @@ class ImageService:
                 progress.blob_present(desc)
                 return 0
             async with per_pull, self._node_downloads:
-                attrs = {
+                attrs: dict[str, str | int] = {
                     tracing.LAYER_DIGEST: key,
                     tracing.LAYER_SIZE: desc.size,
                     tracing.LAYER_MEDIA_TYPE: desc.media_type,
@@ -471,6 +496,33 @@ class ImageService:
             writer.close()  # keeps the ingest for a resume; verification failures removed it
             raise
 
+    async def _fetch_and_announce(
+        self,
+        ref: references.Reference,
+        desc: descriptors.Descriptor,
+        progress: tracker.PullProgress,
+        per_pull: asyncio.Semaphore,
+        progress_timeout: float,
+        arriving: _ArrivingBlobs,
+    ) -> int:
+        got = await self._fetch_blob(ref, desc, progress, per_pull, progress_timeout)
+        arriving.arrived(desc.digest)
+        return got
+
+    def _unpacked_depth(self, diff_ids: Sequence[digests.Digest]) -> int:
+        """How many bottom layers of this image already have committed snapshots."""
+        if self.snapshotter is None:
+            return 0
+        chain = digests.chain_ids(diff_ids)
+        for depth in range(len(chain), 0, -1):
+            try:
+                info = self.snapshotter.stat(str(chain[depth - 1]))
+            except errors.NotFound:
+                continue
+            if info.kind.name == "COMMITTED":
+                return depth
+        return 0
+
     async def _open_writer(self, desc: descriptors.Descriptor) -> local.LocalWriter:
         """Open the ingest for ``desc``; wait while another process writes it."""
         delay = 0.05
@@ -486,25 +538,65 @@ class ImageService:
         manifest: descriptors.Manifest,
         config: descriptors.ImageConfig,
         progress: tracker.PullProgress,
+        blobs: content_store.BlobProvider,
     ) -> digests.Digest:
         from agent.images.unpack import unpacker as unpacker_mod
 
         assert self.snapshotter is not None
+        loop = asyncio.get_running_loop()
+
+        def on_progress(event: unpacker_mod.UnpackEvent) -> None:  # from worker threads
+            if event.kind in ("done", "skipped"):
+                loop.call_soon_threadsafe(progress.layer_unpacked, event.layer.digest)
+
         unpacker = unpacker_mod.Unpacker(
-            self.content,
+            blobs,
             self.snapshotter,
             sync_fs=self.options.sync_fs,
             max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
             concurrency=self.options.unpack_concurrency,
-            on_progress=lambda event: _forward_unpack(progress, event),
+            on_progress=on_progress,
         )
-        return await unpacker.unpack(manifest.layers, config.diff_ids)
+        with tracing.span(SPAN_PREFIX, "unpack", {"image.layers": len(manifest.layers)}):
+            return await unpacker.unpack(manifest.layers, config.diff_ids)
 
 
-def _forward_unpack(progress: tracker.PullProgress, event: Any) -> None:
-    digest = getattr(event, "digest", None)
-    if getattr(event, "kind", "") == "done" and digest is not None:
-        progress.layer_unpacked(digest)
+async def _phase_after(
+    tasks: Sequence[asyncio.Task[Any]], progress: tracker.PullProgress, phase: events.Phase
+) -> None:
+    """Move to ``phase`` once ``tasks`` have all finished successfully."""
+    if tasks:
+        await asyncio.wait(tasks)
+    if all(not t.cancelled() and t.exception() is None for t in tasks):
+        progress.set_phase(phase)
+
+
+class _ArrivingBlobs:
+    """A :class:`BlobProvider` over the content store whose ``open_blob`` waits, in the
+    unpacker's worker thread, until the pull has committed that blob — so a layer is
+    unpacked while later layers are still downloading. ``close()`` wakes every waiter; a
+    blob that never arrived then raises :class:`Unavailable`."""
+
+    def __init__(self, content: local.LocalStore, expected: Sequence[digests.Digest]):
+        self._content = content
+        self._ready = {str(d): threading.Event() for d in expected}
+        self._closed = False
+
+    def arrived(self, digest: digests.Digest) -> None:
+        self._ready[str(digest)].set()
+
+    def close(self) -> None:
+        self._closed = True
+        for event in self._ready.values():
+            event.set()
+
+    def open_blob(self, digest: digests.Digest) -> BinaryIO:
+        event = self._ready.get(str(digest))
+        if event is not None:
+            event.wait()
+        if not self._content.exists(digest):
+            raise errors.Unavailable(f"blob {digest} did not arrive: its download failed")
+        return self._content.open_blob(digest)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -226,11 +226,16 @@ class RegistryClient:
             ref, "GET", "blobs", str(desc.digest), headers=headers, read_timeout=read_timeout
         )
         try:
-            start = 0
+            start = 0  # a 200 answers from the first byte, whatever Range asked
             if response.status_code == 206:
-                start = _content_range_start(response.headers.get("content-range", ""))
-                if start is None or start > offset:
-                    start = 0 if start is None else start
+                given = _content_range_start(response.headers.get("content-range", ""))
+                if given != offset:
+                    raise errors.Unavailable(
+                        f"{response.url.host} answered a Range request for {desc.digest} from"
+                        f" byte {offset} with Content-Range"
+                        f" {response.headers.get('content-range')!r}"
+                    )
+                start = offset
             length_header = response.headers.get("content-length")
             length = int(length_header) if length_header and length_header.isdigit() else None
             body = BlobBody(start, length, response, read_timeout)

@@ -1,0 +1,341 @@
+"""Unpack an image's layers into committed snapshots named by their chain IDs.
+
+Per image (containerd ``core/unpack``): compute the chain IDs; skip every layer whose chain
+ID is already committed; for each missing layer prepare an active snapshot (key
+``extract-<random> <chainID>``, labelled with its owner process so ``cleanup()`` can remove
+it after a crash), stream the blob through decompression into the snapshot's directory while
+hashing the uncompressed bytes, compare that diff ID with the image config's, ``syncfs`` when
+asked, and commit the snapshot under its chain ID on the previous chain ID. An
+:class:`~agent.images.errors.AlreadyExists` at commit means another pull won the race: the
+active snapshot is dropped and the layer counts as done.
+
+When the snapshotter can rebase (overlay: layers are independent directories) the missing
+layers are applied concurrently, up to ``concurrency`` at a time, and committed strictly in
+chain order; otherwise (naive: each snapshot copies its parent) one after the other.
+
+A failed layer (unsafe, corrupt, diff ID mismatch, cancelled) has its active snapshot
+removed; layers committed before it stay (they are correct and shared by chain ID), nothing
+after it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Final
+
+from agent.images import descriptors, digests, errors, snapshots
+from agent.images.content import store
+from agent.images.unpack import archive, compression, whiteouts
+
+DEFAULT_CONCURRENCY: Final = 2
+
+
+@dataclass(frozen=True)
+class UnpackEvent:
+    """Progress of one layer.
+
+    Attributes:
+        kind: ``"started"`` (its snapshot is prepared), ``"progress"`` (about every MiB),
+            ``"done"`` (committed, or committed by someone else) or ``"skipped"`` (its chain
+            ID was already committed before this unpack).
+        index: the layer's position in the image, bottom first.
+        layer: the layer's descriptor.
+        chain_id: the name its snapshot is committed under.
+        compressed_bytes: blob bytes read so far (of ``layer.size``).
+        uncompressed_bytes: tar bytes applied so far.
+    """
+
+    kind: str
+    index: int
+    layer: descriptors.Descriptor
+    chain_id: digests.Digest
+    compressed_bytes: int = 0
+    uncompressed_bytes: int = 0
+
+
+OnProgress = Callable[[UnpackEvent], None]
+
+
+@dataclass(frozen=True)
+class _Applied:
+    key: str  # the active snapshot
+    target: str  # the directory the layer was written into
+    result: archive.ApplyResult
+
+
+class Unpacker:
+    """Unpacks images from a blob provider into a snapshotter.
+
+    Args:
+        provider: where the layer blobs are read from (only ``open_blob`` is used).
+        snapshotter: where the layers are unpacked to.
+        sync_fs: ``syncfs(2)`` each layer's filesystem after its files are written and
+            before its snapshot is committed (``image_pull_with_sync_fs``). Equivalent to
+            the snapshotter's own ``sync_fs``; turn on one of them.
+        max_uncompressed_bytes: refuse a layer that decompresses to more than this.
+        max_ratio: refuse a layer whose uncompressed/compressed ratio passes this.
+        concurrency: how many layers are applied at once (with a rebasing snapshotter).
+        on_progress: called with an :class:`UnpackEvent`, from worker threads.
+    """
+
+    def __init__(
+        self,
+        provider: store.BlobProvider,
+        snapshotter: snapshots.Snapshotter,
+        *,
+        sync_fs: bool = False,
+        max_uncompressed_bytes: int = compression.DEFAULT_MAX_UNCOMPRESSED_BYTES,
+        max_ratio: float = compression.DEFAULT_MAX_RATIO,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        on_progress: OnProgress | None = None,
+    ):
+        self.provider = provider
+        self.snapshotter = snapshotter
+        self.sync_fs = sync_fs
+        self.max_uncompressed_bytes = max_uncompressed_bytes
+        self.max_ratio = max_ratio
+        self.concurrency = max(1, concurrency)
+        self.on_progress = on_progress
+        caps = snapshotter.capabilities
+        self._rebase = _CAP_REBASE in caps
+        if _CAP_OVERLAY_WHITEOUTS in caps:
+            if not whiteouts.overlay_permitted():
+                raise errors.Unavailable(
+                    "overlay whiteouts need root with CAP_MKNOD and CAP_SYS_ADMIN outside a"
+                    " user namespace; use the naive snapshotter here"
+                )
+            self._whiteouts = whiteouts.OVERLAY
+        else:
+            self._whiteouts = whiteouts.REMOVE
+
+    async def unpack(
+        self,
+        layers: Sequence[descriptors.Descriptor],
+        diff_ids: Sequence[digests.Digest],
+    ) -> digests.Digest:
+        """Unpack ``layers`` (bottom first) and return the top chain ID.
+
+        The blocking work runs in threads. Cancelling the awaiting task stops the unpack at
+        the next tar entry, removes the active snapshots, and then re-raises.
+
+        Raises:
+            DigestMismatch: a layer's diff ID is not the config's.
+            UnsafeLayer, UnsupportedMediaType, DiskPressure: a layer cannot be applied.
+            NotFound: a blob is missing from the provider.
+        """
+        cancel = threading.Event()
+        task = asyncio.ensure_future(
+            asyncio.to_thread(self.unpack_blocking, layers, diff_ids, cancel=cancel)
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancel.set()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
+
+    def unpack_blocking(
+        self,
+        layers: Sequence[descriptors.Descriptor],
+        diff_ids: Sequence[digests.Digest],
+        *,
+        cancel: threading.Event | None = None,
+    ) -> digests.Digest:
+        """:meth:`unpack`, blocking the calling thread."""
+        if len(layers) != len(diff_ids):
+            raise errors.InvalidManifest(
+                f"the manifest has {len(layers)} layers but the config {len(diff_ids)} diff IDs"
+            )
+        if not layers:
+            raise errors.InvalidManifest("an image without layers cannot be unpacked")
+        cancel = cancel or threading.Event()
+        chain = digests.chain_ids(diff_ids)
+        missing = []
+        for i, chain_id in enumerate(chain):
+            if self._committed(chain_id):
+                self._emit("skipped", i, layers[i], chain_id)
+            else:
+                missing.append(i)
+        if not missing:
+            return chain[-1]
+
+        def parent_of(i: int) -> str:
+            return chain[i - 1] if i else ""
+
+        if self._rebase and self.concurrency > 1 and len(missing) > 1:
+            self._unpack_concurrently(layers, diff_ids, chain, missing, parent_of, cancel)
+        else:
+            for i in missing:
+                parent = "" if self._rebase else parent_of(i)
+                applied = self._apply(i, layers[i], diff_ids[i], chain[i], parent, cancel)
+                self._commit(i, layers[i], chain[i], applied, parent_of(i))
+        return chain[-1]
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _unpack_concurrently(
+        self,
+        layers: Sequence[descriptors.Descriptor],
+        diff_ids: Sequence[digests.Digest],
+        chain: list[digests.Digest],
+        missing: list[int],
+        parent_of: Callable[[int], str],
+        cancel: threading.Event,
+    ) -> None:
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="unpack") as pool:
+            futures: dict[int, Future[_Applied]] = {
+                i: pool.submit(self._apply, i, layers[i], diff_ids[i], chain[i], "", cancel)
+                for i in missing
+            }
+            done: set[int] = set()
+            try:
+                for i in missing:
+                    applied = futures[i].result()
+                    done.add(i)
+                    self._commit(i, layers[i], chain[i], applied, parent_of(i))
+            except BaseException:
+                cancel.set()
+                for i, fut in futures.items():
+                    if i in done:
+                        continue
+                    fut.cancel()
+                    with contextlib.suppress(BaseException):
+                        self._remove(fut.result().key)
+                raise
+
+    def _apply(
+        self,
+        index: int,
+        layer: descriptors.Descriptor,
+        diff_id: digests.Digest,
+        chain_id: digests.Digest,
+        parent: str,
+        cancel: threading.Event,
+    ) -> _Applied:
+        """Apply one layer into a new active snapshot (not committed yet)."""
+        if cancel.is_set():
+            raise CancelledError(f"layer {layer.digest}: unpack cancelled")
+        key = f"extract-{secrets.token_hex(8)} {chain_id}"
+        labels = {_LABEL_OWNER: snapshots.snapshotter.owner_token()}
+        mounts = self.snapshotter.prepare(key, parent, labels)
+        try:
+            target = _target(mounts)
+            self._emit("started", index, layer, chain_id)
+            name = f"layer {layer.digest}"
+            with self.provider.open_blob(layer.digest) as blob:
+                stream = compression.open_layer(
+                    blob,
+                    layer.media_type,
+                    max_uncompressed_bytes=self.max_uncompressed_bytes,
+                    max_ratio=self.max_ratio,
+                    name=name,
+                )
+
+                def progress(n: int) -> None:
+                    self._emit("progress", index, layer, chain_id, stream.compressed_bytes, n)
+
+                result = archive.apply(
+                    stream,
+                    target,
+                    whiteouts=self._whiteouts,
+                    on_progress=progress if self.on_progress else None,
+                    cancel=cancel,
+                    name=name,
+                )
+            if result.diff_id != diff_id:
+                raise errors.DigestMismatch(
+                    f"{name}: uncompressed it hashes to {result.diff_id}, but the image"
+                    f" config says its diff ID is {diff_id}"
+                )
+            if self.sync_fs:
+                snapshots.syncfs(target)
+        except BaseException:
+            self._remove(key)
+            raise
+        self._emit("progress", index, layer, chain_id, stream.compressed_bytes, result.size)
+        return _Applied(key, target, result)
+
+    def _commit(
+        self,
+        index: int,
+        layer: descriptors.Descriptor,
+        chain_id: digests.Digest,
+        applied: _Applied,
+        parent: str,
+    ) -> None:
+        key = applied.key
+        try:
+            if applied.result.implicit_dirs and parent and self._whiteouts is whiteouts.OVERLAY:
+                # Now that the parents are committed, give the directories this layer
+                # created implicitly their metadata from the layers below.
+                lowers = _lowers(self.snapshotter.mounts(parent))
+                archive.copy_up_parents(applied.target, lowers, applied.result.implicit_dirs)
+                if self.sync_fs:
+                    snapshots.syncfs(applied.target)
+            self.snapshotter.commit(chain_id, key, parent=parent if self._rebase else None)
+        except errors.AlreadyExists:
+            self._remove(key)  # committed meanwhile by another unpack: the same content
+        except BaseException:
+            self._remove(key)
+            raise
+        self._emit("done", index, layer, chain_id, layer.size)
+
+    def _committed(self, chain_id: digests.Digest) -> bool:
+        try:
+            info = self.snapshotter.stat(chain_id)
+        except errors.NotFound:
+            return False
+        return info.kind is snapshots.Kind.COMMITTED
+
+    def _remove(self, key: str) -> None:
+        with contextlib.suppress(errors.NotFound):
+            self.snapshotter.remove(key)
+
+    def _emit(
+        self,
+        kind: str,
+        index: int,
+        layer: descriptors.Descriptor,
+        chain_id: digests.Digest,
+        compressed: int = 0,
+        uncompressed: int = 0,
+    ) -> None:
+        if self.on_progress is not None:
+            self.on_progress(UnpackEvent(kind, index, layer, chain_id, compressed, uncompressed))
+
+
+_CAP_REBASE: Final = snapshots.CAP_REBASE
+_CAP_OVERLAY_WHITEOUTS: Final = snapshots.CAP_OVERLAY_WHITEOUTS
+_LABEL_OWNER: Final = snapshots.LABEL_OWNER
+
+
+def _lowers(mounts: Sequence[snapshots.Mount]) -> list[str]:
+    """The directories of a read-only chain's mounts, nearest first."""
+    lowers: list[str] = []
+    for m in mounts:
+        if m.type == "bind":
+            lowers.append(m.source)
+        elif lowerdir := m.option("lowerdir"):
+            lowers.extend(lowerdir.split(":"))
+    return lowers
+
+
+def _target(mounts: Sequence[snapshots.Mount]) -> str:
+    """The directory a layer is written into: an overlay's upper dir or a bind's source."""
+    if len(mounts) == 1:
+        m = mounts[0]
+        if m.type == "bind":
+            return m.source
+        upper = m.option("upperdir")
+        if m.type == "overlay" and upper:
+            return upper
+    raise errors.UnsupportedMediaType(
+        f"cannot apply a layer to the mounts {mounts!r}: expected one bind or overlay mount"
+    )
