@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.quiet:
         print(result.digest)
     else:
-        size = _human(result.size)
-        got = _human(result.bytes_downloaded)
+        size = human(result.size)
+        got = human(result.bytes_downloaded)
         print(
             f"{result.reference}: {result.digest}\n"
             f"  platform {result.platform}, {result.layers} layers, {size}"
@@ -160,10 +160,12 @@ def service_options(settings: Any) -> service.ServiceOptions:
         sync_fs=img.image_pull_with_sync_fs,
         snapshotter=snapshotter,
         max_layer_uncompressed_bytes=img.max_layer_uncompressed_bytes,
+        discard_unpacked_layers=img.discard_unpacked_layers,
     )
 
 
-def _human(n: int) -> str:
+def human(n: int) -> str:
+    """Bytes as KiB/MiB/GiB with one decimal."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":

@@ -24,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -37,6 +38,7 @@ from agent.images import (
     digests,
     durations,
     errors,
+    gc,
     locks,
     mediatypes,
     platforms,
@@ -102,6 +104,8 @@ class ServiceOptions:
     snapshotter: str = "overlayfs"
     max_layer_uncompressed_bytes: int = 32 * 1024**3
     unpack_concurrency: int = 2
+    #: delete layer blobs once their snapshots are committed (containerd's option)
+    discard_unpacked_layers: bool = False
 
 
 class ImageService:
@@ -122,6 +126,9 @@ class ImageService:
         self.root = Path(root)
         self.options = options or ServiceOptions()
         self.registry = registry
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _open_shared_lock(self.root / "lock")
+        self._leases: dict[int, set[str]] = {}
         self.content = local.LocalStore(self.root / "content")
         self.records = records.ImageRecords(self.root / "images.db")
         self.snapshotter = snapshotter if snapshotter is not None else self._make_snapshotter()
@@ -150,9 +157,103 @@ class ImageService:
 
     def close(self) -> None:
         self.records.close()
-        closer = getattr(self.snapshotter, "close", None)
-        if closer is not None:
-            closer()
+        if self.snapshotter is not None:
+            self.snapshotter.close()
+        os.close(self._lock_fd)
+
+    # Images on this node.
+
+    def list_images(self) -> list[ImageStatus]:
+        """Every image record, with whether its snapshot chain is ready to mount."""
+        return [ImageStatus(r, self._chain_ready(r.chain_id)) for r in self.records]
+
+    def image(self, reference: str | references.Reference) -> records.ImageRecord:
+        """The record of ``reference`` (normalised). Raises :class:`NotFound`."""
+        return self.records.get(str(_parse(reference)))
+
+    async def remove(self, reference: str | references.Reference) -> gc.Result:
+        """Drop the image's record, then collect what nothing else needs (``ctr rm --sync``)."""
+        name = str(_parse(reference))
+        await asyncio.to_thread(self.records.delete, name)
+        return await self.gc()
+
+    async def gc(self) -> gc.Result:
+        """Remove blobs and snapshots no image record, mount or in-flight pull needs.
+
+        Raises:
+            Unavailable: another process has this store open (its pulls are not leased here).
+        """
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # a failed upgrade drops the lock
+            raise errors.Unavailable(
+                f"the store {self.root} is in use by another prefetcher process (the node"
+                " agent?); garbage collection runs there, or stop it first"
+            ) from e
+        try:
+            leased = set().union(*self._leases.values()) if self._leases else set()
+            with tracing.span(SPAN_PREFIX, "gc"):
+                return await asyncio.to_thread(
+                    gc.collect,
+                    self.content,
+                    self.snapshotter,
+                    list(self.records),
+                    leased=leased,
+                    discard_unpacked_layers=self.options.discard_unpacked_layers,
+                )
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
+        """Mount the image's root filesystem read-only at ``target`` (a view snapshot)."""
+        record = self.image(reference)
+        if self.snapshotter is None or not self._chain_ready(record.chain_id):
+            raise errors.NotFound(
+                f"{record.name} is not unpacked on this node; pull it without --no-unpack"
+            )
+        from agent.images.snapshots import snapshotter as snapshots
+
+        key = _mount_key(target)
+        mounts = self.snapshotter.view(key, record.chain_id, {"prefetcher.dev/mount": key})
+        try:
+            snapshots.mount_all(mounts, target)
+        except BaseException:
+            self.snapshotter.remove(key)
+            raise
+
+    def unmount(self, target: str | os.PathLike[str]) -> None:
+        """Unmount ``target`` and drop its view snapshot."""
+        from agent.images.snapshots import snapshotter as snapshots
+
+        if self.snapshotter is None:
+            raise errors.NotFound("this store has no snapshotter")
+        key = _mount_key(target)
+        try:
+            self.snapshotter.stat(key)
+        except errors.NotFound as e:
+            raise errors.NotFound(f"{target} is not a prefetcher mount of {self.root}") from e
+        snapshots.unmount(target)
+        self.snapshotter.remove(key)
+
+    def _chain_ready(self, chain_id: str) -> bool:
+        if not chain_id or self.snapshotter is None:
+            return False
+        try:
+            return self.snapshotter.stat(chain_id).kind.name == "COMMITTED"
+        except errors.NotFound:
+            return False
+
+    @contextlib.contextmanager
+    def _lease(self) -> Iterator[set[str]]:
+        """A set of blob digests and chain IDs that GC must keep while the block runs."""
+        held: set[str] = set()
+        token = id(held)
+        self._leases[token] = held
+        try:
+            yield held
+        finally:
+            del self._leases[token]
 
     # Pull.
 
@@ -193,7 +294,7 @@ class ImageService:
             try:
                 async with watchdog:
                     inner = asyncio.ensure_future(
-                        self._pull(ref, want, progress, timeout, unpack, labels or {})
+                        self._leased_pull(ref, want, progress, timeout, unpack, labels or {})
                     )
                     try:
                         result = await asyncio.shield(inner)
@@ -227,6 +328,18 @@ class ImageService:
             progress.set_phase(events.Phase.READY, f"{done.reference}@{done.digest}")
             return done
 
+    async def _leased_pull(
+        self,
+        ref: references.Reference,
+        want: descriptors.Platform,
+        progress: tracker.PullProgress,
+        timeout: float,
+        unpack: bool,
+        labels: dict[str, str],
+    ) -> PullResult:
+        with self._lease() as lease:
+            return await self._pull(ref, want, progress, timeout, unpack, labels, lease)
+
     async def _pull(
         self,
         ref: references.Reference,
@@ -235,6 +348,7 @@ class ImageService:
         timeout: float,
         unpack: bool,
         labels: dict[str, str],
+        lease: set[str],
     ) -> PullResult:
         progress.set_phase(events.Phase.RESOLVING)
         # Manifest requests count as active for the stall watchdog (digest None: they are
@@ -254,6 +368,8 @@ class ImageService:
                 " neither an image manifest nor an index"
             )
         manifest = descriptors.Manifest.parse(manifest_data, manifest_desc.media_type)
+        lease.update([str(top.digest), str(manifest_desc.digest), str(manifest.config.digest)])
+        lease.update(str(layer.digest) for layer in manifest.layers)
 
         progress.set_phase(events.Phase.DOWNLOADING)
         progress.add_blobs([manifest.config, *manifest.layers])
@@ -270,6 +386,7 @@ class ImageService:
                     f"{ref}: the manifest lists {len(manifest.layers)} layers but the config"
                     f" {manifest.config.digest} has {len(config.diff_ids)} diff IDs"
                 )
+            lease.update(str(c) for c in digests.chain_ids(config.diff_ids))
             unpacking = unpack and self.snapshotter is not None and bool(manifest.layers)
             needed = list(manifest.layers)
             if unpacking:
@@ -318,6 +435,8 @@ class ImageService:
             labels=labels,
         )
         await asyncio.to_thread(self.records.put, record)
+        if chain_id and self.options.discard_unpacked_layers:
+            await asyncio.to_thread(self._discard_layers, record, manifest)
         return PullResult(
             reference=str(ref),
             digest=top.digest,
@@ -334,6 +453,14 @@ class ImageService:
             stall_cancellations=0,
             retries=0,
         )
+
+    def _discard_layers(self, record: records.ImageRecord, manifest: descriptors.Manifest) -> None:
+        """Delete this image's layer blobs unless an image that is not unpacked needs them."""
+        needed = {str(b) for r in self.records if not r.chain_id for b in r.blobs}
+        for layer in manifest.layers:
+            if str(layer.digest) not in needed:
+                with contextlib.suppress(errors.NotFound):
+                    self.content.delete(layer.digest)
 
     async def _resolve(
         self, ref: references.Reference, progress: tracker.PullProgress
@@ -634,3 +761,55 @@ def _blob_sizes(
     for layer in manifest.layers:
         sizes[str(layer.digest)] = layer.size
     return list(sizes.values())
+
+
+@dataclass(frozen=True)
+class ImageStatus:
+    """An image record and whether its snapshot chain is committed (ready to mount)."""
+
+    record: records.ImageRecord
+    unpacked: bool
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "name": r.name,
+            "digest": str(r.digest),
+            "media_type": r.media_type,
+            "size": r.size,
+            "platform": r.platform,
+            "manifest_digest": str(r.manifest_digest),
+            "config_digest": str(r.config_digest),
+            "chain_id": r.chain_id,
+            "unpacked": self.unpacked,
+            "created": r.created,
+            "updated": r.updated,
+            "labels": dict(r.labels),
+        }
+
+
+def _parse(reference: str | references.Reference) -> references.Reference:
+    return reference if isinstance(reference, references.Reference) else references.parse(
+        reference
+    )
+
+
+def _mount_key(target: str | os.PathLike[str]) -> str:
+    return f"mount:{os.path.realpath(target)}"
+
+
+def _open_shared_lock(path: Path) -> int:
+    """Hold ``path`` shared for the service's life; waits while a GC holds it exclusively."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError as e:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise errors.Unavailable(
+                    f"the store {path.parent} stayed locked by a garbage collection for 60s"
+                ) from e
+            time.sleep(0.1)

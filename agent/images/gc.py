@@ -1,0 +1,117 @@
+"""Garbage collection: remove blobs and snapshots that no image record reaches.
+
+Roots are the image records (and whatever in-flight pulls lease). From each record the
+collector keeps its index, manifest and config blobs, its layer blobs (unless the layers
+are unpacked and ``discard_unpacked_layers`` is on, as in containerd), and the snapshot
+chain from its top chain ID down through the parents. Everything else goes: committed
+snapshots leaf first (a parent is never removed before its children), then blobs.
+Views (mounts the user made with ``prefetcher mount``) are roots too: their parents stay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.images import digests, errors, mediatypes, records
+from agent.images.content import local
+from agent.images.descriptors import Manifest, media_type_of
+from agent.images.snapshots import snapshotter as snapshotter_api
+
+
+@dataclass
+class Result:
+    """What a collection removed."""
+
+    blobs: list[str] = field(default_factory=list)
+    snapshots: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "blobs_removed": self.blobs,
+            "snapshots_removed": self.snapshots,
+            "bytes_freed": self.bytes_freed,
+        }
+
+
+def collect(
+    content: local.LocalStore,
+    snapshotter: snapshotter_api.Snapshotter | None,
+    image_records: Iterable[records.ImageRecord],
+    *,
+    leased: Iterable[str] = (),
+    discard_unpacked_layers: bool = False,
+) -> Result:
+    """Remove what nothing reaches. Blocking: call it from a thread in async code."""
+    keep: set[str] = set(leased)
+    for record in image_records:
+        keep.update(str(b) for b in record.blobs)
+        if record.chain_id:
+            keep.add(record.chain_id)
+            if discard_unpacked_layers:
+                keep.difference_update(_layer_digests(content, record))
+    result = Result()
+    if snapshotter is not None:
+        _collect_snapshots(snapshotter, keep, result)
+    for info in list(content.walk()):
+        if str(info.digest) in keep:
+            continue
+        try:
+            content.delete(info.digest)
+        except errors.NotFound:
+            continue
+        result.blobs.append(str(info.digest))
+        result.bytes_freed += info.size
+    return result
+
+
+def _collect_snapshots(
+    snapshotter: snapshotter_api.Snapshotter, keep: set[str], result: Result
+) -> None:
+    infos = {i.name: i for i in snapshotter.walk()}
+    reachable: set[str] = set()
+
+    def reach(name: str) -> None:
+        while name and name not in reachable:
+            reachable.add(name)
+            info = infos.get(name)
+            name = info.parent if info is not None else ""
+
+    for name, info in infos.items():
+        if name in keep or info.kind is not snapshotter_api.Kind.COMMITTED:
+            reach(name)  # roots: what records name, views, and active snapshots (in use)
+    garbage = [n for n, i in infos.items() if n not in reachable]
+    children: dict[str, int] = {}
+    for info in infos.values():
+        if info.parent:
+            children[info.parent] = children.get(info.parent, 0) + 1
+    # Leaf first: repeatedly remove garbage without remaining children.
+    pending = set(garbage)
+    while pending:
+        leaves = [n for n in pending if children.get(n, 0) == 0]
+        if not leaves:  # pragma: no cover - a cycle cannot be built through the API
+            break
+        for name in sorted(leaves):
+            try:
+                result.bytes_freed += snapshotter.usage(name).size
+                snapshotter.remove(name)
+            except errors.NotFound:
+                pass
+            result.snapshots.append(name)
+            pending.discard(name)
+            parent = infos[name].parent
+            if parent:
+                children[parent] -= 1
+
+
+def _layer_digests(content: local.LocalStore, record: records.ImageRecord) -> set[str]:
+    """The layer blobs of ``record``'s platform manifest (empty if it is not stored)."""
+    try:
+        data = content.read_blob(digests.Digest(record.manifest_digest))
+        media_type = media_type_of(data)
+        if media_type not in mediatypes.MANIFESTS:
+            return set()
+        return {str(layer.digest) for layer in Manifest.parse(data, media_type).layers}
+    except errors.ImageError:
+        return set()
