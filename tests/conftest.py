@@ -20,7 +20,9 @@ if str(Path(__file__).parent) not in sys.path:  # also when tests/ becomes a pac
 
 from fixtures import faultproxy, registries, tokenserver  # noqa: E402
 
-REGISTRY_FIXTURES = frozenset({"registry", "basic_registry", "token_registry", "fault_proxy"})
+REGISTRY_FIXTURES = frozenset(
+    {"registry", "basic_registry", "token_registry", "tls_registry", "fault_proxy"}
+)
 SKIP_REASON = f"{registries.BINARY} is missing (apt-get install docker-registry)"
 
 
@@ -112,3 +114,19 @@ def tmp_root(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registries.Registry]:
+    """An anonymous registry serving HTTPS with a certificate from a throwaway CA.
+
+    ``.tls_ca`` is the CA's PEM file, the one a client must be told to trust.
+    """
+    if not registries.available():
+        pytest.skip(SKIP_REASON)
+    from fixtures import certs
+
+    workdir = tmp_path_factory.mktemp("tls-registry")
+    server = certs.make_server_cert(workdir / "certs")
+    with registries.start_registry(workdir, "none", tls=server) as running:
+        yield running
