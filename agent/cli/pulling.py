@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent import config
+from agent import config, logs, telemetry
 from agent.cli import rendering
 from agent.images import durations, errors, platforms, references, service
 from agent.images.registry import client as registry_client
@@ -97,16 +97,25 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, config.ConfigError) as e:
         print(f"prefetcher: {e}", file=sys.stderr)
         return 2
+    logs.setup(settings.runtime.log_level, settings.runtime.log_format)
+    tracing = telemetry.setup(
+        "prefetcher",
+        enabled=settings.tracing.enabled,
+        http_client_spans=settings.tracing.http_client_spans,
+        node_name=settings.runtime.node_name,
+    )
     # --json and --quiet print only the result: the json renderer is silent while pulling.
     renderer = rendering.make_renderer("json" if args.json or args.quiet else "auto", sys.stderr)
     try:
-        result = asyncio.run(_pull(args, settings, renderer))
+        result = asyncio.run(_pull(args, settings, logs.tee(renderer, logs.PullLogger())))
     except errors.ImageError as e:
         renderer.close()
         if args.json:
             print(json.dumps({"reference": args.reference, "error": e.reason, "message": str(e)}))
         print(f"prefetcher: pull {args.reference} failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        tracing.shutdown()
     renderer.close()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -151,16 +160,18 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
 def service_options(settings: Any) -> service.ServiceOptions:
     """Turn the ``[images]`` settings into the service's plain options."""
     img = settings.images
-    snapshotter = img.snapshotter if img.snapshotter in ("overlayfs", "naive") else "overlayfs"
     return service.ServiceOptions(
         max_concurrent_downloads=img.max_concurrent_downloads,
         node_max_concurrent_downloads=img.node_max_concurrent_downloads,
         progress_timeout=img.image_pull_progress_timeout,
         min_bytes_per_second=img.image_pull_min_bytes_per_second,
         sync_fs=img.image_pull_with_sync_fs,
-        snapshotter=snapshotter,
+        snapshotter=img.snapshotter,
         max_layer_uncompressed_bytes=img.max_layer_uncompressed_bytes,
         discard_unpacked_layers=img.discard_unpacked_layers,
+        containerd_address=img.containerd.address,
+        containerd_namespace=img.containerd.namespace,
+        containerd_snapshotter=img.containerd.snapshotter,
     )
 
 

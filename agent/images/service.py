@@ -52,6 +52,7 @@ from agent.images.progress import events, stall, tracker
 from agent.images.registry import client as registry_client
 
 if TYPE_CHECKING:
+    from agent.images.containerd import backend as containerd_backend
     from agent.images.snapshots import snapshotter as snapshotter_api
 
 EventCallback = Callable[[events.ProgressEvent], None]
@@ -100,12 +101,17 @@ class ServiceOptions:
     progress_timeout: float = 300.0
     min_bytes_per_second: float = 0.0
     sync_fs: bool = False
-    #: "overlayfs", "naive", or "" (content only, no unpack)
+    #: "overlayfs", "naive", "containerd" (unpack into the node's containerd), or ""
+    #: (content only, no unpack)
     snapshotter: str = "overlayfs"
     max_layer_uncompressed_bytes: int = 32 * 1024**3
     unpack_concurrency: int = 2
     #: delete layer blobs once their snapshots are committed (containerd's option)
     discard_unpacked_layers: bool = False
+    #: with ``snapshotter="containerd"``: the node's containerd, where images are imported
+    containerd_address: str = "/run/containerd/containerd.sock"
+    containerd_namespace: str = "k8s.io"
+    containerd_snapshotter: str = "overlayfs"
 
 
 class ImageService:
@@ -130,7 +136,22 @@ class ImageService:
         self._lock_fd = _open_shared_lock(self.root / "lock")
         self._leases: dict[int, set[str]] = {}
         self.content = local.LocalStore(self.root / "content")
+        # Ingests of writers that died after publishing their blob (kill -9 between the
+        # rename and the cleanup): nothing would ever open them again.
+        self.content.clean_finished_ingests()
         self.records = records.ImageRecords(self.root / "images.db")
+        self.containerd: containerd_backend.ContainerdBackend | None = None
+        if self.options.snapshotter == "containerd":
+            from agent.images.containerd import backend as containerd_backend
+
+            # containerd owns the snapshots: never give them to the local GC or cleanup().
+            self.containerd = containerd_backend.ContainerdBackend(
+                self.options.containerd_address,
+                self.options.containerd_namespace,
+                self.options.containerd_snapshotter,
+                max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
+            )
+            self.containerd.start()
         self.snapshotter = snapshotter if snapshotter is not None else self._make_snapshotter()
         if self.snapshotter is not None:
             # Active snapshots of processes that died mid-unpack (kill -9, power cut).
@@ -140,7 +161,7 @@ class ImageService:
 
     def _make_snapshotter(self) -> snapshotter_api.Snapshotter | None:
         name = self.options.snapshotter
-        if not name:
+        if not name or name == "containerd":
             return None
         if name == "overlayfs":
             from agent.images.snapshots import overlay
@@ -152,20 +173,22 @@ class ImageService:
 
             return naive.NaiveSnapshotter(self.root / "snapshots-naive")
         raise errors.ImageError(
-            f"unknown snapshotter {name!r}: expected 'overlayfs' or 'naive'"
+            f"unknown snapshotter {name!r}: expected 'overlayfs', 'naive' or 'containerd'"
         )
 
     def close(self) -> None:
         self.records.close()
         if self.snapshotter is not None:
             self.snapshotter.close()
+        if self.containerd is not None:
+            self.containerd.close()
         os.close(self._lock_fd)
 
     # Images on this node.
 
     def list_images(self) -> list[ImageStatus]:
         """Every image record, with whether its snapshot chain is ready to mount."""
-        return [ImageStatus(r, self._chain_ready(r.chain_id)) for r in self.records]
+        return [ImageStatus(r, self._unpacked(r)) for r in self.records]
 
     def image(self, reference: str | references.Reference) -> records.ImageRecord:
         """The record of ``reference`` (normalised). Raises :class:`NotFound`."""
@@ -208,6 +231,11 @@ class ImageService:
     def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
         """Mount the image's root filesystem read-only at ``target`` (a view snapshot)."""
         record = self.image(reference)
+        if self.containerd is not None:
+            raise errors.NotFound(
+                f"{record.name} lives in containerd's snapshotter here; mount it with"
+                f" `ctr -n {self.options.containerd_namespace} image mount {record.name} DIR`"
+            )
         if self.snapshotter is None or not self._chain_ready(record.chain_id):
             raise errors.NotFound(
                 f"{record.name} is not unpacked on this node; pull it without --no-unpack"
@@ -235,6 +263,18 @@ class ImageService:
             raise errors.NotFound(f"{target} is not a prefetcher mount of {self.root}") from e
         snapshots.unmount(target)
         self.snapshotter.remove(key)
+
+    def _unpacked(self, record: records.ImageRecord) -> bool:
+        """Whether the image's whole snapshot chain is committed (here or in containerd)."""
+        if self.containerd is None:
+            return self._chain_ready(record.chain_id)
+        if not record.chain_id:
+            return False
+        try:
+            config = descriptors.ImageConfig.parse(self.content.read_blob(record.config_digest))
+            return self.containerd.unpacked_depth(config.diff_ids) == len(config.diff_ids)
+        except errors.ImageError:
+            return False
 
     def _chain_ready(self, chain_id: str) -> bool:
         if not chain_id or self.snapshotter is None:
@@ -266,8 +306,11 @@ class ImageService:
         progress_timeout: float | None = None,
         unpack: bool = True,
         labels: dict[str, str] | None = None,
+        pinned: bool = False,
     ) -> PullResult:
         """Pull ``reference`` for ``platform`` (default: this host's). See the module doc.
+
+        ``pinned`` (containerd backend) labels the image so kubelet's image GC keeps it.
 
         Raises:
             ImageError: any subclass; :class:`PullStalled` when cancelled for no progress.
@@ -294,7 +337,9 @@ class ImageService:
             try:
                 async with watchdog:
                     inner = asyncio.ensure_future(
-                        self._leased_pull(ref, want, progress, timeout, unpack, labels or {})
+                        self._leased_pull(
+                            ref, want, progress, timeout, unpack, labels or {}, pinned
+                        )
                     )
                     try:
                         result = await asyncio.shield(inner)
@@ -336,9 +381,12 @@ class ImageService:
         timeout: float,
         unpack: bool,
         labels: dict[str, str],
+        pinned: bool,
     ) -> PullResult:
         with self._lease() as lease:
-            return await self._pull(ref, want, progress, timeout, unpack, labels, lease)
+            return await self._pull(
+                ref, want, progress, timeout, unpack, labels, lease, pinned
+            )
 
     async def _pull(
         self,
@@ -349,6 +397,7 @@ class ImageService:
         unpack: bool,
         labels: dict[str, str],
         lease: set[str],
+        pinned: bool = False,
     ) -> PullResult:
         progress.set_phase(events.Phase.RESOLVING)
         # Manifest requests count as active for the stall watchdog (digest None: they are
@@ -389,6 +438,10 @@ class ImageService:
             lease.update(str(c) for c in digests.chain_ids(config.diff_ids))
             unpacking = unpack and self.snapshotter is not None and bool(manifest.layers)
             needed = list(manifest.layers)
+            if unpack and self.containerd is not None:
+                needed = await asyncio.to_thread(
+                    self._containerd_needs, manifest, config.diff_ids, progress
+                )
             if unpacking:
                 unpacked = await asyncio.to_thread(self._unpacked_depth, config.diff_ids)
                 for layer in manifest.layers[:unpacked]:
@@ -419,6 +472,11 @@ class ImageService:
             downloaded += sum(t.result() for t in fetches)
         blobs += [manifest.config.digest, *(layer.digest for layer in manifest.layers)]
         chain_id = str(unpacked_chain.result()) if unpacked_chain is not None else ""
+        if unpack and self.containerd is not None:
+            progress.set_phase(events.Phase.UNPACKING)
+            chain_id = await self._import_into_containerd(
+                ref, top, manifest_desc, manifest, config, progress, pinned
+            )
 
         progress.set_phase(events.Phase.COMMITTING)
         platform_text = str(config.platform) if config.platform.os else str(want)
@@ -622,6 +680,8 @@ class ImageService:
         except BaseException:
             writer.close()  # keeps the ingest for a resume; verification failures removed it
             raise
+        finally:
+            tracing.set_attributes({"blob.retries": stalls + resumes, "blob.stalls": stalls})
 
     async def _fetch_and_announce(
         self,
@@ -635,6 +695,60 @@ class ImageService:
         got = await self._fetch_blob(ref, desc, progress, per_pull, progress_timeout)
         arriving.arrived(desc.digest)
         return got
+
+    def _containerd_needs(
+        self,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+        progress: tracker.PullProgress,
+    ) -> list[descriptors.Descriptor]:
+        """Layers to download for the containerd backend: not unpacked there, not its content."""
+        assert self.containerd is not None
+        depth = self.containerd.unpacked_depth(diff_ids)
+        needed = []
+        for i, layer in enumerate(manifest.layers):
+            if i < depth or self.containerd.has_blob(layer.digest):
+                if not self.content.exists(layer.digest):
+                    progress.blob_present(layer)
+                continue
+            needed.append(layer)
+        return needed
+
+    async def _import_into_containerd(
+        self,
+        ref: references.Reference,
+        top: descriptors.Descriptor,
+        manifest_desc: descriptors.Descriptor,
+        manifest: descriptors.Manifest,
+        config: descriptors.ImageConfig,
+        progress: tracker.PullProgress,
+        pinned: bool,
+    ) -> str:
+        assert self.containerd is not None
+        loop = asyncio.get_running_loop()
+
+        def on_layer(event: Any) -> None:  # from worker threads
+            if event.kind in ("done", "skipped"):
+                loop.call_soon_threadsafe(progress.layer_unpacked, event.layer.digest)
+
+        with tracing.span(SPAN_PREFIX, "import_containerd", {tracing.IMAGE_REF: str(ref)}):
+            imported = await self.containerd.import_image(
+                self.content,
+                ref,
+                top,
+                manifest,
+                manifest.config,
+                config.diff_ids,
+                manifest_desc=manifest_desc,
+                pinned=pinned,
+                sync_fs=self.options.sync_fs,
+                on_layer=on_layer,
+            )
+        # containerd holds the layers now; the local copies would only duplicate them.
+        for layer in manifest.layers:
+            with contextlib.suppress(errors.NotFound):
+                self.content.delete(layer.digest)
+        return str(imported.chain_id)
 
     def _unpacked_depth(self, diff_ids: Sequence[digests.Digest]) -> int:
         """How many bottom layers of this image already have committed snapshots."""

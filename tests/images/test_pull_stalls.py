@@ -34,8 +34,11 @@ async def test_a_blob_that_stalls_once_is_resumed_and_the_pull_completes(
     seen: list[events.ProgressEvent] = []
 
     result = await pull(
-        tmp_root, f"{fault_proxy.host}/stall/once:1", platform=AMD64,
-        progress_timeout=2.0, on_event=seen,
+        tmp_root,
+        f"{fault_proxy.host}/stall/once:1",
+        platform=AMD64,
+        progress_timeout=2.0,
+        on_event=seen,
     )
 
     assert result.stalls == 1 and result.stall_cancellations == 0
@@ -57,8 +60,11 @@ async def test_a_blob_that_keeps_stalling_cancels_the_pull_with_the_stall_reason
     started = time.monotonic()
     with pytest.raises(errors.PullStalled, match=blob.digest) as caught:
         await pull(
-            tmp_root, f"{fault_proxy.host}/stall/always:1", platform=AMD64,
-            progress_timeout=2.0, on_event=seen,
+            tmp_root,
+            f"{fault_proxy.host}/stall/always:1",
+            platform=AMD64,
+            progress_timeout=2.0,
+            on_event=seen,
         )
     elapsed = time.monotonic() - started
 
@@ -111,7 +117,9 @@ async def test_a_slow_commit_after_the_body_ended_is_not_a_stall(
 
     monkeypatch.setattr(local.LocalWriter, "commit", slow_commit)
     result = await pull(
-        tmp_root, f"{fault_proxy.host}/stall/slow-commit:1", platform=AMD64,
+        tmp_root,
+        f"{fault_proxy.host}/stall/slow-commit:1",
+        platform=AMD64,
         progress_timeout=1.0,
     )
     assert result.stall_cancellations == 0
@@ -143,8 +151,11 @@ async def test_the_minimum_rate_catches_a_drip_that_the_byte_check_misses(
 
     with pytest.raises(errors.PullStalled, match="too little progress"):
         await pull(
-            tmp_root, f"{fault_proxy.host}/stall/drip:1", platform=AMD64,
-            progress_timeout=1.0, min_bytes_per_second=100_000,
+            tmp_root,
+            f"{fault_proxy.host}/stall/drip:1",
+            platform=AMD64,
+            progress_timeout=1.0,
+            min_bytes_per_second=100_000,
         )
 
 
@@ -159,7 +170,9 @@ async def test_progress_events_add_up_and_phases_arrive_in_order(
 
     phases = [e.phase for e in seen if isinstance(e, events.PhaseChanged)]
     assert phases == [
-        events.Phase.RESOLVING, events.Phase.DOWNLOADING, events.Phase.COMMITTING,
+        events.Phase.RESOLVING,
+        events.Phase.DOWNLOADING,
+        events.Phase.COMMITTING,
         events.Phase.READY,
     ]
     final = seen[-1].snapshot

@@ -216,8 +216,9 @@ async def test_a_redirect_to_another_host_does_not_carry_authorization(
 
     # Blob storage behind a redirect has its own auth (here: none, so the registry's 401).
     with pytest.raises(errors.Unauthorized):
-        await pull(tmp_root, f"{proxy.host}/private/redirected:1", platform=AMD64,
-                   keychain=keychain)
+        await pull(
+            tmp_root, f"{proxy.host}/private/redirected:1", platform=AMD64, keychain=keychain
+        )
 
     assert any(r.authorization for r in proxy.requests_to("/manifests/"))
     assert proxy.redirect_requests, "the redirect was not followed"

@@ -169,6 +169,35 @@ class LocalStore:
             removed.append(status.ref)
         return removed
 
+    def clean_finished_ingests(self) -> list[str]:
+        """Remove ingests that nothing will resume: their blob is committed (a writer died
+        between the rename and removing its ingest) or they hold no data. Held ones stay."""
+        removed = []
+        for path in sorted(self._ingest.iterdir()):
+            try:
+                ref = (path / "ref").read_text()
+            except OSError:
+                ref = ""
+            finished = not (path / "data").exists() or (
+                digests.is_digest(ref) and self.exists(digests.Digest(ref))
+            )
+            if not finished:
+                continue
+            try:
+                fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(ref or path.name)
+            finally:
+                os.close(fd)
+        return removed
+
     def usage(self) -> int:
         """Bytes held by committed blobs."""
         return sum(i.size for i in self.walk())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -29,11 +30,13 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
 
-from agent.images import descriptors, digests, errors, snapshots
+from agent.images import descriptors, digests, errors, snapshots, tracing
 from agent.images.content import store
 from agent.images.unpack import archive, compression, whiteouts
 
 DEFAULT_CONCURRENCY: Final = 2
+
+SPAN_PREFIX: Final = "agent.images.unpack"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class _Applied:
     key: str  # the active snapshot
     target: str  # the directory the layer was written into
     result: archive.ApplyResult
+    span: tracing.Span | None = None  # the layer's span, ended once it is committed
 
 
 class Unpacker:
@@ -174,8 +178,10 @@ class Unpacker:
         else:
             for i in missing:
                 parent = "" if self._rebase else parent_of(i)
-                applied = self._apply(i, layers[i], diff_ids[i], chain[i], parent, cancel)
-                self._commit(i, layers[i], chain[i], applied, parent_of(i))
+                applied = self._traced_apply(
+                    i, layers[i], diff_ids[i], chain[i], parent, cancel
+                )
+                self._traced_commit(i, layers[i], chain[i], applied, parent_of(i))
         return chain[-1]
 
     # -- internals ----------------------------------------------------------------------
@@ -191,7 +197,10 @@ class Unpacker:
     ) -> None:
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="unpack") as pool:
             futures: dict[int, Future[_Applied]] = {
-                i: pool.submit(self._apply, i, layers[i], diff_ids[i], chain[i], "", cancel)
+                i: pool.submit(
+                    tracing.in_current_span(self._traced_apply),
+                    i, layers[i], diff_ids[i], chain[i], "", cancel,
+                )
                 for i in missing
             }
             done: set[int] = set()
@@ -199,8 +208,8 @@ class Unpacker:
                 for i in missing:
                     applied = futures[i].result()
                     done.add(i)
-                    self._commit(i, layers[i], chain[i], applied, parent_of(i))
-            except BaseException:
+                    self._traced_commit(i, layers[i], chain[i], applied, parent_of(i))
+            except BaseException as e:
                 cancel.set()
                 for i, fut in futures.items():
                     if i in done:
@@ -208,7 +217,49 @@ class Unpacker:
                     fut.cancel()
                     with contextlib.suppress(BaseException):
                         self._remove(fut.result().key)
+                    with contextlib.suppress(BaseException):
+                        tracing.end(fut.result().span, e)
                 raise
+
+    def _traced_apply(
+        self,
+        index: int,
+        layer: descriptors.Descriptor,
+        diff_id: digests.Digest,
+        chain_id: digests.Digest,
+        parent: str,
+        cancel: threading.Event,
+    ) -> _Applied:
+        """:meth:`_apply` in a new ``layer`` span, left open for :meth:`_traced_commit`."""
+        span = tracing.start_span(SPAN_PREFIX, "layer", {
+            tracing.LAYER_DIGEST: str(layer.digest),
+            tracing.LAYER_SIZE: layer.size,
+            tracing.LAYER_MEDIA_TYPE: layer.media_type,
+            "layer.index": index,
+            "layer.chain_id": str(chain_id),
+        })
+        try:
+            with tracing.use(span):
+                applied = self._apply(index, layer, diff_id, chain_id, parent, cancel)
+        except BaseException:
+            tracing.end(span)  # use() recorded the error
+            raise
+        return dataclasses.replace(applied, span=span)
+
+    def _traced_commit(
+        self,
+        index: int,
+        layer: descriptors.Descriptor,
+        chain_id: digests.Digest,
+        applied: _Applied,
+        parent: str,
+    ) -> None:
+        """:meth:`_commit` in a ``commit`` span under the layer's, which then ends."""
+        if applied.span is None:  # pragma: no cover - _traced_apply always sets it
+            self._commit(index, layer, chain_id, applied, parent)
+            return
+        with tracing.use(applied.span, end=True), tracing.span(SPAN_PREFIX, "commit"):
+            self._commit(index, layer, chain_id, applied, parent)
 
     def _apply(
         self,
@@ -255,7 +306,8 @@ class Unpacker:
                     f" config says its diff ID is {diff_id}"
                 )
             if self.sync_fs:
-                snapshots.syncfs(target)
+                with tracing.span(SPAN_PREFIX, "syncfs"):
+                    snapshots.syncfs(target)
         except BaseException:
             self._remove(key)
             raise
@@ -278,7 +330,8 @@ class Unpacker:
                 lowers = _lowers(self.snapshotter.mounts(parent))
                 archive.copy_up_parents(applied.target, lowers, applied.result.implicit_dirs)
                 if self.sync_fs:
-                    snapshots.syncfs(applied.target)
+                    with tracing.span(SPAN_PREFIX, "syncfs"):
+                        snapshots.syncfs(applied.target)
             self.snapshotter.commit(chain_id, key, parent=parent if self._rebase else None)
         except errors.AlreadyExists:
             self._remove(key)  # committed meanwhile by another unpack: the same content

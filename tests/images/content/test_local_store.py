@@ -64,3 +64,21 @@ def test_usage_counts_committed_bytes_only(tmp_path: Path) -> None:
     open_ingest.write(os.urandom(100))
     open_ingest.close()
     assert s.usage() == 30
+
+
+def test_ingests_left_by_a_writer_that_died_after_publishing_are_cleaned(tmp_path: Path) -> None:
+    s = local.LocalStore(tmp_path)
+    w = s.writer("sha256:" + digests.of(b"done").hex)
+    w.write(b"done")
+    w.commit(4, digests.of(b"done"))
+    # The writer died between the rename and removing its ingest: ref and lock are left.
+    leftover = tmp_path / "ingest" / "leftover"
+    leftover.mkdir()
+    (leftover / "ref").write_text(str(digests.of(b"done")))
+    (leftover / "lock").touch()
+    resumable = s.writer("pending")
+    resumable.write(b"half")
+    resumable.close()
+
+    assert s.clean_finished_ingests() == [str(digests.of(b"done"))]
+    assert [st.ref for st in s.ingests()] == ["pending"]

@@ -1,0 +1,416 @@
+"""``ContainerdBackend``: put a pulled image into the node's containerd, unpacked, as the CRI
+plugin would have left it after its own pull — so kubelet finds it present and starts pods
+without pulling.
+
+:meth:`ContainerdBackend.import_image` takes an image the image service has resolved and
+fetched (its blobs readable through a :class:`~agent.images.content.store.BlobProvider`) and,
+holding one containerd lease for the whole import:
+
+1. unpacks each layer whose chain ID containerd does not have: prepare an active snapshot on
+   the previous chain ID (key ``extract-<unique> <chainID>``), write the layer with overlay
+   whiteouts into the upper directory containerd returned, verify the diff ID, ``syncfs`` if
+   asked, commit under the chain ID with ``containerd.io/snapshot.ref`` — the
+   :class:`~agent.images.unpack.unpacker.Unpacker` with a :class:`ContainerdSnapshotter`;
+   meanwhile copies the layer blobs containerd lacks into its content store
+   (``containerd.io/uncompressed`` = diff ID);
+2. copies the config (``containerd.io/gc.ref.snapshot.<snapshotter>`` = top chain ID), the
+   manifest (``gc.ref.content.config`` / ``gc.ref.content.l.<i>``) and the index, if any
+   (``gc.ref.content.m.<i>``): children before parents, as containerd's fetcher does;
+3. creates or updates the image records the CRI plugin would (tag, ``repo@digest``, image
+   ID), labelled ``io.cri-containerd.image=managed`` and, if asked, pinned;
+4. deletes the lease: from now on the image record keeps everything from containerd's GC.
+
+A crash at any point leaves no committed partial snapshot (a snapshot is committed only after
+its layer is complete and verified), at most an active one and the lease, both labelled with
+this process; :meth:`ContainerdBackend.cleanup` removes them at the next start and a rerun
+completes the import, resuming interrupted blob copies where containerd has them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO, Final
+
+from agent.images import descriptors, digests, errors, mediatypes, references
+from agent.images.containerd import checks, leases
+from agent.images.containerd import client as client_mod
+from agent.images.containerd import content as content_mod
+from agent.images.containerd import images as images_mod
+from agent.images.containerd import snapshotter as snapshotter_mod
+from agent.images.content import store
+from agent.images.unpack import compression
+from agent.images.unpack import unpacker as unpacker_mod
+
+#: Layer blobs copied into containerd at once.
+COPY_CONCURRENCY: Final = 3
+#: Tries of a blob copy whose ingest ref another writer holds.
+_LOCKED_TRIES: Final = 20
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What :meth:`ContainerdBackend.import_image` did.
+
+    Attributes:
+        chain_id: the top snapshot's name (the image's chain ID).
+        names: the image records created or updated.
+        blobs_written: blobs copied into containerd's content store (0: it had them all).
+        bytes_written: their bytes.
+        layers_unpacked: layers applied and committed by this import.
+        layers_skipped: layers whose chain ID containerd already had.
+        seconds: wall time of the import.
+    """
+
+    chain_id: digests.Digest
+    names: tuple[str, ...]
+    blobs_written: int
+    bytes_written: int
+    layers_unpacked: int
+    layers_skipped: int
+    seconds: float
+
+
+class ContainerdBackend:
+    """The node's containerd as the place prefetched images are unpacked into.
+
+    Args:
+        address: containerd's socket (``[images.containerd] address``).
+        namespace: containerd namespace (``k8s.io``: the CRI plugin's).
+        snapshotter: containerd snapshotter (the CRI plugin's, ``overlayfs``).
+        copy_layers: copy layer blobs into containerd's content store. ``None`` (default):
+            yes, unless :meth:`check` finds the CRI plugin discards unpacked layers.
+        max_uncompressed_bytes: refuse a layer that decompresses to more than this.
+        lease_expire: seconds after which containerd drops an import's lease by itself.
+        client: an existing :class:`~client.Client` (then ``address``/``namespace`` are
+            taken from it and :meth:`close` leaves it open).
+    """
+
+    def __init__(
+        self,
+        address: str = "/run/containerd/containerd.sock",
+        namespace: str = "k8s.io",
+        snapshotter: str = "overlayfs",
+        *,
+        copy_layers: bool | None = None,
+        max_uncompressed_bytes: int = compression.DEFAULT_MAX_UNCOMPRESSED_BYTES,
+        lease_expire: float = leases.DEFAULT_EXPIRE,
+        client: client_mod.Client | None = None,
+    ):
+        self._own_client = client is None
+        self.client = client or client_mod.Client(address, namespace)
+        self.snapshotter_name = snapshotter
+        self.snapshotter = snapshotter_mod.ContainerdSnapshotter(self.client, snapshotter)
+        self.leases = leases.Leases(self.client)
+        self.content = content_mod.ContainerdContent(self.client)
+        self.images = images_mod.ContainerdImages(self.client)
+        self.copy_layers = copy_layers
+        self.max_uncompressed_bytes = max_uncompressed_bytes
+        self.lease_expire = lease_expire
+
+    def close(self) -> None:
+        if self._own_client:
+            self.client.close()
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def check(self) -> checks.Report:
+        """Run the start-up checks (:mod:`.checks`); adopts the CRI's layer discarding."""
+        report = checks.run(self.client, snapshotter=self.snapshotter_name)
+        if self.copy_layers is None and report.cri:
+            self.copy_layers = not report.discard_unpacked_layers
+        return report
+
+    def start(self) -> checks.Report:
+        """:meth:`check` (raising :class:`InvalidConfiguration` on errors), then
+        :meth:`cleanup`. Call once when the agent starts."""
+        report = self.check()
+        report.raise_for_errors()
+        self.cleanup()
+        return report
+
+    def cleanup(self) -> list[str]:
+        """Remove the active snapshots and leases of agent processes that died."""
+        return self.snapshotter.cleanup() + self.leases.cleanup()
+
+    # -- what containerd has -----------------------------------------------------------
+
+    def unpacked_depth(self, diff_ids: Sequence[digests.Digest]) -> int:
+        """How many bottom layers of an image containerd has committed (their blobs need
+        not be downloaded unless containerd should also keep them as content)."""
+        chain = digests.chain_ids(diff_ids)
+        for depth in range(len(chain), 0, -1):
+            try:
+                info = self.snapshotter.stat(chain[depth - 1])
+            except errors.NotFound:
+                continue
+            if info.kind.name == "COMMITTED":
+                return depth
+        return 0
+
+    def image_status(self, reference: str) -> images_mod.CriImage | None:
+        """What kubelet would learn about ``reference`` from the CRI (``None``: absent)."""
+        return images_mod.cri_image_status(self.client, reference)
+
+    def has_blob(self, digest: digests.Digest) -> bool:
+        """Whether containerd's content store has ``digest`` in this namespace."""
+        return self.content.exists(digest)
+
+    # -- import --------------------------------------------------------------------------
+
+    async def import_image(
+        self,
+        content: store.BlobProvider,
+        name: str | references.Reference,
+        target: descriptors.Descriptor,
+        manifest: descriptors.Manifest,
+        config_desc: descriptors.Descriptor,
+        diff_ids: Sequence[digests.Digest],
+        *,
+        manifest_desc: descriptors.Descriptor | None = None,
+        pinned: bool = False,
+        sync_fs: bool = False,
+        on_layer: unpacker_mod.OnProgress | None = None,
+    ) -> ImportResult:
+        """Import one image into containerd; see the module doc for the steps.
+
+        Args:
+            content: where the blobs are read from (the image service's store). A layer
+                missing there is read from containerd, which may have it.
+            name: the reference the image was pulled as (normalised: ``docker.io/…``).
+            target: the descriptor the reference resolved to (index or manifest).
+            manifest: the platform manifest; ``config_desc`` is its config.
+            diff_ids: the config's ``rootfs.diff_ids``.
+            manifest_desc: the platform manifest's descriptor; needed when ``target`` is an
+                index (otherwise it is ``target``).
+            pinned: label the records ``io.cri-containerd.pinned=pinned`` (kubelet's image
+                GC keeps them); ``False`` removes the label.
+            sync_fs: ``syncfs`` each layer's filesystem before its snapshot is committed.
+            on_layer: called with each layer's :class:`UnpackEvent`, from worker threads.
+
+        Raises:
+            DigestMismatch, UnsafeLayer, UnsupportedMediaType: a layer cannot be used; no
+                snapshot of it or above it is committed, no record is written.
+            NotFound: a blob is in neither ``content`` nor containerd.
+            Unavailable: containerd is unreachable or busy.
+        """
+        started = time.monotonic()
+        ref = name if isinstance(name, references.Reference) else references.parse(name)
+        if target.media_type in mediatypes.INDEXES:
+            if manifest_desc is None:
+                raise errors.InvalidManifest(
+                    f"{ref}: the target is an index; pass the platform manifest's descriptor"
+                )
+        else:
+            manifest_desc = target
+        if len(diff_ids) != len(manifest.layers):
+            raise errors.InvalidManifest(
+                f"{ref}: the manifest lists {len(manifest.layers)} layers but the config"
+                f" {config_desc.digest} has {len(diff_ids)} diff IDs"
+            )
+        lease = await asyncio.to_thread(self.leases.create, expire=self.lease_expire)
+        try:
+            job = _Import(self, lease, content, ref, on_layer)
+            chain_id = await job.unpack_and_copy_layers(manifest, diff_ids, sync_fs=sync_fs)
+            await asyncio.to_thread(
+                job.copy_metadata, target, manifest_desc, manifest, config_desc, chain_id
+            )
+            names = images_mod.cri_names(ref, target.digest, config_desc.digest)
+            labels = images_mod.cri_labels(pinned=pinned)
+            for record in names:
+                await asyncio.to_thread(job.images.put, record, target, labels)
+        finally:
+            with contextlib.suppress(errors.ImageError):
+                await asyncio.shield(asyncio.to_thread(self.leases.delete, lease))
+        return ImportResult(
+            chain_id=chain_id,
+            names=tuple(names),
+            blobs_written=job.blobs_written,
+            bytes_written=job.bytes_written,
+            layers_unpacked=job.layers_unpacked,
+            layers_skipped=job.layers_skipped,
+            seconds=time.monotonic() - started,
+        )
+
+
+class _Import:
+    """The state of one import, under one lease."""
+
+    def __init__(
+        self,
+        backend: ContainerdBackend,
+        lease: str,
+        provider: store.BlobProvider,
+        ref: references.Reference,
+        on_layer: unpacker_mod.OnProgress | None,
+    ):
+        self.backend = backend
+        self.content = content_mod.ContainerdContent(backend.client, lease=lease)
+        self.snapshotter = backend.snapshotter.with_lease(lease)
+        self.images = images_mod.ContainerdImages(backend.client, lease=lease)
+        self.provider = provider
+        self.source = {f"{content_mod.LABEL_DISTRIBUTION_SOURCE}{ref.domain}": ref.path}
+        self.on_layer = on_layer
+        self.cancel = threading.Event()
+        self.lock = threading.Lock()
+        self.blobs_written = 0
+        self.bytes_written = 0
+        self.layers_unpacked = 0
+        self.layers_skipped = 0
+        #: layer digests containerd has as content after the copy
+        self.layers_present: set[str] = set()
+
+    async def unpack_and_copy_layers(
+        self, manifest: descriptors.Manifest, diff_ids: Sequence[digests.Digest], *, sync_fs: bool
+    ) -> digests.Digest:
+        copy_layers = self.backend.copy_layers is not False
+        copying = asyncio.ensure_future(
+            asyncio.to_thread(self._copy_layers, manifest.layers, diff_ids, copy_layers)
+        )
+        unpacker = unpacker_mod.Unpacker(
+            _Blobs(self.provider, self.content),
+            self.snapshotter,
+            sync_fs=sync_fs,
+            max_uncompressed_bytes=self.backend.max_uncompressed_bytes,
+            concurrency=1,
+            on_progress=self._on_layer,
+        )
+        try:
+            chain_id = await unpacker.unpack(manifest.layers, diff_ids)
+        except BaseException:
+            self.cancel.set()
+            with contextlib.suppress(BaseException):
+                await copying
+            raise
+        await copying
+        return chain_id
+
+    def copy_metadata(
+        self,
+        target: descriptors.Descriptor,
+        manifest_desc: descriptors.Descriptor,
+        manifest: descriptors.Manifest,
+        config_desc: descriptors.Descriptor,
+        chain_id: digests.Digest,
+    ) -> None:
+        """Config, manifest and index, children first, each with its GC labels."""
+        snapshot_label = f"{content_mod.LABEL_REF_SNAPSHOT}{self.backend.snapshotter_name}"
+        self._copy("config", config_desc, {**self.source, snapshot_label: str(chain_id)})
+        labels = {**self.source, content_mod.LABEL_REF_CONFIG: str(config_desc.digest)}
+        for i, layer in enumerate(manifest.layers):
+            if str(layer.digest) in self.layers_present:
+                labels[f"{content_mod.LABEL_REF_LAYER}{i}"] = str(layer.digest)
+        self._copy("manifest", manifest_desc, labels)
+        if target.digest != manifest_desc.digest:
+            with self.provider.open_blob(target.digest) as f:
+                index = descriptors.Index.parse(f.read(), target.media_type)
+            labels = dict(self.source)
+            for i, child in enumerate(index.manifests):
+                if child.digest == manifest_desc.digest:
+                    labels[f"{content_mod.LABEL_REF_MANIFEST}{i}"] = str(child.digest)
+            self._copy("index", target, labels)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _on_layer(self, event: unpacker_mod.UnpackEvent) -> None:
+        if event.kind == "done":
+            with self.lock:
+                self.layers_unpacked += 1
+        elif event.kind == "skipped":
+            with self.lock:
+                self.layers_skipped += 1
+        if self.on_layer is not None:
+            self.on_layer(event)
+
+    def _copy_layers(
+        self,
+        layers: Sequence[descriptors.Descriptor],
+        diff_ids: Sequence[digests.Digest],
+        copy: bool,
+    ) -> None:
+        def one(layer: descriptors.Descriptor, diff_id: digests.Digest) -> None:
+            labels = {**self.source, content_mod.LABEL_UNCOMPRESSED: str(diff_id)}
+            if self._copy("layer", layer, labels, optional=True, write=copy):
+                with self.lock:
+                    self.layers_present.add(str(layer.digest))
+
+        unique = {str(layer.digest): (layer, d) for layer, d in zip(layers, diff_ids, strict=True)}
+        with ThreadPoolExecutor(COPY_CONCURRENCY, thread_name_prefix="ctrd-copy") as pool:
+            futures = [pool.submit(one, layer, d) for layer, d in unique.values()]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                self.cancel.set()
+                raise
+
+    def _copy(
+        self,
+        kind: str,
+        desc: descriptors.Descriptor,
+        labels: dict[str, str],
+        *,
+        optional: bool = False,
+        write: bool = True,
+    ) -> bool:
+        """Make containerd have ``desc`` with ``labels``. Returns whether it has it.
+
+        ``optional``: a blob the provider lacks is fine (its snapshot may already exist).
+        ``write=False``: only label it if present.
+        """
+        try:
+            info = self.content.info(desc.digest)
+        except errors.NotFound:
+            pass
+        else:
+            changed = {k: v for k, v in labels.items() if info.labels.get(k) != v}
+            self.content.ensure_labels(desc.digest, changed)
+            return True
+        if not write:
+            return False
+        try:
+            blob = self.provider.open_blob(desc.digest)
+        except errors.NotFound:
+            if optional:
+                return False
+            raise
+        with blob:
+            for attempt in range(_LOCKED_TRIES):
+                try:
+                    if self.content.write(
+                        content_mod.ingest_ref(kind, desc.digest),
+                        blob,
+                        desc.size,
+                        desc.digest,
+                        labels,
+                        cancel=self.cancel,
+                    ):
+                        with self.lock:
+                            self.blobs_written += 1
+                            self.bytes_written += desc.size
+                    return True
+                except errors.Unavailable:
+                    # Another writer holds the ref (a concurrent import of a shared layer).
+                    if self.cancel.is_set() or attempt == _LOCKED_TRIES - 1:
+                        raise
+                    time.sleep(min(0.05 * 2**attempt, 1.0))
+        return True  # pragma: no cover - the loop returns or raises
+
+
+class _Blobs:
+    """The unpacker's blobs: the image service's store first, containerd's second."""
+
+    def __init__(self, first: store.BlobProvider, second: content_mod.ContainerdContent):
+        self.first = first
+        self.second = second
+
+    def open_blob(self, digest: digests.Digest) -> BinaryIO:
+        try:
+            return self.first.open_blob(digest)
+        except errors.NotFound:
+            return self.second.open_blob(digest)
