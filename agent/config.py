@@ -60,6 +60,7 @@ __all__ = [
     "ConfigError",
     "ContainerdSettings",
     "ImagesSettings",
+    "OperatorSettings",
     "Option",
     "RegistrySettings",
     "RuntimeSettings",
@@ -489,6 +490,81 @@ class TracingSettings(BaseModel):
     )
 
 
+class OperatorSettings(BaseModel):
+    """The cluster operator (``prefetcher operator``): peering, pacing, the agents' DaemonSet."""
+
+    model_config = _STRICT
+
+    peering_name: str = Field(
+        default="prefetcher",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description=(
+            "Name of the ClusterKopfPeering object the operator replicas elect their one active "
+            "replica through (created at start if missing). Default 'prefetcher'."
+        ),
+    )
+    standalone: bool = Field(
+        default=False,
+        description=(
+            "Run without peering (no leader election). Default false: only one replica is "
+            "active; use true only for a single local process."
+        ),
+    )
+    status_interval: Duration = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Least time between two status writes of one ImagePrefetch while only counters "
+            "change; a condition change is written at once. Go duration. Default '1s'."
+        ),
+    )
+    resync_interval: Duration = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Reconcile every ImagePrefetch at least this often even without events (level-"
+            "triggered safety net; also drives TTL and heartbeat expiry). Default '30s'."
+        ),
+    )
+    agent_heartbeat_timeout: Duration = Field(
+        default=90.0,
+        gt=0,
+        description=(
+            "A node whose agent heartbeat (NodeImageSet status.agent.heartbeatTime) is older "
+            "than this has no live agent and is reported AgentUnavailable. Default '1m30s'."
+        ),
+    )
+    agent_daemonset: str = Field(
+        default="",
+        description=(
+            "YAML or JSON file with the agents' DaemonSet as the chart renders it (image, "
+            "resources, node selector, tolerations, host paths, config, priority class, update "
+            "strategy). The operator creates it in runtime.namespace, restores it when deleted "
+            "or edited, and replaces it when the file changes. Default '': no DaemonSet managed."
+        ),
+    )
+    daemonset_check_interval: Duration = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "How often the agents' DaemonSet, its file and its pods are checked. Go duration. "
+            "Default '10s'."
+        ),
+    )
+    resolve_digests: bool = Field(
+        default=True,
+        description=(
+            "Resolve tags to digests in the operator, so every node pulls the same image. "
+            "Default true; when a registry is unreachable the tag is sent and nodes resolve it."
+        ),
+    )
+    resolve_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="Give up resolving one tag after this long. Go duration. Default '10s'.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything the operator, the agent and the CLI can be configured with (version 2)."""
 
@@ -515,6 +591,10 @@ class Settings(BaseSettings):
     tracing: TracingSettings = Field(
         default_factory=TracingSettings,
         description="Tracing switches beyond OTEL_* variables.",
+    )
+    operator: OperatorSettings = Field(
+        default_factory=OperatorSettings,
+        description="The cluster operator: peering, status pacing, the agents' DaemonSet.",
     )
 
     @classmethod

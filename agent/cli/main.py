@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import agent
 
 #: Command modules under ``agent.cli``, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("pulling", "storing", "configs")
+COMMAND_MODULES: tuple[str, ...] = ("pulling", "storing", "configs", "operating")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -1,0 +1,128 @@
+"""Per-node state of one ImagePrefetch, and which nodes to write next (parallelism)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from agent.kube import specs
+
+FINAL_PHASES = frozenset({"Ready", "Failed", "Stalled"})
+FAILED_PHASES = frozenset({"Failed", "Stalled"})
+
+READY = "Ready"
+FAILED = "Failed"
+PULLING = "Pulling"
+AGENT_UNAVAILABLE = "AgentUnavailable"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeReport:
+    """How one dispatched node is doing with one prefetch's images.
+
+    ``images`` maps entry name → the node's current status for it, or None when the agent has
+    not reported on (this version of) the entry yet.
+    """
+
+    node: str
+    state: str  # READY, FAILED, PULLING or AGENT_UNAVAILABLE
+    images: Mapping[str, specs.ImageStatus | None]
+
+
+def current_status(
+    entry: specs.ImageEntry, statuses: Mapping[str, specs.ImageStatus]
+) -> specs.ImageStatus | None:
+    """The node's status for ``entry``, unless it describes another digest (stale)."""
+    status = statuses.get(entry["name"])
+    if status is None:
+        return None
+    wanted = entry.get("digest", "")
+    got = status.get("digest", "")
+    if wanted and got and got != wanted and status.get("phase") in FINAL_PHASES:
+        return None  # a result for the previous digest; the new one is not reported yet
+    return status
+
+
+def report(
+    node: str,
+    wanted: Mapping[str, specs.ImageEntry],
+    node_status: Mapping[str, Any] | None,
+    agent_live: bool,
+) -> NodeReport:
+    """Fold a node's NodeImageSet status into a :class:`NodeReport` for our entries."""
+    statuses = {s["name"]: s for s in (node_status or {}).get("images") or [] if "name" in s}
+    images = {name: current_status(entry, statuses) for name, entry in wanted.items()}
+    phases = [s.get("phase") if s else None for s in images.values()]
+    if phases and all(p == "Ready" for p in phases):
+        state = READY
+    elif phases and all(p in FINAL_PHASES for p in phases):
+        state = FAILED
+    elif not agent_live:
+        state = AGENT_UNAVAILABLE
+    else:
+        state = PULLING
+    return NodeReport(node, state, images)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Nodes to write: ``dispatch`` (new), ``refresh`` (ours changed), ``withdraw`` (remove)."""
+
+    dispatch: tuple[str, ...]
+    refresh: tuple[str, ...]
+    withdraw: tuple[str, ...]
+
+
+def plan(
+    targets: Iterable[str],
+    dispatched: Mapping[str, Mapping[str, specs.ImageEntry]],
+    desired: Mapping[str, specs.ImageEntry],
+    reports: Mapping[str, NodeReport],
+    parallelism: int | None,
+    frozen: bool = False,
+) -> Plan:
+    """Decide the writes of one reconcile.
+
+    Args:
+        targets: nodes the prefetch selects now.
+        dispatched: node → our entries there (from the NodeImageSets).
+        desired: entry name → our contribution (same on every node).
+        reports: node → report, for dispatched nodes.
+        parallelism: max nodes in flight (None = all): dispatched and not finished (Ready
+            or Failed). A dispatched node without a live agent holds its slot (it is
+            reported AgentUnavailable), so agents that start late cannot overrun the limit.
+        frozen: the prefetch finished under completionPolicy Always: no new nodes.
+    """
+    target_set = set(targets)
+    withdraw = sorted(node for node in dispatched if node not in target_set)
+    refresh = sorted(
+        node for node, ours in dispatched.items()
+        if node in target_set and _differs(ours, desired)
+    )
+    dispatch: list[str] = []
+    if not frozen:
+        in_flight = sum(
+            1 for node in dispatched
+            if node in target_set and reports.get(node) is not None
+            and reports[node].state in (PULLING, AGENT_UNAVAILABLE)
+        )
+        room = len(target_set) if parallelism is None else max(parallelism - in_flight, 0)
+        dispatch = sorted(node for node in target_set if node not in dispatched)[:room]
+    return Plan(tuple(dispatch), tuple(refresh), tuple(withdraw))
+
+
+def _differs(ours: Mapping[str, specs.ImageEntry], desired: Mapping[str, specs.ImageEntry]) -> bool:
+    if set(ours) != set(desired):
+        return True
+    for name, want in desired.items():
+        have = ours[name]
+        if want.get("digest", "") != have.get("digest", ""):
+            return True
+        if not set(want.get("pullSecrets", [])) <= set(have.get("pullSecrets", [])):
+            return True
+        if want.get("pinned") and not have.get("pinned"):
+            return True
+        if want.get("pullPolicy") == "Always" and have.get("pullPolicy") != "Always":
+            return True
+    return False

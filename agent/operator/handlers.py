@@ -1,0 +1,169 @@
+"""kopf handlers of the operator: thin; the work is in :mod:`.reconciling` and below.
+
+- startup: apply settings to ``kopf.OperatorSettings``, prime the index (nodes,
+  NodeImageSets, agent pods) with one list each, ensure the peering object, start the agent
+  DaemonSet keeper;
+- events of Nodes and NodeImageSets: keep the index, wake the prefetches concerned;
+- ImagePrefetch create/update/resume: wake its reconcile loop (a kopf daemon per object,
+  level-triggered, which also re-runs every ``resync_interval``);
+- ImagePrefetch delete (kopf finalizer ``prefetcher.dev/node-entries``): withdraw the
+  entries everywhere and release the secret copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from agent.kube import resources
+from agent.operator import daemonsets, errors, kubeapi, reconciling
+
+logger = logging.getLogger("agent.operator")
+
+PREFETCHES = (resources.GROUP, resources.VERSION, resources.PREFETCHES)
+NODE_SETS = (resources.GROUP, resources.VERSION, resources.NODE_SETS)
+PEERINGS = "/apis/kopf.dev/v1/clusterkopfpeerings"
+
+
+def _state(memo: Any) -> reconciling.State:
+    state: reconciling.State = memo.state
+    return state
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    """Settings → kopf; prime the index; peering object; the DaemonSet keeper."""
+    state = _state(memo)
+    settings.persistence.finalizer = resources.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=resources.KOPF_ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=resources.KOPF_ANNOTATION_PREFIX)
+    settings.posting.level = logging.WARNING  # only warnings become Events by themselves
+    settings.watching.server_timeout = 600
+    settings.watching.client_timeout = 660
+    settings.peering.name = memo.peering_name
+    settings.peering.standalone = memo.standalone
+    settings.peering.mandatory = not memo.standalone
+    settings.peering.clusterwide = True
+    if not memo.standalone:
+        await ensure_peering(state.client, memo.peering_name)
+
+    for node in await state.client.list("/api/v1/nodes"):
+        state.node_event("ADDED", node)
+    for body in await state.client.list(kubeapi.node_set_path()):
+        state.node_set_event("ADDED", body)
+    memo.keeper = asyncio.create_task(keep_daemonset(state))
+
+
+@kopf.on.cleanup()
+async def stop(memo: Any, **_: Any) -> None:
+    keeper = getattr(memo, "keeper", None)
+    if keeper is not None:
+        keeper.cancel()
+    await _state(memo).client.aclose()
+
+
+async def ensure_peering(client: kubeapi.Client, name: str) -> None:
+    """Create the ClusterKopfPeering object replicas elect their leader through."""
+    if await client.get(f"{PEERINGS}/{name}") is not None:
+        return
+    try:
+        await client.create(PEERINGS, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                                       "metadata": {"name": name}})
+    except errors.Conflict:
+        pass
+    except errors.APIError as e:
+        logger.warning(f"cannot create the peering object {name!r} (is the CRD installed?): {e}")
+
+
+@kopf.on.event("v1", "nodes")
+def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    if type is not None:  # None = the initial listing, already primed at startup
+        _state(memo).node_event(type, body)
+    else:
+        _state(memo).node_event("ADDED", body)
+
+
+@kopf.on.event(*NODE_SETS)
+def node_set_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    _state(memo).node_set_event(type or "ADDED", dict(body))
+
+
+@kopf.on.create(*PREFETCHES)
+@kopf.on.update(*PREFETCHES)
+@kopf.on.resume(*PREFETCHES)
+def prefetch_changed(uid: str, memo: Any, **_: Any) -> None:
+    _state(memo).wake(uid)
+
+
+@kopf.daemon(*PREFETCHES, cancellation_timeout=5.0)
+async def run_prefetch(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, memo: Any,
+                       logger: kopf.Logger, **_: Any) -> None:
+    """The reconcile loop of one ImagePrefetch: on every wake-up, and every resync."""
+    state = _state(memo)
+    wake = state.wakers.setdefault(uid, asyncio.Event())
+    while not stopped:
+        wake.clear()
+        try:
+            delay = await reconciling.reconcile(state, body, logger)
+        except errors.APIError as e:
+            logger.warning(f"reconcile failed, retrying: {e}")
+            delay = 2.0
+        timeout = state.settings.resync_interval if delay is None else \
+            min(delay, state.settings.resync_interval)
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=max(timeout, 0.05))
+        except TimeoutError:
+            pass
+
+
+@kopf.on.delete(*PREFETCHES)
+async def prefetch_deleted(uid: str, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    try:
+        await reconciling.withdraw_everywhere(_state(memo), uid)
+    except errors.APIError as e:
+        raise errors.to_kopf(e) from e
+    logger.info("withdrawn from every node")
+
+
+# ------------------------------------------------------------------------------ DaemonSet
+
+
+async def keep_daemonset(state: reconciling.State) -> None:
+    """Keep the agents' DaemonSet as the settings file says; track ready agent pods."""
+    while True:
+        try:
+            await check_daemonset(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # keep going: a bad file or a failed call is retried
+            logger.error(f"agent DaemonSet check failed: {e}")
+        await asyncio.sleep(state.settings.daemonset_check_interval)
+
+
+async def check_daemonset(state: reconciling.State) -> None:
+    path = state.settings.agent_daemonset
+    if not path:
+        return
+    wanted = daemonsets.desired(daemonsets.load(path), state.namespace)
+    name = wanted["metadata"]["name"]
+    live = await state.client.get(kubeapi.daemonset_path(state.namespace, name))
+    if live is None:
+        await state.client.create(kubeapi.daemonset_path(state.namespace), wanted)
+        logger.info(f"created the agent DaemonSet {state.namespace}/{name}")
+    elif daemonsets.drifted(live, wanted):
+        wanted["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        await state.client.replace(kubeapi.daemonset_path(state.namespace, name), wanted)
+        logger.info(f"restored the agent DaemonSet {state.namespace}/{name} to its settings")
+    selector = (wanted.get("spec") or {}).get("selector", {}).get("matchLabels") or {}
+    label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    pods = await state.client.list(kubeapi.pods_path(state.namespace),
+                                   labelSelector=label_selector)
+    ready = daemonsets.ready_nodes(pods)
+    if ready != state.agent_pods_ready:
+        state.agent_pods_ready = ready
+        state.wake()

@@ -1,0 +1,490 @@
+"""One reconcile of one ImagePrefetch, and the operator's in-memory view of the cluster.
+
+:class:`State` is the index the kopf event handlers keep (nodes, NodeImageSets, agent pods)
+plus per-prefetch memory (resolved digests, traceparents, status throttle, events sent).
+:func:`reconcile` is level-triggered: from the prefetch body and the index it decides the
+writes (pure functions in :mod:`.dispatching`, :mod:`.entries`, :mod:`.status`), performs
+them, and returns when it wants to run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+
+from agent import config
+from agent.images import errors as image_errors
+from agent.images.registry import credentials
+from agent.kube import resources, specs
+from agent.operator import (
+    dispatching,
+    entries,
+    errors,
+    kubeapi,
+    nodes,
+    prefetches,
+    resolving,
+    secrets,
+    status,
+    throttling,
+    traceparents,
+)
+
+JSON = dict[str, Any]
+WRITE_CONCURRENCY = 16
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def timestamp(when: datetime.datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _newer(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether ``new`` is not older than ``old`` (resourceVersions compared as numbers when
+    they are numbers, which etcd's are; otherwise the latest seen wins)."""
+    if old is None:
+        return True
+    a = str((old.get("metadata") or {}).get("resourceVersion", ""))
+    b = str((new.get("metadata") or {}).get("resourceVersion", ""))
+    if a.isdigit() and b.isdigit():
+        return int(b) >= int(a)
+    return True
+
+
+@dataclasses.dataclass
+class State:
+    """The operator's memory, shared by all handlers (kopf's memo)."""
+
+    settings: config.OperatorSettings
+    namespace: str
+    client: kubeapi.Client
+    registry_config_path: str = ""
+    nodes: dict[str, nodes.Node] = dataclasses.field(default_factory=dict)
+    node_sets: dict[str, JSON] = dataclasses.field(default_factory=dict)
+    agent_pods_ready: set[str] = dataclasses.field(default_factory=set)
+    wakers: dict[str, asyncio.Event] = dataclasses.field(default_factory=dict)
+    contributions: dict[tuple[str, str], specs.ImageEntry] = dataclasses.field(
+        default_factory=dict)
+    digests: dict[tuple[str, int], dict[str, str]] = dataclasses.field(default_factory=dict)
+    traceparents: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
+    statuses: dict[str, JSON] = dataclasses.field(default_factory=dict)
+    events_sent: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    throttle: throttling.Throttle = dataclasses.field(
+        default_factory=lambda: throttling.Throttle(1.0))
+    #: One writer per NodeImageSet inside this operator: the prefetches' reconcile loops
+    #: would otherwise make each other's read-modify-writes conflict (409) on shared nodes.
+    node_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
+
+    # Index maintenance (called by the kopf event handlers).
+
+    def wake(self, uid: str | None = None) -> None:
+        """Wake one prefetch's reconcile loop, or all of them."""
+        for key, event in self.wakers.items():
+            if uid is None or key == uid:
+                event.set()
+
+    def owners_of(self, body: Mapping[str, Any] | None) -> set[str]:
+        images = ((body or {}).get("spec") or {}).get("images") or []
+        return {o["uid"] for e in images for o in e.get("owners", []) if "uid" in o}
+
+    def node_event(self, kind: str, body: Mapping[str, Any]) -> None:
+        name = (body.get("metadata") or {}).get("name", "")
+        if kind == "DELETED":
+            self.nodes.pop(name, None)
+        else:
+            new = nodes.Node.from_body(body)
+            if self.nodes.get(name) == new:
+                return
+            self.nodes[name] = new
+        self.wake()
+
+    def node_set_event(self, kind: str, body: Mapping[str, Any]) -> None:
+        name = (body.get("metadata") or {}).get("name", "")
+        old = self.node_sets.get(name)
+        if kind == "DELETED":
+            self.node_sets.pop(name, None)
+        elif _newer(old, body):
+            self.node_sets[name] = dict(body)
+        else:
+            return
+        for uid in self.owners_of(old) | self.owners_of(body):
+            self.wake(uid)
+
+    def remember_node_set(self, body: JSON | None) -> None:
+        if body is not None:
+            name = body["metadata"]["name"]
+            if _newer(self.node_sets.get(name), body):
+                self.node_sets[name] = body
+
+    def live_agents(self, now: datetime.datetime) -> set[str]:
+        """Nodes with a live agent: a fresh heartbeat, or a Ready agent pod that has not
+        written a heartbeat yet."""
+        live: set[str] = set()
+        horizon = now - datetime.timedelta(seconds=self.settings.agent_heartbeat_timeout)
+        for name, body in self.node_sets.items():
+            beat = parse_time(((body.get("status") or {}).get("agent") or {})
+                              .get("heartbeatTime"))
+            if beat is not None and beat >= horizon:
+                live.add(name)
+            elif beat is None and name in self.agent_pods_ready:
+                live.add(name)
+        return live
+
+    def forget(self, uid: str) -> None:
+        for key in [k for k in self.contributions if k[0] == uid]:
+            del self.contributions[key]
+        for generation_key in [k for k in self.digests if k[0] == uid]:
+            del self.digests[generation_key]
+        for generation_key in [k for k in self.traceparents if k[0] == uid]:
+            del self.traceparents[generation_key]
+        self.statuses.pop(uid, None)
+        self.events_sent.pop(uid, None)
+        self.wakers.pop(uid, None)
+        self.throttle.forget(uid)
+
+
+# ------------------------------------------------------------------------------ secrets
+
+
+async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
+                               logger: logging.Logger | Any) -> tuple[list[str], JSON]:
+    """Copy the prefetch's pull secrets into the operator namespace; return the copies'
+    names and the decoded sources (for resolving digests with the same credentials)."""
+    names: list[str] = []
+    sources: JSON = {}
+    for name in prefetch.pull_secrets:
+        source = await state.client.get(kubeapi.secret_path(prefetch.namespace, name))
+        if source is None:
+            logger.warning(f"pull secret {prefetch.namespace}/{name} does not exist; skipped")
+            continue
+        sources[name] = source
+        copy_name = secrets.copy_name(prefetch.namespace, name)
+        path = kubeapi.secret_path(state.namespace, copy_name)
+        for _ in range(kubeapi.CONFLICT_RETRIES):
+            existing = await state.client.get(path)
+            if existing is not None and secrets.up_to_date(existing, source, prefetch.uid):
+                break
+            users = (secrets.users(existing) if existing else []) + [prefetch.uid]
+            body = secrets.build_copy(source, state.namespace, users)
+            try:
+                if existing is None:
+                    await state.client.create(kubeapi.secret_path(state.namespace), body)
+                else:
+                    body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+                    await state.client.replace(path, body)
+                break
+            except errors.Conflict:
+                continue
+        names.append(copy_name)
+    return names, sources
+
+
+async def release_secret_copies(state: State, uid: str, keep: set[str] | None = None) -> None:
+    """Remove ``uid`` from the users of every copy not in ``keep``; delete unused copies."""
+    copies = await state.client.list(
+        kubeapi.secret_path(state.namespace),
+        labelSelector=f"{resources.LABEL_COMPONENT}={resources.COMPONENT_PULL_SECRET}",
+    )
+    for copy in copies:
+        name = copy["metadata"]["name"]
+        users = secrets.users(copy)
+        if uid not in users or (keep is not None and name in keep):
+            continue
+        remaining = [u for u in users if u != uid]
+        path = kubeapi.secret_path(state.namespace, name)
+        try:
+            if not remaining:
+                await state.client.delete(path)
+            else:
+                import json
+
+                await state.client.merge_patch(path, {"metadata": {
+                    "resourceVersion": copy["metadata"]["resourceVersion"],
+                    "annotations": {resources.ANNOTATION_USERS: json.dumps(sorted(remaining))}}})
+        except errors.Conflict:
+            continue  # picked up by the next reconcile
+
+
+# ------------------------------------------------------------------------------ digests
+
+
+async def resolved_digests(state: State, prefetch: prefetches.Prefetch, previous: Mapping[str, Any],
+                           sources: Mapping[str, Any]) -> dict[str, str]:
+    """Digests per normalised reference: resolved once per generation (and per operator
+    process under pullPolicy Always); under IfNotPresent, digests already in the status of
+    this generation are reused after a restart."""
+    key = (prefetch.uid, prefetch.generation)
+    if key in state.digests:
+        return state.digests[key]
+    known: dict[str, str] = {}
+    if prefetch.pull_policy == "IfNotPresent":
+        for img in previous.get("images") or []:
+            if img.get("digest") and img.get("resolved"):
+                known[img["resolved"].split("@")[0]] = img["digest"]
+    refs = [ref for _, ref in prefetch.images]
+    missing = [r for r in refs if str(r) not in known]
+    if missing and state.settings.resolve_digests:
+        keychains = []
+        for name, source in sources.items():
+            try:
+                keychains.append(credentials.Keychain.from_dockerconfigjson_secret(
+                    source, f"secret {prefetch.namespace}/{name}"))
+            except image_errors.ImageError:
+                continue
+        keychain = credentials.Keychain.merged(*keychains) if keychains else None
+        known.update(await resolving.resolve(
+            missing, keychain or credentials.Keychain.empty(),
+            state.settings.resolve_timeout, state.registry_config_path))
+    for ref in refs:
+        if ref.digest is not None:
+            known[str(ref)] = str(ref.digest)
+    state.digests[key] = {str(r): known.get(str(r), "") for r in refs}
+    return state.digests[key]
+
+
+# ------------------------------------------------------------------------------ reconcile
+
+
+async def write_node_sets(state: State, writes: Mapping[str, kubeapi.Mutation],
+                          logger: Any = None) -> list[str]:
+    """Apply the per-node mutations concurrently (bounded), updating the index as we go.
+
+    A node whose write keeps failing does not stop the others; its name is returned (the
+    next reconcile retries it, since its entries still differ).
+    """
+    gate = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+    async def one(node: str, mutate: kubeapi.Mutation) -> None:
+        lock = state.node_locks.setdefault(node, asyncio.Lock())
+        async with gate, lock:
+            written = await kubeapi.update_node_set(state.client, node, mutate,
+                                                    cached=state.node_sets.get(node))
+            state.remember_node_set(written)
+
+    results = await asyncio.gather(*(one(node, m) for node, m in writes.items()),
+                                   return_exceptions=True)
+    failed = []
+    for node, result in zip(writes, results, strict=True):
+        if isinstance(result, errors.APIError):
+            failed.append(node)
+            if logger is not None:
+                logger.warning(f"NodeImageSet {node}: {result}; retrying later")
+        elif isinstance(result, BaseException):
+            raise result
+    return failed
+
+
+async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float | None:
+    """Bring one ImagePrefetch's NodeImageSet entries and status up to date.
+
+    Returns the seconds after which it wants to run again (a throttled status write or a
+    TTL), or None to wait for events / the resync interval.
+    """
+    meta = body.get("metadata") or {}
+    uid = str(meta.get("uid", ""))
+    generation = int(meta.get("generation") or 0)
+    now = utcnow()
+    now_text = timestamp(now)
+    previous: JSON = dict(state.statuses.get(uid) or body.get("status") or {})
+    if previous.get("observedGeneration") not in (None, generation):
+        previous.pop("completionTime", None)  # a changed spec runs again
+    sent = state.events_sent.setdefault(uid, set())
+
+    try:
+        prefetch = prefetches.parse(body)
+    except errors.InvalidSpec as e:
+        new = status.invalid(generation, str(e), previous, now_text)
+        if f"invalid/{generation}" not in sent:
+            sent.add(f"invalid/{generation}")
+            kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=str(e))
+        await write_status(state, body, previous, dict(new), now, urgent=True)
+        return None
+
+    copies, sources = await ensure_secret_copies(state, prefetch, logger)
+    if f"secrets/{generation}" not in sent:
+        await release_secret_copies(state, uid, keep=set(copies))
+        sent.add(f"secrets/{generation}")
+    digests = await resolved_digests(state, prefetch, previous, sources)
+    traceparent = state.traceparents.setdefault((uid, generation), traceparents.current())
+
+    desired: dict[str, specs.ImageEntry] = {}
+    resolved: list[status.ResolvedImage] = []
+    for text, ref in prefetch.images:
+        digest = digests.get(str(ref), "")
+        mine = entries.contribution(prefetch, ref, digest, copies, traceparent)
+        desired[mine["name"]] = mine
+        sent_ref = f"{ref.name}@{digest}" if digest else str(ref)
+        resolved.append(status.ResolvedImage(text, mine["name"], sent_ref, digest))
+    for key in [k for k in state.contributions if k[0] == uid and k[1] not in desired]:
+        del state.contributions[key]
+    for name, mine in desired.items():
+        state.contributions[(uid, name)] = mine
+
+    live = state.live_agents(now)
+
+    def survey() -> tuple[dict[str, dict[str, specs.ImageEntry]],
+                          dict[str, dispatching.NodeReport]]:
+        dispatched = {}
+        for node, nis in state.node_sets.items():
+            ours = entries.owned((nis.get("spec") or {}).get("images") or [], uid)
+            if ours:
+                dispatched[node] = ours
+        reports = {
+            node: dispatching.report(node, ours, state.node_sets[node].get("status"),
+                                     node in live)
+            for node, ours in dispatched.items()
+        }
+        return dispatched, reports
+
+    dispatched, reports = survey()
+    targets = nodes.select(prefetch, state.nodes.values())
+    frozen = prefetch.completion_policy == "Always" and bool(previous.get("completionTime"))
+    if frozen:
+        targets = [t for t in targets if t in dispatched]
+    plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism, frozen)
+
+    known = state.contributions
+    keep = set(desired)
+
+    def put_ours(images: list[specs.ImageEntry]) -> list[specs.ImageEntry]:
+        kept = entries.release(images, uid, keep=keep, known=known)
+        return entries.upsert(kept, desired.values(), known)
+
+    def drop_ours(images: list[specs.ImageEntry]) -> list[specs.ImageEntry]:
+        return entries.release(images, uid, known=known)
+
+    writes: dict[str, kubeapi.Mutation] = {}
+    for node in (*plan.dispatch, *plan.refresh):
+        writes[node] = put_ours
+    for node in plan.withdraw:
+        writes[node] = drop_ours
+    retry_soon = False
+    if writes:
+        retry_soon = bool(await write_node_sets(state, writes, logger))
+        dispatched, reports = survey()
+    if plan.dispatch:
+        logger.info(f"dispatched to {len(plan.dispatch)} node(s): {', '.join(plan.dispatch[:10])}")
+    if plan.withdraw:
+        logger.info(f"withdrew from {len(plan.withdraw)} node(s) that stopped matching")
+
+    new = status.aggregate(
+        generation=generation, completion_policy=prefetch.completion_policy,
+        desired_nodes=targets, dispatched=dispatched, reports=reports, images=resolved,
+        previous=previous, now=now_text,
+    )
+    emit_events(body, previous, dict(new), sent)
+    urgent = status.conditions_changed(previous, dict(new))
+    wait = await write_status(state, body, previous, dict(new), now, urgent=urgent)
+
+    if retry_soon:
+        wait = 1.0 if wait is None else min(wait, 1.0)
+    ttl = prefetch.ttl_seconds_after_finished
+    finished_at = parse_time(new.get("completionTime"))
+    if ttl is not None and finished_at is not None:
+        remaining = (finished_at + datetime.timedelta(seconds=ttl) - now).total_seconds()
+        if remaining <= 0:
+            logger.info(f"finished {ttl}s ago (ttlSecondsAfterFinished); deleting")
+            await state.client.delete(kubeapi.prefetch_path(prefetch.namespace, prefetch.name))
+            return None
+        wait = remaining if wait is None else min(wait, remaining)
+    return wait
+
+
+def emit_events(body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any],
+                sent: set[str]) -> None:
+    """Kubernetes Events for starts, node failures, stalls and completion (each once)."""
+    target = cast(kopf.Body, body)  # a kopf.Body in practice; events need only its ref
+    if new.get("startTime") and not old.get("startTime") and "started" not in sent:
+        sent.add("started")
+        kopf.event(target, type="Normal", reason="Started",
+                  message=f"dispatching to {new['nodes']['desired']} node(s)")
+    for failure in new.get("failures") or []:
+        key = f"failed/{failure['node']}/{failure['image']}/{failure['reason']}"
+        if key not in sent:
+            sent.add(key)
+            kopf.warn(target, reason="PullFailed" if failure["reason"] != "PullStalled"
+                      else "PullStalled",
+                      message=f"{failure['image']} on {failure['node']}: {failure['reason']}:"
+                              f" {failure['message']}")
+    stalled = int(new.get("stalledCancellations") or 0)
+    if stalled > int(old.get("stalledCancellations") or 0):
+        kopf.warn(target, reason="PullStalled",
+                  message=f"{stalled} pull(s) cancelled for lack of progress so far")
+    if new.get("completionTime") and not old.get("completionTime") \
+            and f"done/{new.get('observedGeneration')}" not in sent:
+        sent.add(f"done/{new.get('observedGeneration')}")
+        if new.get("phase") == "Failed":
+            kopf.warn(target, reason="Failed",
+                      message=f"finished: {new['nodes']['failed']} node(s) failed")
+        else:
+            kopf.event(target, type="Normal", reason="Completed",
+                      message=f"every image is ready on {new['nodes']['ready']} node(s)")
+
+
+async def write_status(state: State, body: Mapping[str, Any], previous: Mapping[str, Any],
+                       new: JSON, now: datetime.datetime, *, urgent: bool) -> float | None:
+    """Write ``new`` unless nothing changed; throttled unless ``urgent``.
+
+    Returns the seconds to wait before a throttled write may go, or None.
+    """
+    meta = body.get("metadata") or {}
+    uid = str(meta.get("uid", ""))
+    if not status.differs(previous, new):
+        return None
+    clock = time.monotonic()
+    delay = state.throttle.delay(uid, clock, urgent=urgent)
+    if delay > 0:
+        return delay
+    patch: JSON = dict(new)
+    for key in previous:
+        if key not in new and key != "kopf":
+            patch[key] = None
+    try:
+        await state.client.merge_patch(
+            kubeapi.prefetch_path(meta["namespace"], meta["name"], "status"), {"status": patch})
+    except errors.NotFound:
+        return None
+    state.throttle.written(uid, clock)
+    state.statuses[uid] = new
+    return None
+
+
+async def withdraw_everywhere(state: State, uid: str) -> None:
+    """Remove ``uid`` from every NodeImageSet and every secret copy (on delete)."""
+    known = state.contributions
+
+    def drop(images: list[specs.ImageEntry]) -> list[specs.ImageEntry]:
+        return entries.release(images, uid, known=known)
+
+    # The index may lag; read every NodeImageSet that may hold our entries, fresh.
+    fresh = await state.client.list(kubeapi.node_set_path())
+    for body in fresh:
+        state.remember_node_set(body)
+    nodes_with_ours = [
+        name for name, body in state.node_sets.items()
+        if entries.owned((body.get("spec") or {}).get("images") or [], uid)
+    ]
+    failed = await write_node_sets(state, {node: drop for node in nodes_with_ours})
+    if failed:
+        raise errors.Conflict(409, "Conflict", f"could not withdraw from {', '.join(failed)}")
+    await release_secret_copies(state, uid)
+    state.forget(uid)
