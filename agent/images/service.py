@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import os
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.images import (
     descriptors,
@@ -276,6 +277,10 @@ class ImageService:
         except errors.ImageError:
             return False
 
+    def _registry(self) -> registry_client.RegistryClient:
+        """The client of the pull in progress: its own (see ``pull(registry=)``) or ours."""
+        return _PULL_REGISTRY.get() or self.registry
+
     def _chain_ready(self, chain_id: str) -> bool:
         if not chain_id or self.snapshotter is None:
             return False
@@ -307,10 +312,13 @@ class ImageService:
         unpack: bool = True,
         labels: dict[str, str] | None = None,
         pinned: bool = False,
+        registry: registry_client.RegistryClient | None = None,
     ) -> PullResult:
         """Pull ``reference`` for ``platform`` (default: this host's). See the module doc.
 
         ``pinned`` (containerd backend) labels the image so kubelet's image GC keeps it.
+        ``registry`` replaces the service's client for this pull only: the node agent passes
+        one holding just the credentials of the pull secrets this image was dispatched with.
 
         Raises:
             ImageError: any subclass; :class:`PullStalled` when cancelled for no progress.
@@ -322,6 +330,25 @@ class ImageService:
         timeout = self.options.progress_timeout if progress_timeout is None else progress_timeout
         progress = tracker.PullProgress(str(ref), on_event)
         started = time.monotonic()
+        token = _PULL_REGISTRY.set(registry)  # tasks created below inherit it
+        try:
+            return await self._pull_traced(
+                ref, want, progress, timeout, unpack, labels, pinned, started
+            )
+        finally:
+            _PULL_REGISTRY.reset(token)
+
+    async def _pull_traced(
+        self,
+        ref: references.Reference,
+        want: descriptors.Platform,
+        progress: tracker.PullProgress,
+        timeout: float,
+        unpack: bool,
+        labels: dict[str, str] | None,
+        pinned: bool,
+        started: float,
+    ) -> PullResult:
         stalled: list[errors.PullStalled] = []
         inner: asyncio.Task[PullResult] | None = None
 
@@ -533,13 +560,13 @@ class ImageService:
             desc = descriptors.Descriptor(media_type="", digest=ref.digest, size=0)
             return await self._manifest_by_digest(ref, desc, progress)
         with progress.request(None):
-            head = await self.registry.resolve(ref)
+            head = await self._registry().resolve(ref)
         if head is not None and self.content.exists(head.digest):
             data = self.content.read_blob(head.digest)
             media_type = descriptors.media_type_of(data, head.media_type)
             return dataclasses.replace(head, media_type=media_type, size=len(data)), data
         with progress.request(None):
-            desc, data = await self.registry.fetch_manifest(ref)
+            desc, data = await self._registry().fetch_manifest(ref)
         # (If the tag moved between HEAD and GET, the GET's verified bytes win.)
         await self._store_small(desc, data)
         return desc, data
@@ -554,7 +581,7 @@ class ImageService:
             data = self.content.read_blob(desc.digest)
         else:
             with progress.request(None):
-                fetched, data = await self.registry.fetch_manifest(ref, str(desc.digest))
+                fetched, data = await self._registry().fetch_manifest(ref, str(desc.digest))
             await self._store_small(fetched, data)
         media_type = descriptors.media_type_of(data, desc.media_type)
         if desc.size and desc.size != len(data):
@@ -585,8 +612,12 @@ class ImageService:
         progress: tracker.PullProgress,
         per_pull: asyncio.Semaphore,
         progress_timeout: float,
+        on_writer: Callable[[descriptors.Descriptor, local.LocalWriter], None] | None = None,
     ) -> int:
-        """Download one blob into the store unless it is there. Returns bytes downloaded."""
+        """Download one blob into the store unless it is there. Returns bytes downloaded.
+
+        ``on_writer`` is called with the ingest's writer before the first byte is written
+        (the unpack follows the ingest from there, see :class:`_ArrivingBlobs`)."""
         key = str(desc.digest)
         if self.content.exists(desc.digest):
             progress.blob_present(desc)
@@ -602,7 +633,9 @@ class ImageService:
                     tracing.LAYER_MEDIA_TYPE: desc.media_type,
                 }
                 with tracing.span(SPAN_PREFIX, "fetch_blob", attrs) as span:
-                    got = await self._download(ref, desc, progress, progress_timeout)
+                    got = await self._download(
+                        ref, desc, progress, progress_timeout, on_writer
+                    )
                     span.set_attribute("blob.bytes_downloaded", got)
                     return got
 
@@ -612,8 +645,11 @@ class ImageService:
         desc: descriptors.Descriptor,
         progress: tracker.PullProgress,
         progress_timeout: float,
+        on_writer: Callable[[descriptors.Descriptor, local.LocalWriter], None] | None = None,
     ) -> int:
         writer = await self._open_writer(desc)
+        if on_writer is not None:
+            on_writer(desc, writer)
         policy = stall.RetryPolicy.for_stall_timeout(progress_timeout)
         downloaded = 0
         stalls = 0
@@ -625,7 +661,7 @@ class ImageService:
                 offset = writer.offset
                 progress.request_started(desc.digest, offset=offset)
                 try:
-                    async with self.registry.open_blob(
+                    async with self._registry().open_blob(
                         ref, desc, offset=offset, read_timeout=policy.read_timeout
                     ) as body:
                         if body.offset != offset:  # the server ignored Range: start over
@@ -692,9 +728,14 @@ class ImageService:
         progress_timeout: float,
         arriving: _ArrivingBlobs,
     ) -> int:
-        got = await self._fetch_blob(ref, desc, progress, per_pull, progress_timeout)
-        arriving.arrived(desc.digest)
-        return got
+        try:
+            return await self._fetch_blob(
+                ref, desc, progress, per_pull, progress_timeout, arriving.downloading
+            )
+        finally:
+            # Committed, or never will be in this pull: either way an unpack waiting for
+            # it must not wait any more (it would hold up the task group's cancellation).
+            arriving.arrived(desc.digest)
 
     def _containerd_needs(
         self,
@@ -813,28 +854,64 @@ async def _phase_after(
 
 
 class _ArrivingBlobs:
-    """A :class:`BlobProvider` over the content store whose ``open_blob`` waits, in the
-    unpacker's worker thread, until the pull has committed that blob — so a layer is
-    unpacked while later layers are still downloading. ``close()`` wakes every waiter; a
-    blob that never arrived then raises :class:`Unavailable`."""
+    """A :class:`BlobProvider` over the content store for an unpack that runs while the
+    pull downloads: ``open_blob`` waits, in the unpacker's worker thread, until the blob's
+    download has started (or the blob is committed), so a layer is unpacked while it and
+    later layers are still downloading.
+
+    A committed blob is opened from the store. A blob still downloading is opened as a
+    :class:`~agent.images.content.local.FollowingReader` of its ingest: its bytes are not
+    verified yet, and the unpacker must :meth:`~FollowingReader.confirm` them (wait for the
+    blob's commit, compare what it read) before it commits the layer's snapshot — and redo
+    the layer from the committed blob if that fails (see ``Unpacker``).
+
+    ``arrived()`` (the fetch is over, whatever its outcome) and ``close()`` wake the waiters
+    (``close()`` also fails every feed); a blob that is not in the store then raises
+    :class:`Unavailable`."""
 
     def __init__(self, content: local.LocalStore, expected: Sequence[digests.Digest]):
         self._content = content
         self._ready = {str(d): threading.Event() for d in expected}
+        self._feeds: dict[str, local.IngestFeed] = {}
+        self._lock = threading.Lock()
         self._closed = False
 
+    def downloading(self, desc: descriptors.Descriptor, writer: local.LocalWriter) -> None:
+        """The pull opened ``desc``'s ingest: readers may follow it from now on."""
+        key = str(desc.digest)
+        event = self._ready.get(key)
+        if event is None:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if key not in self._feeds:
+                self._feeds[key] = writer.follow(desc.size, desc.digest)
+        event.set()
+
     def arrived(self, digest: digests.Digest) -> None:
+        """The blob's fetch is over: it is in the store, or its download failed."""
         self._ready[str(digest)].set()
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            feeds, self._feeds = list(self._feeds.values()), {}
+        for feed in feeds:
+            feed.close()
         for event in self._ready.values():
             event.set()
 
     def open_blob(self, digest: digests.Digest) -> BinaryIO:
-        event = self._ready.get(str(digest))
+        key = str(digest)
+        event = self._ready.get(key)
         if event is not None:
             event.wait()
+        if not self._content.exists(digest):
+            with self._lock:
+                feed = self._feeds.get(key)
+                if feed is not None and not feed.finished:
+                    return cast(BinaryIO, feed.reader())
         if not self._content.exists(digest):
             raise errors.Unavailable(f"blob {digest} did not arrive: its download failed")
         return self._content.open_blob(digest)
@@ -875,6 +952,12 @@ def _blob_sizes(
     for layer in manifest.layers:
         sizes[str(layer.digest)] = layer.size
     return list(sizes.values())
+
+
+#: The registry client a pull asked for (``pull(registry=…)``), seen by its tasks.
+_PULL_REGISTRY: contextvars.ContextVar[registry_client.RegistryClient | None] = (
+    contextvars.ContextVar("agent.images.service.pull_registry", default=None)
+)
 
 
 @dataclass(frozen=True)

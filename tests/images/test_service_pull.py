@@ -303,3 +303,27 @@ async def test_a_mirror_serves_first_and_the_upstream_covers_what_it_lacks(
     assert {b.digest for b in image.blobs} - {missing} <= served
     assert all(f"ns={registry.host}" in r.target for r in mirror.requests)
     assert {b.digest for b in image.blobs} <= stored_blobs(tmp_root)  # the rest from upstream
+
+
+async def test_credentials_given_to_one_pull_are_not_used_by_the_next(
+    basic_registry: Registry, tmp_root: Path
+) -> None:
+    from agent.images import service
+    from agent.images.registry import client, hosts
+
+    assert basic_registry.auth is not None
+    images.push(basic_registry, "private/per-pull", "1", three_layer_image(16))
+    images.push(basic_registry, "private/other", "1", three_layer_image(17))
+    keychain = keychain_for(basic_registry.host, *basic_registry.auth)
+
+    async with client.RegistryClient(hosts.RegistryHosts(None)) as anonymous, \
+            client.RegistryClient(hosts.RegistryHosts(None), keychain) as entitled:
+        svc = service.ImageService(tmp_root, anonymous, service.ServiceOptions(snapshotter=""))
+        try:
+            ok = await svc.pull(f"{basic_registry.host}/private/per-pull:1", platform=AMD64,
+                                registry=entitled)
+            with pytest.raises(errors.Unauthorized):
+                await svc.pull(f"{basic_registry.host}/private/other:1", platform=AMD64)
+        finally:
+            svc.close()
+    assert ok.layers == 3
