@@ -75,7 +75,8 @@ def test_a_cli_pull_exports_one_connected_trace_with_layer_spans(
         PREFETCHER_RUNTIME__LOG_FORMAT="json",
     )
 
-    out = prefetcher("pull", ref, "--root", str(tmp_path / "store"), "--sync-fs", env=env)
+    out = prefetcher("pull", ref, "--root", str(tmp_path / "store"), "--sync-fs", "--verbose",
+                     env=env)
 
     assert out.returncode == 0, out.stderr
     spans = receiver.wait_for(lambda s: bool(by_name(s, PULL)))

@@ -67,6 +67,10 @@ def register(subparsers: Any) -> None:
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON result")
     output.add_argument("--quiet", "-q", action="store_true", help="print only the digest")
+    p.add_argument(
+        "--verbose", "-v", action="store_true",
+        help="also log (at the configured level, default info) what the progress display shows",
+    )
     p.set_defaults(func=run)
 
 
@@ -97,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, config.ConfigError) as e:
         print(f"prefetcher: {e}", file=sys.stderr)
         return 2
-    logs.setup(settings.runtime.log_level, settings.runtime.log_format)
+    # The progress display already tells what happens: logs would only interleave with it
+    # (and break a terminal's live bars), so the CLI logs warnings unless asked for more.
+    logs.setup(
+        settings.runtime.log_level if args.verbose else "warning", settings.runtime.log_format
+    )
     tracing = telemetry.setup(
         "prefetcher",
         enabled=settings.tracing.enabled,
