@@ -104,6 +104,17 @@ class RequestStalled(errors.Unavailable):
     reason = "RequestStalled"
 
 
+@dataclass(frozen=True)
+class PingResult:
+    """What ``GET /v2/`` said: where the registry answered and which auth it wants."""
+
+    url: str
+    #: "" (anonymous), "basic" or "bearer"
+    auth_scheme: str
+    #: the ``Docker-Distribution-API-Version`` header, if any
+    api_version: str
+
+
 class RegistryClient:
     """Reads manifests and blobs from registries. One per process; close with :meth:`aclose`."""
 
@@ -141,6 +152,52 @@ class RegistryClient:
         await self.aclose()
 
     # The API.
+
+    async def ping(self, domain: str) -> PingResult:
+        """``GET /v2/`` on the first host of ``domain`` that answers (no credentials sent).
+
+        A 200 or 401 means a registry answered; a 401's challenge says which auth it wants.
+        Loopback hosts fall back to plain HTTP as every other request does.
+
+        Raises:
+            Unavailable: no host answered (the message names the last one and why).
+            RegistryError: a host answered something a registry would not.
+        """
+        last: errors.ImageError | None = None
+        for host in self._hosts.for_domain(domain):
+            tries = [host]
+            if host.fallback_plain_http and host.scheme == "https":
+                plain = dataclasses.replace(host, scheme="http", fallback_plain_http=False)
+                tries = [plain] if host.host in self._plain else [host, plain]
+            for attempt in tries:
+                url = f"{attempt.scheme}://{attempt.host}{attempt.path}/"
+                try:
+                    response = await self._client(attempt).get(
+                        url,
+                        headers={"User-Agent": self._user_agent, **attempt.headers},
+                        timeout=self._timeout("default"),
+                    )
+                except (httpx.HTTPError, ssl.SSLError) as e:
+                    last = errors.Unavailable(f"{attempt.host} did not answer /v2/: {_describe(e)}")
+                    continue
+                if attempt is not host:
+                    self._plain.add(host.host)
+                if response.status_code not in (200, 401):
+                    last = errcodes.error_for(
+                        response.status_code, response.content, response.headers,
+                        what=f"/v2/ at {attempt.host}",
+                    )
+                    continue
+                challenges = auth.parse_challenges(response.headers.get("www-authenticate", ""))
+                scheme = challenges[0].scheme if response.status_code == 401 and challenges else ""
+                return PingResult(
+                    url=url,
+                    auth_scheme=scheme,
+                    api_version=response.headers.get("docker-distribution-api-version", ""),
+                )
+        if last is None:
+            raise errors.NotFound(f"no host is configured for {domain}")
+        raise last
 
     async def resolve(self, ref: references.Reference) -> descriptors.Descriptor | None:
         """``HEAD`` the manifest: its descriptor, or ``None`` if the registry gave no digest.
