@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from fixtures.registries import Registry
 
 from agent.images import errors
 from agent.images.registry import client, hosts
-from fixtures.registries import Registry
 
 
 async def ping(domain: str) -> client.PingResult:
