@@ -1,0 +1,78 @@
+"""The ValidatingAdmissionPolicy that confines each agent to its own node's NodeImageSet,
+evaluated with a CEL interpreter on the requests an API server would hand it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import celpy
+import pytest
+
+from .conftest import NAMESPACE, RELEASE, Release
+
+NODE_KEY = "authentication.kubernetes.io/node-name"
+AGENT = f"system:serviceaccount:{NAMESPACE}:{RELEASE}-image-prefetcher-agent"
+JSON = dict[str, Any]
+
+
+def evaluate(expression: str, request: JSON) -> Any:
+    env = celpy.Environment()
+    program = env.program(env.compile(expression))
+    return program.evaluate({"request": celpy.json_to_cel(request)})
+
+
+def admission_request(user: str, name: str, node: str | None, operation: str = "UPDATE",
+                      subresource: str = "status") -> JSON:
+    extra = {NODE_KEY: [node]} if node is not None else {}
+    return {"operation": operation, "name": name, "subResource": subresource,
+            "resource": {"group": "prefetcher.dev", "version": "v1alpha1",
+                         "resource": "nodeimagesets"},
+            "userInfo": {"username": user, "groups": ["system:serviceaccounts"],
+                         "extra": extra}}
+
+
+def admits(policy: JSON, request: JSON) -> bool:
+    """The policy's verdict: allowed unless it matches and a validation fails."""
+    spec = policy["spec"]
+    if not all(evaluate(c["expression"], request) for c in spec.get("matchConditions") or []):
+        return True
+    return all(bool(evaluate(v["expression"], request)) for v in spec["validations"])
+
+
+@pytest.fixture(scope="module")
+def policy(release: Release) -> JSON:
+    return release.get("ValidatingAdmissionPolicy")
+
+
+def test_the_policy_covers_every_write_to_node_image_sets(policy: JSON, release: Release) -> None:
+    spec = policy["spec"]
+    assert policy["apiVersion"] == "admissionregistration.k8s.io/v1"
+    assert spec["failurePolicy"] == "Fail"
+    [rule] = spec["matchConstraints"]["resourceRules"]
+    assert rule["apiGroups"] == ["prefetcher.dev"]
+    assert set(rule["resources"]) == {"nodeimagesets", "nodeimagesets/status"}
+    assert set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
+    binding = release.get("ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+
+
+@pytest.mark.parametrize(("user", "name", "node", "allowed"), [
+    (AGENT, "node-a", "node-a", True),             # its own node
+    (AGENT, "node-b", "node-a", False),            # another node's work
+    (AGENT, "node-a", None, False),                # a token without a node (not pod-bound)
+    ("system:serviceaccount:prefetcher:ipf-image-prefetcher-operator", "node-b", None, True),
+    (f"system:serviceaccount:other:{RELEASE}-image-prefetcher-agent", "node-b", "x", True),
+])
+def test_an_agent_writes_only_its_own_node(policy: JSON, user: str, name: str,
+                                           node: str | None, allowed: bool) -> None:
+    assert admits(policy, admission_request(user, name, node)) is allowed
+
+
+def test_the_denial_names_the_node(policy: JSON) -> None:
+    [validation] = policy["spec"]["validations"]
+    message = evaluate(validation["messageExpression"],
+                       admission_request(AGENT, "node-b", "node-a"))
+    assert str(message) == "the image-prefetcher agent of node node-a may not write " \
+                           "NodeImageSet node-b"
+    assert validation["reason"] == "Forbidden"

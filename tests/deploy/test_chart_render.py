@@ -1,0 +1,361 @@
+"""The chart as the real Helm engine renders and installs it (into the API emulator)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.kube.cluster import Cluster
+
+from . import helm
+from .conftest import NAMESPACE, RELEASE, Release, install
+
+PREFETCHER = str(Path(sys.executable).with_name("prefetcher"))
+CAPABILITIES = ["MKNOD", "CHOWN", "FOWNER", "DAC_OVERRIDE", "SETFCAP", "SYS_ADMIN"]
+STANDARD_LABELS = ("helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance",
+                   "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
+                   "app.kubernetes.io/component")
+JSON = dict[str, Any]
+
+
+def package_version() -> str:
+    data = tomllib.loads((helm.REPO / "pyproject.toml").read_text())
+    return str(data["project"]["version"])
+
+
+def env_of(container: JSON) -> dict[str, JSON]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def host_paths(pod: JSON) -> dict[str, tuple[str, str]]:
+    """mountPath → (hostPath, type) for every hostPath volume mounted in the first container."""
+    volumes = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
+    return {m["mountPath"]: (volumes[m["name"]]["path"], volumes[m["name"]]["type"])
+            for m in pod["containers"][0]["volumeMounts"] if m["name"] in volumes}
+
+
+def config_check(text: str, tmp_path: Path) -> JSON:
+    """``prefetcher config check`` on the rendered file; returns the file parsed."""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([PREFETCHER, "config", "check", str(path)], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 0, f"prefetcher config check failed:\n{proc.stderr}\n{text}"
+    return tomllib.loads(text)
+
+
+# ------------------------------------------------------------------------------ chart files
+
+
+def test_app_version_is_the_package_version() -> None:
+    chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == package_version()
+    assert chart["apiVersion"] == "v2" and chart["name"] == "image-prefetcher"
+
+
+def test_chart_crds_are_the_repository_crds() -> None:
+    top = {p.name: p.read_bytes() for p in (helm.REPO / "crds").glob("*.yaml")}
+    chart = {p.name: p.read_bytes() for p in (helm.CHART / "crds").glob("*.yaml")}
+    assert top, "no CRDs in crds/"
+    assert chart == top, ("deploy/helm/image-prefetcher/crds/ differs from crds/ (the one "
+                          "source): cp crds/*.yaml deploy/helm/image-prefetcher/crds/")
+
+
+def test_install_creates_the_crds_and_every_object(release: Release) -> None:
+    crds = {c["metadata"]["name"] for c in release.cluster.list(
+        "apiextensions.k8s.io/v1", "customresourcedefinitions")}
+    assert crds == {"imageprefetches.prefetcher.dev", "nodeimagesets.prefetcher.dev",
+                    "clusterkopfpeerings.kopf.dev"}
+    kinds = sorted(o["kind"] for o in release.objects)
+    assert kinds == sorted([
+        "ServiceAccount", "ServiceAccount", "ConfigMap", "ConfigMap", "ClusterRole",
+        "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Role", "Role",
+        "RoleBinding", "RoleBinding", "Service", "Service", "Deployment",
+        "ClusterKopfPeering", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+    ])
+    deployment = release.cluster.get("apps/v1", "deployments", f"{RELEASE}-image-prefetcher"
+                                     "-operator", NAMESPACE)
+    assert deployment is not None, "the Deployment was not created in the cluster"
+    assert "pod-security.kubernetes.io/enforce=privileged" in release.record["info"]["notes"]
+
+
+# ------------------------------------------------------------------------------ labels
+
+
+@pytest.mark.parametrize("which", ["release", "release_all"])
+def test_every_object_carries_the_standard_labels(which: str,
+                                                  request: pytest.FixtureRequest) -> None:
+    rel: Release = request.getfixturevalue(which)
+    for obj in [*rel.objects, rel.agent_daemonset]:
+        labels = obj["metadata"].get("labels") or {}
+        missing = [k for k in STANDARD_LABELS if k not in labels]
+        assert not missing, f"{obj['kind']} {obj['metadata']['name']}: no {missing}"
+        assert labels["helm.sh/chart"] == "image-prefetcher-0.1.0"
+        assert labels["app.kubernetes.io/version"] == package_version()
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+    if which == "release_all":
+        assert all(o["metadata"]["labels"]["team"] == "platform" for o in rel.objects)
+
+
+def test_selectors_match_their_pods_and_services(release: Release) -> None:
+    deployment = release.get("Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    ds = release.agent_daemonset
+    agent_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= agent_labels.items()
+    assert agent_labels["app.kubernetes.io/component"] == "agent"
+    services = {s["metadata"]["name"]: s for s in release.all("Service")}
+    operator_svc = services[f"{RELEASE}-image-prefetcher-operator-metrics"]
+    agent_svc = services[f"{RELEASE}-image-prefetcher-agent-metrics"]
+    assert operator_svc["spec"]["selector"].items() <= pod_labels.items()
+    assert agent_svc["spec"]["selector"].items() <= agent_labels.items()
+    assert agent_svc["spec"]["clusterIP"] == "None"
+    assert not agent_svc["spec"]["selector"].items() <= pod_labels.items()
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("which", ["release", "release_all"])
+def test_config_toml_passes_prefetcher_config_check(which: str, tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+    rel: Release = request.getfixturevalue(which)
+    cfg = config_check(rel.config_toml, tmp_path)
+    assert cfg["runtime"]["namespace"] == NAMESPACE
+    assert cfg["operator"]["standalone"] is False
+    assert cfg["operator"]["agent_daemonset"] == "/etc/prefetcher/agent-daemonset.yaml"
+    # The operator finds both files where the chart mounts them.
+    deployment = rel.get("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["operator", "--config", "/etc/prefetcher/config.toml"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert mount["mountPath"] == "/etc/prefetcher" and "subPath" not in mount
+    sources = next(v for v in pod["volumes"] if v["name"] == "config")["projected"]["sources"]
+    names = {s["configMap"]["name"] for s in sources}
+    configmaps = {c["metadata"]["name"]: c for c in rel.all("ConfigMap")}
+    assert {k for n in names for k in configmaps[n]["data"]} >= {"config.toml",
+                                                                   "agent-daemonset.yaml"}
+    peering = rel.get("ClusterKopfPeering")
+    assert cfg["operator"]["peering_name"] == peering["metadata"]["name"]
+
+
+def test_config_values_reach_the_toml(release_all: Release, tmp_path: Path) -> None:
+    cfg = config_check(release_all.config_toml, tmp_path)
+    images, runtime = cfg["images"], cfg["runtime"]
+    assert images["snapshotter"] == "containerd"
+    assert images["image_pull_progress_timeout"] == "2m30s"
+    assert images["image_pull_min_bytes_per_second"] == 1048576
+    assert images["pinned_images"] == ["registry.k8s.io/pause:3.10"]
+    assert images["registry"]["config_path"] == "/etc/prefetcher/certs.d"
+    assert images["registry"]["headers"] == {"User-Agent": "acme-prefetcher"}
+    assert images["registry"]["mirrors"] == {"docker.io": ["https://mirror.gcr.io"]}
+    assert images["containerd"]["address"] == "/run/k3s/containerd/containerd.sock"
+    assert runtime["root"] == "/mnt/prefetcher"
+    assert runtime["max_store_bytes"] == 107374182400 and runtime["min_free_bytes"] == "20GiB"
+    assert runtime["metrics_address"] == ":19090" and runtime["health_address"] == ":18081"
+    assert cfg["operator"]["peering_name"] == "all-options-peering"
+    assert cfg["operator"]["resolve_digests"] is False
+    assert cfg["tracing"]["http_client_spans"] is False
+
+
+def test_registry_hosts_are_mounted_in_the_containerd_layout(release_all: Release) -> None:
+    for pod in (release_all.agent_daemonset["spec"]["template"]["spec"],
+                release_all.get("Deployment")["spec"]["template"]["spec"]):
+        volume = next(v for v in pod["volumes"] if v["name"] == "registry-hosts")
+        paths = sorted(i["path"] for i in volume["configMap"]["items"])
+        assert paths == ["_default/hosts.toml", "registry.example.com:5000/hosts.toml"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["registry-hosts"] == "/etc/prefetcher/certs.d"
+    cm = release_all.get("ConfigMap", "all-options-registry-hosts")
+    assert 'server = "https://registry.example.com:5000"' in \
+        cm["data"]["registry.example.com_5000.hosts.toml"]
+
+
+# ------------------------------------------------------------------------------ the agent
+
+
+def test_agent_daemonset_defaults(release: Release) -> None:
+    ds = release.agent_daemonset
+    assert ds["kind"] == "DaemonSet"
+    assert ds["metadata"]["name"] == f"{RELEASE}-image-prefetcher-agent"
+    spec = ds["spec"]
+    assert spec["updateStrategy"] == {"type": "RollingUpdate",
+                                      "rollingUpdate": {"maxUnavailable": "10%"}}
+    pod = spec["template"]["spec"]
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["serviceAccountName"] == f"{RELEASE}-image-prefetcher-agent"
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["securityContext"]["runAsUser"] == 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "hostNetwork" not in pod and "hostPID" not in pod
+    [container] = pod["containers"]
+    assert container["args"] == ["agent", "--config", "/etc/prefetcher/config.toml"]
+    assert container["image"] == f"ghcr.io/image-prefetcher/image-prefetcher:{package_version()}"
+    sc = container["securityContext"]
+    assert sc["privileged"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": CAPABILITIES}
+    assert "allowPrivilegeEscalation" not in sc  # false is invalid with SYS_ADMIN added
+    assert sc["readOnlyRootFilesystem"] is True
+    env = env_of(container)
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["OTEL_SERVICE_NAME"]["value"] == "image-prefetcher-agent"
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8081, "metrics": 9090}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert host_paths(pod) == {"/var/lib/prefetcher": ("/var/lib/prefetcher",
+                                                       "DirectoryOrCreate")}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/prefetcher"].get("readOnly") is True
+    assert {"/run/prefetcher", "/tmp"} <= set(mounts)  # writable with a read-only root
+
+
+def test_agent_in_containerd_mode_mounts_containerd_at_the_same_paths(
+        release_all: Release) -> None:
+    pod = release_all.agent_daemonset["spec"]["template"]["spec"]
+    assert host_paths(pod) == {
+        "/mnt/prefetcher": ("/mnt/prefetcher", "DirectoryOrCreate"),
+        "/run/k3s/containerd/containerd.sock": ("/run/k3s/containerd/containerd.sock",
+                                                "Socket"),
+        "/var/lib/rancher/k3s/agent/containerd": ("/var/lib/rancher/k3s/agent/containerd",
+                                                  "Directory"),
+    }
+    mounts = pod["containers"][0]["volumeMounts"]
+    assert not any(m.get("readOnly") for m in mounts if m["name"].startswith("containerd"))
+
+
+def test_agent_privileged_only_when_asked(release_all: Release) -> None:
+    pod = release_all.agent_daemonset["spec"]["template"]["spec"]
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["privileged"] is True and "capabilities" not in sc
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu",
+                                   "effect": "NoSchedule"}]
+    assert pod["terminationGracePeriodSeconds"] == 60
+    image = pod["containers"][0]["image"]
+    assert image == ("registry.example.com/mirror/image-prefetcher@sha256:"
+                     "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_config_change_rolls_the_agents(tmp_path: Path) -> None:
+    """The DaemonSet's pod template carries the config checksum, so a config change changes
+    the manifest the operator keeps (and so its template hash)."""
+    base = yaml.safe_load((helm.CHART / "values.yaml").read_text())
+    changed = helm.deep_merge(base, {"config": {"images": {"maxConcurrentDownloads": 5}}})
+
+    def checksum(values: JSON) -> str:
+        workdir = tmp_path / str(len(list(tmp_path.iterdir())))
+        workdir.mkdir()
+        [rel] = list(install(workdir, values))
+        return str(rel.agent_daemonset["spec"]["template"]["metadata"]["annotations"]
+                   ["checksum/config"])
+
+    assert checksum(base) != checksum(changed)
+
+
+# ------------------------------------------------------------------------------ the operator
+
+
+def test_operator_deployment(release: Release) -> None:
+    deployment = release.get("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == f"{RELEASE}-image-prefetcher-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    [container] = pod["containers"]
+    sc = container["securityContext"]
+    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                  "capabilities": {"drop": ["ALL"]}}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]
+    assert env_of(container)["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.namespace"
+    assert "checksum/config" in deployment["spec"]["template"]["metadata"]["annotations"]
+    assert not any("hostPath" in v for v in pod["volumes"])
+
+
+def test_otel_settings_are_passed_as_otel_variables(release_all: Release) -> None:
+    for container in (release_all.get("Deployment")["spec"]["template"]["spec"]["containers"][0],
+                      release_all.agent_daemonset["spec"]["template"]["spec"]["containers"][0]):
+        env = env_of(container)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.monitoring:4317"
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "grpc"
+        assert env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"] == {
+            "secretKeyRef": {"name": "otlp-headers", "key": "headers"}}
+        assert env["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio"
+        assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "0.25"
+        attrs = env["OTEL_RESOURCE_ATTRIBUTES"]["value"].split(",")
+        assert "k8s.node.name=$(NODE_NAME)" in attrs
+        assert "deployment.environment=staging" in attrs
+        names = list(env)
+        assert names.index("NODE_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    extra = env_of(release_all.get("Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert extra["EXTRA_OPERATOR"]["value"] == "1"
+
+
+def test_every_option_renders_its_objects(release_all: Release) -> None:
+    monitors = release_all.all("ServiceMonitor")
+    assert len(monitors) == 2
+    for monitor in monitors:
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        [endpoint] = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == "metrics" and endpoint["interval"] == "15s"
+    pdb = release_all.get("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    deployment = release_all.get("Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert {s["metadata"]["name"] for s in release_all.all("ServiceAccount")} == {
+        "all-options-operator-sa", "all-options-agent-sa"}
+    binding = release_all.get("ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["validationActions"] == ["Warn", "Audit"]
+    assert release_all.cluster.list("monitoring.coreos.com/v1", "servicemonitors") != []
+
+
+def test_defaults_render_no_optional_objects(release: Release) -> None:
+    assert release.all("ServiceMonitor") == [] and release.all("PodDisruptionBudget") == []
+
+
+# ------------------------------------------------------------------------------ admission
+
+
+def test_admission_policy_is_skipped_where_the_api_is_not_served(tmp_path: Path) -> None:
+    [rel] = list(install(tmp_path, admission_policies=False))
+    assert rel.all("ValidatingAdmissionPolicy") == []
+    assert "policy that confines each agent" in rel.record["info"]["notes"]
+
+
+def test_upgrade_and_uninstall(tmp_path: Path) -> None:
+    """helm upgrade changes the agents' manifest in place; uninstall removes the chart's
+    objects but never the CRDs (so ImagePrefetches and NodeImageSets survive it)."""
+    with Cluster(tmp_path) as cluster:
+        cluster.put("v1", "namespaces", {"metadata": {"name": NAMESPACE}})
+        helm.serve_builtin_apis(cluster)
+        install_, upgrade, uninstall = helm.run([
+            {"action": "install", "release": RELEASE},
+            {"action": "upgrade", "release": RELEASE,
+             "values": {"config": {"images": {"snapshotter": "containerd"}}}},
+            {"action": "uninstall", "release": RELEASE},
+        ], kubeconfig=cluster.kubeconfig_path, namespace=NAMESPACE)
+        assert upgrade["result"]["version"] == 2
+        assert "name: containerd-socket" not in install_["result"]["manifest"]
+        assert "name: containerd-socket" in upgrade["result"]["manifest"]
+        assert uninstall["result"]["release"]["info"]["status"] == "uninstalled"
+        assert cluster.list("v1", "configmaps", NAMESPACE) == []
+        assert cluster.list("apps/v1", "deployments", NAMESPACE) == []
+        assert cluster.list("kopf.dev/v1", "clusterkopfpeerings") == []
+        assert len(cluster.list("apiextensions.k8s.io/v1", "customresourcedefinitions")) == 3
