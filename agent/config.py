@@ -60,6 +60,7 @@ __all__ = [
     "ConfigError",
     "ContainerdSettings",
     "ImagesSettings",
+    "NodeSettings",
     "OperatorSettings",
     "Option",
     "RegistrySettings",
@@ -543,6 +544,16 @@ class OperatorSettings(BaseModel):
             "or edited, and replaces it when the file changes. Default '': no DaemonSet managed."
         ),
     )
+    agent_daemonset_owner: str = Field(
+        default="",
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$",
+        description=(
+            "Name of the ConfigMap in runtime.namespace that holds agent_daemonset (the chart's). "
+            "The DaemonSet gets an ownerReference to it, so deleting it (helm uninstall) garbage-"
+            "collects the agents; while it is missing the DaemonSet is not created. Default '': "
+            "no owner (delete the DaemonSet by hand)."
+        ),
+    )
     daemonset_check_interval: Duration = Field(
         default=10.0,
         gt=0,
@@ -562,6 +573,66 @@ class OperatorSettings(BaseModel):
         default=10.0,
         gt=0,
         description="Give up resolving one tag after this long. Go duration. Default '10s'.",
+    )
+
+
+class NodeSettings(BaseModel):
+    """The node agent (``prefetcher agent``): pacing of pulls, retries, status and heartbeat."""
+
+    model_config = _STRICT
+
+    max_concurrent_pulls: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "Images pulled at once on this node by all entries together; blob downloads are "
+            "further limited by images.node_max_concurrent_downloads. Default 3."
+        ),
+    )
+    status_interval: Duration = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Least time between two NodeImageSet status writes while only bytes move; a phase "
+            "change is written at once. Go duration. Default '2s'."
+        ),
+    )
+    heartbeat_interval: Duration = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "How often the agent renews status.agent (version, heartbeat time, store capacity "
+            "and free space); keep it well under operator.agent_heartbeat_timeout. Default '30s'."
+        ),
+    )
+    backoff_initial: Duration = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Wait after the first failed attempt of an entry; doubled after each further one "
+            "(up to the entry's backoffLimit retries). Go duration. Default '10s', as kubelet."
+        ),
+    )
+    backoff_max: Duration = Field(
+        default=300.0,
+        gt=0,
+        description="Longest wait between two attempts. Go duration. Default '5m0s', as kubelet.",
+    )
+    failed_retry_interval: Duration = Field(
+        default=300.0,
+        description=(
+            "Start a new attempt series for a Failed entry after this long (a fixed registry "
+            "or secret then heals without a spec change); invalid references are never "
+            "retried. Go duration. Default '5m0s'; '0' disables."
+        ),
+    )
+    resync_interval: Duration = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Check every entry against the store at least this often (a Ready image that "
+            "disappeared is pulled again). Go duration. Default '1m0s'."
+        ),
     )
 
 
@@ -595,6 +666,10 @@ class Settings(BaseSettings):
     operator: OperatorSettings = Field(
         default_factory=OperatorSettings,
         description="The cluster operator: peering, status pacing, the agents' DaemonSet.",
+    )
+    node: NodeSettings = Field(
+        default_factory=NodeSettings,
+        description="The node agent: pull concurrency, retries, status pacing, heartbeat.",
     )
 
     @classmethod

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import agent
 
 #: Command modules under ``agent.cli``, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("pulling", "storing", "configs", "operating")
+COMMAND_MODULES: tuple[str, ...] = ("pulling", "storing", "configs", "operating", "agenting")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

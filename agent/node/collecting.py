@@ -1,0 +1,113 @@
+"""Garbage collection and the disk budget of the node's store.
+
+An image record the agent wrote (label ``prefetcher.dev/managed-by=node-agent``) is garbage
+once no spec entry wants its reference and ``images.pinned_images`` does not name it; the
+collector removes such records and then lets :meth:`ImageService.gc` delete the blobs and
+snapshots nothing reaches any more (in-flight pulls are leased by the service). Records
+other tools wrote into the same root (``prefetcher pull``) are left alone.
+
+Pinned references match record names after normalisation; a pinned ``name@digest`` also
+matches any record of that digest. The disk budget (:class:`reconciling.Budget`) is checked
+before a pull grows the store (:meth:`Collector.check`); the store statistics it needs
+(size, free space, capacity) are measured every ``stats_collect_period`` and feed the
+metrics and the heartbeat too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable
+
+from agent import metrics
+from agent.images import errors as image_errors
+from agent.images import references, service
+from agent.node import reconciling
+
+logger = logging.getLogger("agent.node")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreUsage:
+    """The store's filesystem and size, as the heartbeat and the budget see them."""
+
+    capacity: int = 0
+    free: int = 0
+    size: int = 0
+
+
+class Collector:
+    """Removes unclaimed images and checks the disk budget for one :class:`ImageService`."""
+
+    def __init__(self, svc: service.ImageService, budget: reconciling.Budget,
+                 pinned: Iterable[str] = ()) -> None:
+        self.svc = svc
+        self.budget = budget
+        self.pinned = {reconciling.normalise(p) for p in pinned}
+        self._pinned_digests = {str(r.digest) for r in _parse_all(pinned) if r.digest}
+        self.stats: metrics.StoreStats | None = None
+        self._lock = asyncio.Lock()
+        self.collections = 0
+
+    # Usage.
+
+    def usage(self) -> StoreUsage:
+        """Capacity and free space now (statvfs), store size as last measured."""
+        st = os.statvfs(self.svc.root)
+        size = self.stats.size_bytes if self.stats is not None else 0
+        return StoreUsage(capacity=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize,
+                          size=size)
+
+    async def measure(self) -> metrics.StoreStats:
+        """Walk the store (in a thread) and keep the result for metrics and the budget."""
+        self.stats = await asyncio.to_thread(metrics.measure_store, self.svc)
+        return self.stats
+
+    def check(self, expected: int) -> str | None:
+        """None when ``expected`` more bytes fit the budget; else why not."""
+        u = self.usage()
+        return self.budget.check(expected, capacity=u.capacity, free=u.free, store_size=u.size)
+
+    # Collection.
+
+    def garbage(self, wanted: Iterable[str]) -> list[str]:
+        """Record names to remove while the entries want the references ``wanted``."""
+        records = [(r.name, r.labels) for r in self.svc.records
+                   if str(r.digest) not in self._pinned_digests]
+        keep = {reconciling.normalise(w) for w in wanted}
+        return reconciling.garbage(records, keep, self.pinned)
+
+    async def collect(self, wanted: Iterable[str]) -> list[str]:
+        """Remove garbage records, then unreachable blobs and snapshots. Returns the
+        removed record names. Never raises for a busy store (logged, tried next time)."""
+        async with self._lock:
+            names = await asyncio.to_thread(self.garbage, list(wanted))
+            removed: list[str] = []
+            for name in names:
+                try:
+                    await asyncio.to_thread(self.svc.records.delete, name)
+                    removed.append(name)
+                except image_errors.NotFound:
+                    continue
+            try:
+                result = await self.svc.gc()
+            except image_errors.Unavailable as e:
+                logger.warning(f"garbage collection skipped: {e}")
+                return removed
+            self.collections += 1
+            if removed or result.blobs:
+                logger.info("garbage collected", extra={"images": removed, **result.to_json()})
+            await self.measure()
+            return removed
+
+
+def _parse_all(refs: Iterable[str]) -> list[references.Reference]:
+    out = []
+    for text in refs:
+        try:
+            out.append(references.parse(text))
+        except image_errors.ImageError:
+            logger.warning(f"images.pinned_images: {text!r} is not a valid reference; ignored")
+    return out

@@ -1,0 +1,173 @@
+"""The few Kubernetes API calls the agent makes itself (kopf does the watching).
+
+Everything the agent does to the API: ``GET`` its own NodeImageSet, ``PATCH`` its
+``/status``, ``GET`` pull-secret copies in the operator namespace, ``POST`` Events. One
+choke point (:meth:`Client.request`) turns HTTP failures into :class:`APIError`.
+
+(:mod:`agent.operator.kubeapi` has the same connection loader; the two layers may not import
+each other. Moving :class:`Connection` to :mod:`agent.kube` would remove the copy.)
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import os
+import tempfile
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+import agent
+from agent.kube import resources
+
+JSON = dict[str, Any]
+
+#: Namespace of Events about cluster-scoped objects (as kubectl and kopf use).
+CLUSTER_EVENTS_NAMESPACE = "default"
+
+
+class APIError(Exception):
+    """A failed API call: ``status`` (0 for a network error), ``reason``, message."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """Where the API server is and how to authenticate (from a kubeconfig or in-cluster)."""
+
+    server: str
+    token: str | None = None
+    ca_path: str | None = None
+    cert_path: str | None = None
+    key_path: str | None = None
+    insecure: bool = False
+
+    def to_kopf(self) -> Any:
+        import kopf
+
+        return kopf.ConnectionInfo(
+            server=self.server, token=self.token, scheme="Bearer" if self.token else None,
+            ca_path=self.ca_path, certificate_path=self.cert_path,
+            private_key_path=self.key_path, insecure=self.insecure,
+        )
+
+
+def _materialise(value: str | None, suffix: str) -> str | None:
+    if not value:
+        return None
+    if os.path.exists(value):
+        return value
+    fd, path = tempfile.mkstemp(suffix=suffix)  # pragma: no cover - inline data only
+    os.write(fd, base64.b64decode(value))
+    os.close(fd)
+    return path
+
+
+def load_connection(kubeconfig: str = "", context: str = "") -> Connection:
+    """In-cluster service account when no kubeconfig is given and we run in a pod; else
+    ``kubeconfig`` (or $KUBECONFIG, ~/.kube/config) at ``context``."""
+    import kubernetes
+
+    cfg = kubernetes.client.Configuration()
+    if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        kubernetes.config.load_incluster_config(client_configuration=cfg)
+    else:
+        kubernetes.config.load_kube_config(
+            config_file=kubeconfig or None, context=context or None, client_configuration=cfg,
+        )
+    auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+    token = auth.split(" ", 1)[1] if auth and " " in auth else auth
+    return Connection(
+        server=cfg.host, token=token, ca_path=_materialise(cfg.ssl_ca_cert, ".crt"),
+        cert_path=cfg.cert_file, key_path=cfg.key_file, insecure=not cfg.verify_ssl,
+    )
+
+
+def node_set_path(name: str, subresource: str = "") -> str:
+    path = f"/apis/{resources.API_VERSION}/{resources.NODE_SETS}/{name}"
+    return f"{path}/{subresource}" if subresource else path
+
+
+def secret_path(namespace: str, name: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/secrets/{name}"
+
+
+class Client:
+    """A small async JSON client for the calls above."""
+
+    def __init__(self, connection: Connection, *, timeout: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        verify: Any = False if connection.insecure else (connection.ca_path or True)
+        cert: str | tuple[str, str] | None = None
+        if connection.cert_path:
+            cert = (connection.cert_path, connection.key_path) if connection.key_path \
+                else connection.cert_path
+        headers = {"User-Agent": f"image-prefetcher-agent/{agent.__version__}",
+                   "Accept": "application/json"}
+        if connection.token:
+            headers["Authorization"] = f"Bearer {connection.token}"
+        self._http = httpx.AsyncClient(base_url=connection.server, verify=verify, cert=cert,
+                                       headers=headers, timeout=timeout, transport=transport)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, *, body: Any = None,
+                      content_type: str = "application/json") -> JSON:
+        try:
+            response = await self._http.request(
+                method, path, json=body,
+                headers={"Content-Type": content_type} if body is not None else None,
+            )
+        except httpx.HTTPError as e:
+            raise APIError(0, "Unavailable", f"{method} {path}: {e}") from e
+        if response.status_code >= 400:
+            try:
+                status = response.json()
+            except ValueError:
+                status = {}
+            message = status.get("message") or response.text[:200]
+            raise APIError(response.status_code, status.get("reason") or response.reason_phrase,
+                           f"{method} {path}: {message}")
+        result: JSON = response.json() if response.content else {}
+        return result
+
+    async def get(self, path: str) -> JSON | None:
+        """The object, or None when it does not exist."""
+        try:
+            return await self.request("GET", path)
+        except APIError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def patch_status(self, node: str, status: Mapping[str, Any]) -> JSON:
+        """Merge-patch ``status`` into the node's NodeImageSet (the status subresource)."""
+        return await self.request("PATCH", node_set_path(node, "status"),
+                                  body={"status": dict(status)},
+                                  content_type="application/merge-patch+json")
+
+    async def post_event(self, involved: Mapping[str, Any], *, type: str, reason: str,
+                         message: str, component: str, host: str) -> None:
+        """Create a core/v1 Event about ``involved`` (``apiVersion``/``kind``/``name``/``uid``)."""
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = involved.get("namespace") or CLUSTER_EVENTS_NAMESPACE
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{involved['name']}.{uuid.uuid4().hex[:16]}",
+                         "namespace": namespace},
+            "involvedObject": dict(involved),
+            "type": type, "reason": reason, "message": message[:1024],
+            "source": {"component": component, "host": host},
+            "reportingComponent": component, "reportingInstance": host,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        await self.request("POST", f"/api/v1/namespaces/{namespace}/events", body=body)

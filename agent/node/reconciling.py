@@ -1,0 +1,348 @@
+"""Pure decisions of the node agent: entries, what to start or cancel, backoff, disk budget,
+garbage, and the status documents. No I/O here; :mod:`.supervising` acts on the answers.
+
+Vocabulary: an *entry* is one ``spec.images[]`` item (:class:`Entry`); an *attempt series*
+is what one entry version gets: attempts with exponential backoff, up to ``backoffLimit``
+retries, within ``timeoutSeconds``; it ends as an :class:`Outcome` (Ready or Failed).
+An entry's :attr:`Entry.key` names its version: a series whose key no longer matches the
+spec is cancelled and a new one started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from agent.images import durations, references
+from agent.images.progress import events
+from agent.kube import specs
+
+#: Label on the image records the agent writes; its GC removes only records carrying it.
+LABEL_MANAGED = "prefetcher.dev/managed-by"
+MANAGED_BY = "node-agent"
+#: Label with the entry name that pulled the record (for people; GC goes by reference).
+LABEL_ENTRY = "prefetcher.dev/entry"
+
+DEFAULT_BACKOFF_LIMIT = 3
+#: Disk an image needs per compressed byte still to download: the blob itself plus its
+#: unpacked layers (typically 2-3x the compressed size).
+EXPANSION = 3
+
+PULLING_PHASES = frozenset({"Pending", "Resolving", "Downloading", "Unpacking", "Committing"})
+FAILED_PHASES = frozenset({"Failed", "Stalled"})
+
+
+def timestamp(when: datetime.datetime | None = None) -> str:
+    """RFC 3339 UTC with seconds, as Kubernetes writes times."""
+    when = when or datetime.datetime.now(datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------------- entries
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One ``spec.images[]`` entry, with defaults applied and the reference to pull.
+
+    ``progress_timeout`` is seconds (0 disables), or None for the agent's configured
+    default; ``timeout_seconds`` None means no limit.
+    """
+
+    name: str
+    image: str
+    digest: str = ""
+    pull_secrets: tuple[str, ...] = ()
+    pull_policy: str = "IfNotPresent"
+    progress_timeout: float | None = None
+    timeout_seconds: float | None = None
+    backoff_limit: int = DEFAULT_BACKOFF_LIMIT
+    pinned: bool = False
+    traceparent: str = ""
+    owners: tuple[str, ...] = ()
+
+    @property
+    def reference(self) -> str:
+        """What is pulled: ``<repository>@<digest>`` when the operator resolved a digest,
+        else the normalised ``image`` (the agent resolves the tag)."""
+        if not self.digest:
+            return self.image
+        try:
+            return f"{references.parse(self.image).name}@{self.digest}"
+        except Exception:  # an invalid image: let the pull report InvalidReference
+            return self.image
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """The entry's version: a change restarts its attempt series."""
+        return (self.reference, self.pull_secrets, self.pull_policy, self.progress_timeout,
+                self.timeout_seconds, self.backoff_limit)
+
+    @property
+    def keep_present(self) -> bool:
+        """Whether a Ready image that disappeared from the store is pulled again
+        (``pinned``: completionPolicy Never)."""
+        return self.pinned
+
+
+def parse_entry(raw: Mapping[str, Any]) -> Entry:
+    """An :class:`Entry` from a ``spec.images[]`` item (the CRD schema validated it)."""
+    progress: float | None = None
+    if raw.get("progressTimeout") not in (None, ""):
+        try:
+            progress = durations.parse(str(raw["progressTimeout"]))
+        except ValueError:
+            progress = None
+    timeout = raw.get("timeoutSeconds")
+    limit = raw.get("backoffLimit")
+    return Entry(
+        name=str(raw["name"]),
+        image=str(raw.get("image", "")),
+        digest=str(raw.get("digest") or ""),
+        pull_secrets=tuple(sorted(set(raw.get("pullSecrets") or []))),
+        pull_policy=str(raw.get("pullPolicy") or "IfNotPresent"),
+        progress_timeout=progress,
+        timeout_seconds=float(timeout) if timeout else None,
+        backoff_limit=int(limit) if limit is not None else DEFAULT_BACKOFF_LIMIT,
+        pinned=bool(raw.get("pinned", False)),
+        traceparent=str(raw.get("traceparent") or ""),
+        owners=tuple(f"{o.get('namespace')}/{o.get('name')}" for o in raw.get("owners") or []),
+    )
+
+
+def parse_entries(spec: Mapping[str, Any] | None) -> dict[str, Entry]:
+    """Entries by name from a NodeImageSet ``spec`` (nameless items are skipped)."""
+    out: dict[str, Entry] = {}
+    for raw in (spec or {}).get("images") or []:
+        if isinstance(raw, Mapping) and raw.get("name"):
+            entry = parse_entry(raw)
+            out[entry.name] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------ plans
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How an entry's last attempt series ended: Ready, or Failed with ``reason``."""
+
+    key: tuple[Any, ...]
+    ready: bool
+    reason: str = ""
+    at: float = 0.0  # the supervisor's clock
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one reconcile does: series to ``start`` and to ``cancel`` (entry names), and
+    when to look again (``wake_in`` seconds, or None for the resync interval)."""
+
+    start: tuple[str, ...] = ()
+    cancel: tuple[str, ...] = ()
+    wake_in: float | None = None
+
+
+def plan(
+    wanted: Mapping[str, Entry],
+    running: Mapping[str, tuple[Any, ...]],
+    outcomes: Mapping[str, Outcome],
+    present: set[str],
+    *,
+    now: float,
+    failed_retry_interval: float,
+    hopeless: Iterable[str] = (),
+) -> Plan:
+    """Decide which attempt series to start and cancel.
+
+    Args:
+        wanted: the spec's entries by name.
+        running: entry name → key of its running series.
+        outcomes: entry name → how its last series ended.
+        present: references whose images are in the store, unpacked.
+        now: the clock ``outcomes[].at`` is on.
+        failed_retry_interval: seconds after which a Failed series is tried again
+            (0: never), unless its reason is in ``hopeless``.
+    """
+    hopeless = set(hopeless)
+    cancel = [name for name, key in running.items()
+              if name not in wanted or wanted[name].key != key]
+    start: list[str] = []
+    wake: float | None = None
+    for name, entry in wanted.items():
+        if name in running and name not in cancel:
+            continue
+        done = outcomes.get(name)
+        if done is None or done.key != entry.key:
+            start.append(name)
+        elif done.ready:
+            if entry.keep_present and entry.reference not in present:
+                start.append(name)  # the image disappeared from the store
+        elif failed_retry_interval > 0 and done.reason not in hopeless:
+            due = done.at + failed_retry_interval - now
+            if due <= 0:
+                start.append(name)
+            else:
+                wake = due if wake is None else min(wake, due)
+    return Plan(tuple(sorted(start)), tuple(sorted(cancel)), wake)
+
+
+def backoff(attempt: int, initial: float, cap: float) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): doubling, capped."""
+    return float(min(cap, initial * (2 ** max(attempt - 1, 0))))
+
+
+# ----------------------------------------------------------------------------- disk budget
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """The disk budget: a free-space floor and a maximum store size (0 = no limit)."""
+
+    min_free_bytes: int = 0
+    min_free_percent: float = 0.0
+    max_store_bytes: int = 0
+
+    def floor(self, capacity: int) -> int:
+        """Free bytes that must remain on the store's filesystem."""
+        return max(int(self.min_free_bytes), int(capacity * self.min_free_percent / 100))
+
+    def check(self, expected: int, *, capacity: int, free: int, store_size: int) -> str | None:
+        """None when ``expected`` more bytes fit; else a message saying what does not."""
+        floor = self.floor(capacity)
+        if free - expected < floor:
+            return (f"needs about {_human(expected)} but only {_human(max(free - floor, 0))}"
+                    f" is free above the floor of {_human(floor)} (runtime.min_free_bytes /"
+                    " min_free_percent); free disk space or lower the floor")
+        if self.max_store_bytes and store_size + expected > self.max_store_bytes:
+            return (f"needs about {_human(expected)} but the store holds {_human(store_size)}"
+                    f" of its {_human(self.max_store_bytes)} limit (runtime.max_store_bytes);"
+                    " remove prefetches or raise the limit")
+        return None
+
+
+def expected_bytes(snapshot: events.ProgressSnapshot) -> int:
+    """Disk a pull still needs, from its progress: bytes to download times :data:`EXPANSION`."""
+    return max(snapshot.bytes_total - snapshot.bytes_done, 0) * EXPANSION
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------- garbage
+
+
+def garbage(records: Iterable[tuple[str, Mapping[str, str]]], wanted: Iterable[str],
+            pinned: Iterable[str]) -> list[str]:
+    """Names of image records to remove: written by the agent, wanted by no entry, and not
+    pinned (``images.pinned_images``). Records the agent did not write are left alone."""
+    keep = set(wanted) | set(pinned)
+    return sorted(name for name, labels in records
+                  if labels.get(LABEL_MANAGED) == MANAGED_BY and name not in keep)
+
+
+def normalise(reference: str) -> str:
+    """The normalised form of ``reference`` (as image records name it), or it unchanged."""
+    try:
+        return str(references.parse(reference))
+    except Exception:
+        return reference
+
+
+# ------------------------------------------------------------------------------------ status
+
+
+@dataclasses.dataclass
+class ImageState:
+    """The agent's view of one entry, written as its ``status.images[]`` item."""
+
+    name: str
+    image: str = ""
+    phase: str = "Pending"
+    digest: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    layers_done: int = 0
+    layers_total: int = 0
+    attempts: int = 0
+    stalls: int = 0
+    stall_cancellations: int = 0
+    reason: str = ""
+    message: str = ""
+    start_time: str = ""
+    completion_time: str = ""
+    last_progress_time: str = ""
+    #: the reason of the last failure announced with an Event (no repeats every series)
+    announced: str = ""
+    #: stalls and cancellations of earlier attempts (the service counts per pull)
+    _stalls_before: int = 0
+    _cancellations_before: int = 0
+
+    def begin_attempt(self, now: str) -> None:
+        """A new attempt starts: counters of the previous one become the base."""
+        self._stalls_before = self.stalls
+        self._cancellations_before = self.stall_cancellations
+        self.attempts += 1
+        self.start_time = self.start_time or now
+        self.completion_time = ""
+
+    def observe(self, snapshot: events.ProgressSnapshot, now: str) -> bool:
+        """Take a progress snapshot; True when the phase changed (an urgent write)."""
+        phase = snapshot.phase.value
+        if snapshot.phase in (events.Phase.FAILED, events.Phase.STALLED, events.Phase.READY):
+            phase = self.phase  # the series decides final phases, not one attempt
+        changed = phase != self.phase
+        if snapshot.bytes_done > self.bytes_done:
+            self.last_progress_time = now
+        self.phase = phase
+        self.bytes_done = snapshot.bytes_done
+        self.bytes_total = snapshot.bytes_total
+        self.layers_done = snapshot.layers_done
+        self.layers_total = snapshot.layers_total
+        self.stalls = self._stalls_before + snapshot.stalls
+        cancellations = self._cancellations_before + snapshot.stall_cancellations
+        changed = changed or cancellations != self.stall_cancellations
+        self.stall_cancellations = cancellations
+        if changed and phase in PULLING_PHASES:
+            self.reason = ""
+            self.message = ""
+        return changed
+
+    def to_status(self) -> specs.ImageStatus:
+        """The ``status.images[]`` item (empty optional fields left out)."""
+        status: specs.ImageStatus = {"name": self.name, "phase": self.phase}  # type: ignore[typeddict-item]
+        optional: dict[str, Any] = {
+            "image": self.image, "digest": self.digest, "reason": self.reason,
+            "message": self.message, "startTime": self.start_time,
+            "completionTime": self.completion_time, "lastProgressTime": self.last_progress_time,
+        }
+        for key, value in optional.items():
+            if value:
+                status[key] = value  # type: ignore[literal-required]
+        status["bytesDone"] = self.bytes_done
+        status["bytesTotal"] = self.bytes_total
+        status["layersDone"] = self.layers_done
+        status["layersTotal"] = self.layers_total
+        status["attempts"] = self.attempts
+        status["stalls"] = self.stalls
+        status["stallCancellations"] = self.stall_cancellations
+        return status
+
+
+def summary(statuses: Iterable[Mapping[str, Any]]) -> specs.NodeImageSetSummary:
+    """Counts over ``status.images`` for ``kubectl get nis``."""
+    items = list(statuses)
+    return {
+        "images": len(items),
+        "ready": sum(1 for s in items if s.get("phase") == "Ready"),
+        "pulling": sum(1 for s in items if s.get("phase") in PULLING_PHASES),
+        "failed": sum(1 for s in items if s.get("phase") in FAILED_PHASES),
+    }
