@@ -3,7 +3,9 @@
 The file holds a complete DaemonSet manifest (YAML or JSON). The operator stamps it with its
 labels, the namespace, and ``prefetcher.dev/template-hash`` (a hash of the file's content);
 a DaemonSet whose hash differs (edited by hand, or the file changed) is replaced, which makes
-the DaemonSet controller roll the agents.
+the DaemonSet controller roll the agents. With ``operator.agent_daemonset_owner`` it also
+carries an ownerReference to the chart's ConfigMap, so ``helm uninstall`` (which deletes the
+ConfigMap) lets the garbage collector delete the agents too.
 """
 
 from __future__ import annotations
@@ -44,8 +46,19 @@ def template_hash(template: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def desired(template: Mapping[str, Any], namespace: str) -> dict[str, Any]:
-    """The DaemonSet to keep in ``namespace``: the template plus our labels and hash."""
+def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """A non-controlling ownerReference to ``owner`` (the chart's ConfigMap): the garbage
+    collector deletes the DaemonSet once the owner is gone, and never waits on it."""
+    meta = owner.get("metadata") or {}
+    return {"apiVersion": owner.get("apiVersion", "v1"), "kind": owner.get("kind", "ConfigMap"),
+            "name": meta["name"], "uid": meta["uid"], "controller": False,
+            "blockOwnerDeletion": False}
+
+
+def desired(template: Mapping[str, Any], namespace: str,
+            owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The DaemonSet to keep in ``namespace``: the template plus our labels and hash, and an
+    ownerReference to ``owner`` when given."""
     body = copy.deepcopy(dict(template))
     body.setdefault("apiVersion", "apps/v1")
     meta = body.setdefault("metadata", {})
@@ -57,6 +70,9 @@ def desired(template: Mapping[str, Any], namespace: str) -> dict[str, Any]:
         resources.LABEL_COMPONENT: resources.COMPONENT_AGENT,
     })
     meta.setdefault("annotations", {})[resources.ANNOTATION_TEMPLATE_HASH] = template_hash(template)
+    meta.pop("ownerReferences", None)
+    if owner is not None:
+        meta["ownerReferences"] = [owner_reference(owner)]
     body.pop("status", None)
     return body
 
@@ -70,6 +86,9 @@ def drifted(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
         return True
     labels = live_meta.get("labels") or {}
     if any(labels.get(k) != v for k, v in want_meta.get("labels", {}).items()):
+        return True
+    live_owners = {o.get("uid") for o in live_meta.get("ownerReferences") or []}
+    if any(o["uid"] not in live_owners for o in want_meta.get("ownerReferences") or []):
         return True
     return _subset(wanted.get("spec"), live.get("spec"))
 

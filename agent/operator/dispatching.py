@@ -44,14 +44,24 @@ def current_status(
     return status
 
 
+def statuses_by_name(node_status: Mapping[str, Any] | None) -> dict[str, specs.ImageStatus]:
+    """A node's ``status.images`` by entry name."""
+    return {s["name"]: s for s in (node_status or {}).get("images") or [] if "name" in s}
+
+
 def report(
     node: str,
     wanted: Mapping[str, specs.ImageEntry],
     node_status: Mapping[str, Any] | None,
     agent_live: bool,
+    statuses: Mapping[str, specs.ImageStatus] | None = None,
 ) -> NodeReport:
-    """Fold a node's NodeImageSet status into a :class:`NodeReport` for our entries."""
-    statuses = {s["name"]: s for s in (node_status or {}).get("images") or [] if "name" in s}
+    """Fold a node's NodeImageSet status into a :class:`NodeReport` for our entries.
+
+    ``statuses``: :func:`statuses_by_name` of ``node_status``, when the caller keeps it
+    (the node's other owners' entries are then not looked at)."""
+    if statuses is None:
+        statuses = statuses_by_name(node_status)
     images = {name: current_status(entry, statuses) for name, entry in wanted.items()}
     phases = [s.get("phase") if s else None for s in images.values()]
     if phases and all(p == "Ready" for p in phases):

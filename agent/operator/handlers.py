@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -26,6 +27,8 @@ logger = logging.getLogger("agent.operator")
 PREFETCHES = (resources.GROUP, resources.VERSION, resources.PREFETCHES)
 NODE_SETS = (resources.GROUP, resources.VERSION, resources.NODE_SETS)
 PEERINGS = "/apis/kopf.dev/v1/clusterkopfpeerings"
+#: Longest pause between two reconciles of one prefetch woken by events (seconds).
+MAX_COALESCE = 0.5
 
 
 def _state(memo: Any) -> reconciling.State:
@@ -64,6 +67,7 @@ async def stop(memo: Any, **_: Any) -> None:
     keeper = getattr(memo, "keeper", None)
     if keeper is not None:
         keeper.cancel()
+    await _state(memo).writer.close()
     await _state(memo).client.aclose()
 
 
@@ -108,17 +112,33 @@ async def run_prefetch(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, m
     wake = state.wakers.setdefault(uid, asyncio.Event())
     while not stopped:
         wake.clear()
+        started = time.monotonic()
+        result = ""  # stays "" when cancelled (the daemon is stopping): not observed
         try:
             delay = await reconciling.reconcile(state, body, logger)
+            result = "success"
         except errors.APIError as e:
             logger.warning(f"reconcile failed, retrying: {e}")
             delay = 2.0
+            result = "error"
+        except Exception:
+            result = "error"
+            raise
+        finally:
+            if state.metrics is not None and result:
+                state.metrics.reconcile_duration.labels(result).observe(
+                    time.monotonic() - started)
         timeout = state.settings.resync_interval if delay is None else \
             min(delay, state.settings.resync_interval)
         try:
             await asyncio.wait_for(wake.wait(), timeout=max(timeout, 0.05))
         except TimeoutError:
             pass
+        # Coalesce wake-ups: node statuses arrive in bursts, and status writes are throttled
+        # to one per status_interval anyway; reconcile at most twice per interval.
+        rest = started + min(state.settings.status_interval / 2, MAX_COALESCE) - time.monotonic()
+        if rest > 0 and not stopped:
+            await asyncio.sleep(rest)
 
 
 @kopf.on.delete(*PREFETCHES)
@@ -149,7 +169,19 @@ async def check_daemonset(state: reconciling.State) -> None:
     path = state.settings.agent_daemonset
     if not path:
         return
-    wanted = daemonsets.desired(daemonsets.load(path), state.namespace)
+    owner = None
+    if state.settings.agent_daemonset_owner:
+        owner_name = state.settings.agent_daemonset_owner
+        owner = await state.client.get(kubeapi.configmap_path(state.namespace, owner_name))
+        if owner is None or (owner.get("metadata") or {}).get("deletionTimestamp"):
+            # Uninstalling: the garbage collector removes the DaemonSet; do not recreate it.
+            if not state.owner_missing:
+                logger.warning(f"ConfigMap {state.namespace}/{owner_name} (the agent"
+                               " DaemonSet's owner) does not exist; not keeping the DaemonSet")
+            state.owner_missing = True
+            return
+        state.owner_missing = False
+    wanted = daemonsets.desired(daemonsets.load(path), state.namespace, owner)
     name = wanted["metadata"]["name"]
     live = await state.client.get(kubeapi.daemonset_path(state.namespace, name))
     if live is None:

@@ -1,12 +1,11 @@
 """The few Kubernetes API calls the operator makes itself (kopf does the watching).
 
-One choke point (:meth:`Client.request`) turns HTTP failures into :mod:`.errors`;
-:func:`update_node_set` is the read-modify-write with 409 retries every entry write uses.
+One choke point (:meth:`Client.request`) turns HTTP failures into :mod:`.errors` (and
+counts them for the metrics); NodeImageSet spec writes go through :mod:`.writing`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import os
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 import kopf
 
-from agent.kube import resources, specs
+from agent.kube import resources
 from agent.operator import errors
 
 JSON = dict[str, Any]
@@ -80,7 +79,8 @@ def load_connection(kubeconfig: str = "", context: str = "") -> Connection:
 class Client:
     """A small async JSON client for the Kubernetes API."""
 
-    def __init__(self, connection: Connection, *, timeout: float = 30.0) -> None:
+    def __init__(self, connection: Connection, *, timeout: float = 30.0,
+                 on_error: Callable[[str, int | str], None] | None = None) -> None:
         verify: Any = False if connection.insecure else (connection.ca_path or True)
         cert: str | tuple[str, str] | None = None
         if connection.cert_path:
@@ -92,22 +92,30 @@ class Client:
         self._http = httpx.AsyncClient(base_url=connection.server, verify=verify, cert=cert,
                                        headers=headers, timeout=timeout)
         self.requests = 0
+        #: Called with (verb, HTTP status or "network") for every failed request.
+        self.on_error = on_error
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def request(self, method: str, path: str, *, body: Any = None,
                       params: Mapping[str, str] | None = None,
-                      content_type: str = "application/json") -> JSON:
+                      content_type: str = "application/json", verb: str = "") -> JSON:
         self.requests += 1
+        verb = verb or {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch",
+                        "DELETE": "delete"}.get(method, method.lower())
         try:
             response = await self._http.request(
                 method, path, json=body, params=params,
                 headers={"Content-Type": content_type} if body is not None else None,
             )
         except httpx.HTTPError as e:
+            if self.on_error is not None:
+                self.on_error(verb, "network")
             raise errors.APIError(503, "Unavailable", f"{method} {path}: {e}") from e
         if response.status_code >= 400:
+            if self.on_error is not None:
+                self.on_error(verb, response.status_code)
             try:
                 status = response.json()
             except ValueError:
@@ -127,7 +135,8 @@ class Client:
             return None
 
     async def list(self, path: str, **params: str) -> list[JSON]:
-        result = await self.request("GET", path, params={k: v for k, v in params.items() if v})
+        result = await self.request("GET", path, params={k: v for k, v in params.items() if v},
+                                    verb="list")
         items: list[JSON] = result.get("items") or []
         return items
 
@@ -174,51 +183,5 @@ def pods_path(namespace: str) -> str:
     return f"/api/v1/namespaces/{namespace}/pods"
 
 
-# Read-modify-write of one node's entries.
-
-Mutation = Callable[[list[specs.ImageEntry]], list[specs.ImageEntry]]
-
-
-async def update_node_set(client: Client, node: str, mutate: Mutation,
-                          cached: JSON | None = None) -> JSON | None:
-    """Apply ``mutate`` to the node's ``spec.images``; create the NodeImageSet if missing.
-
-    A PUT carries the resourceVersion it read, so a concurrent writer makes it fail with
-    409; it is then retried on a fresh read. ``cached`` (the watched body) saves the first
-    read. Returns the object written, or None if nothing needed writing.
-    """
-    body = cached
-    for attempt in range(CONFLICT_RETRIES):
-        if body is None or attempt > 0:
-            body = await client.get(node_set_path(node))
-        if body is None:
-            images = mutate([])
-            if not images:
-                return None
-            new: JSON = {
-                "apiVersion": resources.API_VERSION, "kind": resources.NODE_SET_KIND,
-                "metadata": {"name": node, "labels": {
-                    resources.LABEL_MANAGED_BY: resources.MANAGED_BY}},
-                "spec": {"images": images},
-            }
-            try:
-                return await client.create(node_set_path(), new)
-            except errors.Conflict:
-                continue
-        old_images = list((body.get("spec") or {}).get("images") or [])
-        images = mutate(old_images)
-        if images == old_images:
-            return None
-        new = {
-            "apiVersion": resources.API_VERSION, "kind": resources.NODE_SET_KIND,
-            "metadata": {k: v for k, v in body["metadata"].items()
-                         if k in ("name", "labels", "annotations", "resourceVersion")},
-            "spec": {**(body.get("spec") or {}), "images": images},
-        }
-        try:
-            return await client.replace(node_set_path(node), new)
-        except errors.Conflict:
-            await asyncio.sleep(0.05 * attempt)
-            continue
-    raise errors.Conflict(409, "Conflict", f"NodeImageSet {node}: still conflicting after"
-                                           f" {CONFLICT_RETRIES} attempts")
+def configmap_path(namespace: str, name: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/configmaps/{name}"

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from agent import config
+from agent import config, metrics
 from agent.operator import handlers, kubeapi, reconciling, throttling
 
 logger = logging.getLogger("agent.operator")
@@ -33,11 +33,14 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
     def login(**_: Any) -> kopf.ConnectionInfo:
         return connection.to_kopf()
 
+    operator_metrics = metrics.OperatorMetrics()
+
     async def main() -> None:
         state = reconciling.State(
-            settings=op, namespace=rt.namespace, client=kubeapi.Client(connection),
+            settings=op, namespace=rt.namespace,
+            client=kubeapi.Client(connection, on_error=operator_metrics.api_error),
             registry_config_path=settings.images.registry.config_path,
-            throttle=throttling.Throttle(op.status_interval),
+            throttle=throttling.Throttle(op.status_interval), metrics=operator_metrics,
         )
         memo: Any = kopf.Memo(state=state, peering_name=op.peering_name,
                               standalone=op.standalone)
@@ -48,6 +51,13 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
         )
 
     assert handlers  # the handlers register themselves with kopf on import
-    asyncio.run(main())
+    server = metrics.serve(rt.metrics_address, operator_metrics.registry)
+    if server is not None:
+        logger.info(f"metrics on {server.url}")
+    try:
+        asyncio.run(main())
+    finally:
+        if server is not None:
+            server.close()
     return 0
 

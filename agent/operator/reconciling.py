@@ -23,6 +23,7 @@ from agent import config
 from agent.images import errors as image_errors
 from agent.images.registry import credentials
 from agent.kube import resources, specs
+from agent.metrics import OperatorMetrics
 from agent.operator import (
     dispatching,
     entries,
@@ -35,10 +36,10 @@ from agent.operator import (
     status,
     throttling,
     traceparents,
+    writing,
 )
 
 JSON = dict[str, Any]
-WRITE_CONCURRENCY = 16
 
 
 def utcnow() -> datetime.datetime:
@@ -90,9 +91,26 @@ class State:
     events_sent: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     throttle: throttling.Throttle = dataclasses.field(
         default_factory=lambda: throttling.Throttle(1.0))
-    #: One writer per NodeImageSet inside this operator: the prefetches' reconcile loops
-    #: would otherwise make each other's read-modify-writes conflict (409) on shared nodes.
-    node_locks: dict[str, asyncio.Lock] = dataclasses.field(default_factory=dict)
+    metrics: OperatorMetrics | None = None
+    #: uid → node → the entries that prefetch owns there: kept from the watched bodies, so a
+    #: reconcile surveys only its own nodes and entries (not every node's every entry).
+    by_owner: dict[str, dict[str, dict[str, specs.ImageEntry]]] = dataclasses.field(
+        default_factory=dict)
+    #: node → its status.images by entry name (kept with the bodies, for the surveys).
+    node_statuses: dict[str, dict[str, specs.ImageStatus]] = dataclasses.field(
+        default_factory=dict)
+    #: uid → (phase, node counts) of the last status computed, for the gauges.
+    summaries: dict[str, tuple[str, Mapping[str, int]]] = dataclasses.field(
+        default_factory=dict)
+    #: The agent DaemonSet's owner ConfigMap was missing at the last check (logged once).
+    owner_missing: bool = False
+    #: The one writer of NodeImageSet specs (coalesced per node; see :mod:`.writing`).
+    writer: writing.NodeWriter = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writer = writing.NodeWriter(
+            self.client, self.node_sets.get, self.remember_node_set, self.forget_node_set,
+            self.contributions)
 
     # Index maintenance (called by the kopf event handlers).
 
@@ -121,9 +139,9 @@ class State:
         name = (body.get("metadata") or {}).get("name", "")
         old = self.node_sets.get(name)
         if kind == "DELETED":
-            self.node_sets.pop(name, None)
+            self._store(name, None)
         elif _newer(old, body):
-            self.node_sets[name] = dict(body)
+            self._store(name, dict(body))
         else:
             return
         for uid in self.owners_of(old) | self.owners_of(body):
@@ -133,7 +151,37 @@ class State:
         if body is not None:
             name = body["metadata"]["name"]
             if _newer(self.node_sets.get(name), body):
-                self.node_sets[name] = body
+                self._store(name, body)
+
+    def forget_node_set(self, name: str) -> None:
+        self._store(name, None)
+
+    def _store(self, name: str, body: JSON | None) -> None:
+        """Keep the body and the per-owner index of its entries."""
+        old = self.node_sets.get(name)
+        old_images = ((old or {}).get("spec") or {}).get("images") or []
+        if body is None:
+            self.node_sets.pop(name, None)
+            self.node_statuses.pop(name, None)
+        else:
+            self.node_sets[name] = body
+            self.node_statuses[name] = dispatching.statuses_by_name(body.get("status"))
+        new_images = ((body or {}).get("spec") or {}).get("images") or []
+        if old is not None and body is not None and new_images == old_images:
+            return
+        for uid in self.owners_of(old):
+            per_node = self.by_owner.get(uid)
+            if per_node is not None:
+                per_node.pop(name, None)
+                if not per_node:
+                    del self.by_owner[uid]
+        owned: dict[str, dict[str, specs.ImageEntry]] = {}
+        for entry in new_images:
+            for owner in entry.get("owners") or []:
+                if "uid" in owner:
+                    owned.setdefault(owner["uid"], {})[entry["name"]] = entry
+        for uid, ours in owned.items():
+            self.by_owner.setdefault(uid, {})[name] = ours
 
     def live_agents(self, now: datetime.datetime) -> set[str]:
         """Nodes with a live agent: a fresh heartbeat, or a Ready agent pod that has not
@@ -160,6 +208,28 @@ class State:
         self.events_sent.pop(uid, None)
         self.wakers.pop(uid, None)
         self.throttle.forget(uid)
+        self.summaries.pop(uid, None)
+        self.update_gauges()
+
+    def summarise(self, uid: str, new: Mapping[str, Any]) -> None:
+        """Remember a prefetch's phase and node counts, and refresh the gauges."""
+        counts = {k: int(v) for k, v in (new.get("nodes") or {}).items() if k != "desired"}
+        summary = (str(new.get("phase") or "Pending"), counts)
+        if self.summaries.get(uid) != summary:
+            self.summaries[uid] = summary
+            self.update_gauges()
+
+    def update_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        phases: dict[str, int] = {}
+        states: dict[str, int] = {}
+        for phase, counts in self.summaries.values():
+            phases[phase] = phases.get(phase, 0) + 1
+            for key, n in counts.items():
+                states[key] = states.get(key, 0) + n
+        self.metrics.set_prefetches(phases)
+        self.metrics.set_nodes(states)
 
 
 # ------------------------------------------------------------------------------ secrets
@@ -264,35 +334,6 @@ async def resolved_digests(state: State, prefetch: prefetches.Prefetch, previous
 # ------------------------------------------------------------------------------ reconcile
 
 
-async def write_node_sets(state: State, writes: Mapping[str, kubeapi.Mutation],
-                          logger: Any = None) -> list[str]:
-    """Apply the per-node mutations concurrently (bounded), updating the index as we go.
-
-    A node whose write keeps failing does not stop the others; its name is returned (the
-    next reconcile retries it, since its entries still differ).
-    """
-    gate = asyncio.Semaphore(WRITE_CONCURRENCY)
-
-    async def one(node: str, mutate: kubeapi.Mutation) -> None:
-        lock = state.node_locks.setdefault(node, asyncio.Lock())
-        async with gate, lock:
-            written = await kubeapi.update_node_set(state.client, node, mutate,
-                                                    cached=state.node_sets.get(node))
-            state.remember_node_set(written)
-
-    results = await asyncio.gather(*(one(node, m) for node, m in writes.items()),
-                                   return_exceptions=True)
-    failed = []
-    for node, result in zip(writes, results, strict=True):
-        if isinstance(result, errors.APIError):
-            failed.append(node)
-            if logger is not None:
-                logger.warning(f"NodeImageSet {node}: {result}; retrying later")
-        elif isinstance(result, BaseException):
-            raise result
-    return failed
-
-
 async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float | None:
     """Bring one ImagePrefetch's NodeImageSet entries and status up to date.
 
@@ -316,6 +357,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         if f"invalid/{generation}" not in sent:
             sent.add(f"invalid/{generation}")
             kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=str(e))
+        state.summarise(uid, new)
         await write_status(state, body, previous, dict(new), now, urgent=True)
         return None
 
@@ -343,14 +385,10 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
 
     def survey() -> tuple[dict[str, dict[str, specs.ImageEntry]],
                           dict[str, dispatching.NodeReport]]:
-        dispatched = {}
-        for node, nis in state.node_sets.items():
-            ours = entries.owned((nis.get("spec") or {}).get("images") or [], uid)
-            if ours:
-                dispatched[node] = ours
+        dispatched = dict(state.by_owner.get(uid) or {})
         reports = {
             node: dispatching.report(node, ours, state.node_sets[node].get("status"),
-                                     node in live)
+                                     node in live, state.node_statuses.get(node))
             for node, ours in dispatched.items()
         }
         return dispatched, reports
@@ -362,24 +400,20 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         targets = [t for t in targets if t in dispatched]
     plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism, frozen)
 
-    known = state.contributions
-    keep = set(desired)
-
-    def put_ours(images: list[specs.ImageEntry]) -> list[specs.ImageEntry]:
-        kept = entries.release(images, uid, keep=keep, known=known)
-        return entries.upsert(kept, desired.values(), known)
-
-    def drop_ours(images: list[specs.ImageEntry]) -> list[specs.ImageEntry]:
-        return entries.release(images, uid, known=known)
-
-    writes: dict[str, kubeapi.Mutation] = {}
+    put_ours = writing.Change(uid, desired)
+    drop_ours = writing.Change(uid, None)
+    writes: dict[str, writing.Change] = {}
     for node in (*plan.dispatch, *plan.refresh):
         writes[node] = put_ours
     for node in plan.withdraw:
         writes[node] = drop_ours
     retry_soon = False
     if writes:
-        retry_soon = bool(await write_node_sets(state, writes, logger))
+        failed = await state.writer.write(writes, logger)
+        retry_soon = bool(failed)
+        if state.metrics is not None:
+            done = len(set(plan.dispatch) - set(failed))
+            state.metrics.dispatches.inc(done * len(desired))
         dispatched, reports = survey()
     if plan.dispatch:
         logger.info(f"dispatched to {len(plan.dispatch)} node(s): {', '.join(plan.dispatch[:10])}")
@@ -391,6 +425,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         desired_nodes=targets, dispatched=dispatched, reports=reports, images=resolved,
         previous=previous, now=now_text,
     )
+    state.summarise(uid, new)
     emit_events(body, previous, dict(new), sent)
     urgent = status.conditions_changed(previous, dict(new))
     wait = await write_status(state, body, previous, dict(new), now, urgent=urgent)
@@ -470,20 +505,13 @@ async def write_status(state: State, body: Mapping[str, Any], previous: Mapping[
 
 async def withdraw_everywhere(state: State, uid: str) -> None:
     """Remove ``uid`` from every NodeImageSet and every secret copy (on delete)."""
-    known = state.contributions
-
-    def drop(images: list[specs.ImageEntry]) -> list[specs.ImageEntry]:
-        return entries.release(images, uid, known=known)
-
     # The index may lag; read every NodeImageSet that may hold our entries, fresh.
     fresh = await state.client.list(kubeapi.node_set_path())
     for body in fresh:
         state.remember_node_set(body)
-    nodes_with_ours = [
-        name for name, body in state.node_sets.items()
-        if entries.owned((body.get("spec") or {}).get("images") or [], uid)
-    ]
-    failed = await write_node_sets(state, {node: drop for node in nodes_with_ours})
+    nodes_with_ours = sorted(state.by_owner.get(uid) or {})
+    drop = writing.Change(uid, None)
+    failed = await state.writer.write({node: drop for node in nodes_with_ours})
     if failed:
         raise errors.Conflict(409, "Conflict", f"could not withdraw from {', '.join(failed)}")
     await release_secret_copies(state, uid)

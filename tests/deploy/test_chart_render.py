@@ -132,6 +132,9 @@ def test_config_toml_passes_prefetcher_config_check(which: str, tmp_path: Path,
     assert cfg["runtime"]["namespace"] == NAMESPACE
     assert cfg["operator"]["standalone"] is False
     assert cfg["operator"]["agent_daemonset"] == "/etc/prefetcher/agent-daemonset.yaml"
+    # The agents' DaemonSet is owned by the ConfigMap holding its manifest (helm uninstall).
+    owner = cfg["operator"]["agent_daemonset_owner"]
+    assert rel.get("ConfigMap", owner)["data"]["agent-daemonset.yaml"]
     # The operator finds both files where the chart mounts them.
     deployment = rel.get("Deployment")
     pod = deployment["spec"]["template"]["spec"]

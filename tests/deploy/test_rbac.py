@@ -37,6 +37,7 @@ PREFETCHER = str(Path(sys.executable).with_name("prefetcher"))
 OPERATOR_SA = f"{RELEASE}-image-prefetcher-operator"
 AGENT_SA = f"{RELEASE}-image-prefetcher-agent"
 AGENT_DS = f"{RELEASE}-image-prefetcher-agent"
+AGENT_DS_CONFIG = f"{RELEASE}-image-prefetcher-agent-daemonset"
 JSON = dict[str, Any]
 
 
@@ -155,7 +156,18 @@ def operator_flow(installed: Release, tmp_path_factory: pytest.TempPathFactory) 
         cluster.kubectl("delete", "ipf", "long", "-n", "team", "--timeout=20s")
         cluster.wait_for(lambda: copies(cluster) == [], message="copy deleted")
         daemonset_live = cluster.get("apps/v1", "daemonsets", AGENT_DS, NAMESPACE)
-        return {"health": health.status, "daemonset": daemonset_live, "log": log}
+        owner = cluster.get("v1", "configmaps", AGENT_DS_CONFIG, NAMESPACE)
+
+        # What `helm uninstall` does to the ConfigMap holding the DaemonSet's manifest: the
+        # garbage collector then deletes the DaemonSet (its owner), and the operator, still
+        # running, does not recreate it.
+        cluster.kubectl("delete", "configmap", AGENT_DS_CONFIG, "-n", NAMESPACE)
+        cluster.wait_for(lambda: cluster.get("apps/v1", "daemonsets", AGENT_DS, NAMESPACE)
+                         is None, message="DaemonSet garbage-collected with its owner")
+        cluster.wait_for(lambda: "not keeping the DaemonSet" in log.read_text())
+        return {"health": health.status, "daemonset": daemonset_live, "owner": owner,
+                "log": log,
+                "after_uninstall": cluster.get("apps/v1", "daemonsets", AGENT_DS, NAMESPACE)}
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -218,6 +230,16 @@ def test_the_operator_creates_the_agents_from_the_chart_manifest(
         rendered["spec"]["template"]["spec"]["containers"]
     assert live["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
     assert live["metadata"]["namespace"] == NAMESPACE
+
+
+def test_helm_uninstall_takes_the_operator_made_daemonset_along(
+        operator_flow: JSON, installed: Release) -> None:
+    owner = operator_flow["owner"]
+    assert operator_flow["daemonset"]["metadata"]["ownerReferences"] == [{
+        "apiVersion": "v1", "kind": "ConfigMap", "name": AGENT_DS_CONFIG,
+        "uid": owner["metadata"]["uid"], "controller": False, "blockOwnerDeletion": False}]
+    assert installed.get("ConfigMap", AGENT_DS_CONFIG)  # a chart object: helm deletes it
+    assert operator_flow["after_uninstall"] is None
 
 
 # ------------------------------------------------------------------------------ agent

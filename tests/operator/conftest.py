@@ -8,6 +8,7 @@ operator keeps), and helpers to act as node agents (``report``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -98,19 +99,20 @@ class Operator:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def operator(cluster: Cluster, agent_daemonset_file: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    workdir = tmp_path_factory.mktemp("operator")
+@contextlib.contextmanager
+def running_operator(cluster: Cluster, workdir: Path, daemonset_file: Path,
+                     env: dict[str, str] | None = None) -> Iterator[Operator]:
+    """The real ``prefetcher operator`` on ``cluster`` with OPERATOR_CONFIG (and ``env``,
+    e.g. ``PREFETCHER_RUNTIME__METRICS_ADDRESS``), stopped by PID at the end."""
     config = workdir / "config.toml"
-    config.write_text(OPERATOR_CONFIG.format(daemonset=agent_daemonset_file))
+    config.write_text(OPERATOR_CONFIG.format(daemonset=daemonset_file))
     log = workdir / "operator.log"
-    env = cluster.env()
-    env["PREFETCHER_CONFIG"] = str(config)
+    full_env = cluster.env() | (env or {})
+    full_env["PREFETCHER_CONFIG"] = str(config)
     with log.open("wb") as out:
         process = subprocess.Popen(
             [PREFETCHER, "operator", "--kubeconfig", str(cluster.kubeconfig_path)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     running = Operator(process, log)
     try:
@@ -129,6 +131,14 @@ def operator(cluster: Cluster, agent_daemonset_file: Path,
                 process.wait()
         if os.environ.get("PREFETCHER_TEST_SHOW_LOGS"):
             print(running.output())
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster, agent_daemonset_file: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    with running_operator(cluster, tmp_path_factory.mktemp("operator"),
+                          agent_daemonset_file) as running:
+        yield running
 
 
 def now() -> str:

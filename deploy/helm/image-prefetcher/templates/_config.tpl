@@ -56,6 +56,7 @@ status_interval = {{ toString $op.statusInterval | toJson }}
 resync_interval = {{ toString $op.resyncInterval | toJson }}
 agent_heartbeat_timeout = {{ toString $op.agentHeartbeatTimeout | toJson }}
 agent_daemonset = {{ printf "%s/agent-daemonset.yaml" (include "image-prefetcher.configDir" .) | toJson }}
+agent_daemonset_owner = {{ include "image-prefetcher.agentDaemonSetConfigName" . | toJson }}
 daemonset_check_interval = {{ toString $op.daemonsetCheckInterval | toJson }}
 resolve_digests = {{ $op.resolveDigests }}
 resolve_timeout = {{ toString $op.resolveTimeout | toJson }}

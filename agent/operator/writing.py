@@ -1,0 +1,217 @@
+"""The one writer of ``NodeImageSet.spec`` in an operator process: per node, coalesced.
+
+Every prefetch's reconcile says what it wants on a node — its contributions (the same on
+every node it targets) or nothing (withdraw) — with :meth:`NodeWriter.write`, and waits for
+the writes that carry it. The writer keeps, per node, the latest :class:`Change` of every
+prefetch not yet written; a node becomes due ``debounce`` seconds after its first pending
+change, and one of ``concurrency`` workers then folds *all* pending changes of that node into
+the node's current entries (:func:`.entries.release` / :func:`.entries.upsert`, owners merged
+as :mod:`agent.kube.specs` documents) and writes the result once. 20 prefetches dispatching
+to the same 1,000 nodes thus cost about 1,000 writes, not 20,000, and no two writes of one
+node are ever in flight at once, so concurrent reconciles cannot lose each other's entries.
+
+The write is a JSON merge patch of ``spec.images`` alone, with no ``resourceVersion``: the
+agents' status writes (which bump ``resourceVersion``) cannot make it conflict. That is safe
+because the spec has exactly one writer: the active operator replica (kopf peering), and in
+it this object (agents may write only ``status``; RBAC and the admission policy enforce it).
+The base the entries are folded into is the watched body (the shared index in
+:class:`.reconciling.State`), which always includes our own last write: the writer stores
+the body each write returns, and the index ignores events older than what it holds.
+
+A node without a NodeImageSet gets one created (POST). A failed write is retried (bounded,
+with back-off) on the then-current index; after that its waiters get the error and their
+reconciles retry later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from agent.kube import resources, specs
+from agent.operator import entries, errors, kubeapi
+
+JSON = dict[str, Any]
+logger = logging.getLogger("agent.operator")
+
+DEBOUNCE = 0.05
+CONCURRENCY = 16
+ATTEMPTS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """What one prefetch wants on one node: ``wanted`` (entry name → its contribution) or,
+    when None, none of its entries (withdraw)."""
+
+    uid: str
+    wanted: Mapping[str, specs.ImageEntry] | None
+
+    def apply(self, images: list[specs.ImageEntry],
+              known: Mapping[tuple[str, str], specs.ImageEntry]) -> list[specs.ImageEntry]:
+        if self.wanted is None:
+            return entries.release(images, self.uid, known=known)
+        kept = entries.release(images, self.uid, keep=set(self.wanted), known=known)
+        return entries.upsert(kept, self.wanted.values(), known)
+
+
+@dataclasses.dataclass
+class _Pending:
+    change: Change
+    waiters: list[asyncio.Future[None]]
+
+
+class NodeWriter:
+    """Coalesces the entry changes of every prefetch into one spec write per node.
+
+    Args:
+        client: the API client.
+        cached: node name → the NodeImageSet body the index holds (or None).
+        remember: stores a body a write returned into the index.
+        forget: drops a node's body from the index (the object is gone).
+        known: every prefetch's contributions known in this process, for owner merging.
+        debounce: seconds a node's first pending change waits for others to join it.
+        concurrency: nodes written at once.
+    """
+
+    def __init__(self, client: kubeapi.Client, cached: Callable[[str], JSON | None],
+                 remember: Callable[[JSON], None], forget: Callable[[str], None],
+                 known: Mapping[tuple[str, str], specs.ImageEntry], *,
+                 debounce: float = DEBOUNCE, concurrency: int = CONCURRENCY,
+                 attempts: int = ATTEMPTS) -> None:
+        self.client = client
+        self.cached = cached
+        self.remember = remember
+        self.forget = forget
+        self.known = known
+        self.debounce = debounce
+        self.concurrency = concurrency
+        self.attempts = attempts
+        self.writes = 0  # spec writes sent (creates and patches)
+        self._pending: dict[str, dict[str, _Pending]] = {}
+        self._scheduled: set[str] = set()  # due soon, queued, or being written
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------------------ API
+
+    def submit(self, node: str, change: Change) -> asyncio.Future[None]:
+        """Queue ``change`` for ``node``; the future is done when a write carrying it (or a
+        later change of the same prefetch) succeeded, or failed for good."""
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        future: asyncio.Future[None] = loop.create_future()
+        per_node = self._pending.setdefault(node, {})
+        older = per_node.get(change.uid)
+        waiters = (older.waiters if older is not None else []) + [future]
+        per_node[change.uid] = _Pending(change, waiters)  # the latest change supersedes
+        if node not in self._scheduled:
+            self._scheduled.add(node)
+            loop.call_later(self.debounce, self._queue.put_nowait, node)
+        return future
+
+    async def write(self, changes: Mapping[str, Change], logger: Any = None) -> list[str]:
+        """Submit one change per node and wait for all of them; the nodes whose write
+        failed (after the writer's own retries) are returned, sorted."""
+        futures = {node: self.submit(node, change) for node, change in changes.items()}
+        failed: list[str] = []
+        for node, future in futures.items():
+            try:
+                await future
+            except errors.APIError as e:
+                failed.append(node)
+                if logger is not None:
+                    logger.warning(f"NodeImageSet {node}: {e}; retrying later")
+        return sorted(failed)
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+
+    # ------------------------------------------------------------------------------ work
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._workers:
+            self._workers = [loop.create_task(self._work(), name=f"node-writer-{i}")
+                             for i in range(self.concurrency)]
+
+    async def _work(self) -> None:
+        while True:
+            node = await self._queue.get()
+            batch = self._pending.pop(node, {})
+            try:
+                await self._flush(node, batch)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # pragma: no cover - a bug; never strand waiters
+                logger.exception(f"NodeImageSet {node}: unexpected error")
+                _settle(batch, e if isinstance(e, Exception) else RuntimeError(str(e)))
+            finally:
+                self._scheduled.discard(node)
+                if self._pending.get(node):  # changes that came while writing: next round
+                    self._scheduled.add(node)
+                    asyncio.get_running_loop().call_later(self.debounce,
+                                                          self._queue.put_nowait, node)
+
+    async def _flush(self, node: str, batch: Mapping[str, _Pending]) -> None:
+        if not batch:
+            return
+        error: errors.APIError | None = None
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
+            try:
+                await self._write_once(node, [p.change for p in batch.values()])
+            except errors.APIError as e:
+                error = e
+                continue
+            _settle(batch, None)
+            return
+        assert error is not None
+        _settle(batch, error)
+
+    async def _write_once(self, node: str, changes: list[Change]) -> None:
+        body = self.cached(node)
+        before = list(((body or {}).get("spec") or {}).get("images") or [])
+        images = before
+        for change in changes:
+            images = change.apply(images, self.known)
+        if images == before and body is not None:
+            return
+        if body is None:
+            if not images:
+                return
+            new: JSON = {
+                "apiVersion": resources.API_VERSION, "kind": resources.NODE_SET_KIND,
+                "metadata": {"name": node,
+                             "labels": {resources.LABEL_MANAGED_BY: resources.MANAGED_BY}},
+                "spec": {"images": images},
+            }
+            self.writes += 1
+            # AlreadyExists (409): the index has not seen it yet; the retry uses the watch.
+            written = await self.client.create(kubeapi.node_set_path(), new)
+        else:
+            self.writes += 1
+            try:
+                written = await self.client.merge_patch(kubeapi.node_set_path(node),
+                                                        {"spec": {"images": images}})
+            except errors.NotFound:
+                self.forget(node)  # deleted behind our back: created on the next attempt
+                raise
+        self.remember(written)
+
+
+def _settle(batch: Mapping[str, _Pending], error: Exception | None) -> None:
+    for pending in batch.values():
+        for future in pending.waiters:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
