@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from agent import config, metrics
+from agent import config, metrics, telemetry
 from agent.operator import handlers, kubeapi, reconciling, throttling
 
 logger = logging.getLogger("agent.operator")
@@ -34,6 +34,11 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
         return connection.to_kopf()
 
     operator_metrics = metrics.OperatorMetrics()
+    tracing = telemetry.setup(
+        "prefetcher-operator",
+        enabled=settings.tracing.enabled,
+        http_client_spans=settings.tracing.http_client_spans,
+    )
 
     async def main() -> None:
         state = reconciling.State(
@@ -59,5 +64,6 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
     finally:
         if server is not None:
             server.close()
+        tracing.shutdown()
     return 0
 

@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
+from opentelemetry import trace
 
-from agent import config
+from agent import config, telemetry
 from agent.images import errors as image_errors
 from agent.images.registry import credentials
 from agent.kube import resources, specs
@@ -38,6 +39,8 @@ from agent.operator import (
     traceparents,
     writing,
 )
+
+_tracer = trace.get_tracer("agent.operator")
 
 JSON = dict[str, Any]
 
@@ -366,7 +369,21 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         await release_secret_copies(state, uid, keep=set(copies))
         sent.add(f"secrets/{generation}")
     digests = await resolved_digests(state, prefetch, previous, sources)
-    traceparent = state.traceparents.setdefault((uid, generation), traceparents.current())
+    traceparent = state.traceparents.get((uid, generation))
+    if traceparent is None:
+        # The trace of this prefetch generation: a root reconcile span and its first
+        # dispatch span, whose context every NodeImageSet entry carries, so each node's
+        # pull span is a child of it (one trace from kubectl apply to the last layer).
+        attributes: dict[str, str | int] = {
+            "prefetch.namespace": prefetch.namespace,
+            "prefetch.name": prefetch.name,
+            "prefetch.generation": generation,
+            "prefetch.images": len(prefetch.images),
+        }
+        with _tracer.start_as_current_span("agent.operator.reconcile", attributes=attributes):
+            with _tracer.start_as_current_span("agent.operator.dispatch"):
+                traceparent = traceparents.current()
+        state.traceparents[(uid, generation)] = traceparent
 
     desired: dict[str, specs.ImageEntry] = {}
     resolved: list[status.ResolvedImage] = []
@@ -409,7 +426,12 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         writes[node] = drop_ours
     retry_soon = False
     if writes:
-        failed = await state.writer.write(writes, logger)
+        with telemetry.remote_parent(traceparent), _tracer.start_as_current_span(
+            "agent.operator.write_nodes",
+            attributes={"nodes.dispatched": len(plan.dispatch), "nodes.refreshed":
+                        len(plan.refresh), "nodes.withdrawn": len(plan.withdraw)},
+        ):
+            failed = await state.writer.write(writes, logger)
         retry_soon = bool(failed)
         if state.metrics is not None:
             done = len(set(plan.dispatch) - set(failed))
