@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class ImageRecords:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the threads that pulls run their writes in: sqlite's
+        # connection is not safe for concurrent use, so every use holds this lock.
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -71,12 +75,13 @@ class ImageRecords:
         self._db.execute(_SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def put(self, record: ImageRecord) -> ImageRecord:
         """Create or update the record named ``record.name``; keeps the creation time."""
         now = time.time()
-        with self._tx():
+        with self._lock, self._tx():
             row = self._db.execute(
                 "SELECT created FROM images WHERE name = ?", (record.name,)
             ).fetchone()
@@ -101,7 +106,8 @@ class ImageRecords:
         return self.get(record.name)
 
     def get(self, name: str) -> ImageRecord:
-        row = self._db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise errors.NotFound(f"image {name} is not on this node")
         return _record(row)
@@ -113,13 +119,14 @@ class ImageRecords:
             return None
 
     def delete(self, name: str) -> None:
-        with self._tx():
+        with self._lock, self._tx():
             cursor = self._db.execute("DELETE FROM images WHERE name = ?", (name,))
         if cursor.rowcount == 0:
             raise errors.NotFound(f"image {name} is not on this node")
 
     def __iter__(self) -> Iterator[ImageRecord]:
-        rows = self._db.execute("SELECT * FROM images ORDER BY name").fetchall()
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM images ORDER BY name").fetchall()
         return iter([_record(r) for r in rows])
 
     def _tx(self) -> _Transaction:

@@ -137,9 +137,6 @@ class ImageService:
         self._lock_fd = _open_shared_lock(self.root / "lock")
         self._leases: dict[int, set[str]] = {}
         self.content = local.LocalStore(self.root / "content")
-        # Ingests of writers that died after publishing their blob (kill -9 between the
-        # rename and the cleanup): nothing would ever open them again.
-        self.content.clean_finished_ingests()
         self.records = records.ImageRecords(self.root / "images.db")
         self.containerd: containerd_backend.ContainerdBackend | None = None
         if self.options.snapshotter == "containerd":
@@ -154,11 +151,26 @@ class ImageService:
             )
             self.containerd.start()
         self.snapshotter = snapshotter if snapshotter is not None else self._make_snapshotter()
-        if self.snapshotter is not None:
-            # Active snapshots of processes that died mid-unpack (kill -9, power cut).
-            self.snapshotter.cleanup()
+        self._clean_leftovers()
         self._blob_locks = locks.KeyedLock()
         self._node_downloads = asyncio.Semaphore(max(1, self.options.node_max_concurrent_downloads))
+
+    def _clean_leftovers(self) -> None:
+        """Sweep what killed processes left: active snapshots of dead owners, half-built
+        snapshot directories, ingests whose blob was published. Only when no other process
+        has the store open (the lock can be held exclusively): a live agent's unpack in
+        progress looks like a leftover from outside."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # a failed upgrade drops the lock
+            return
+        try:
+            self.content.clean_finished_ingests()
+            if self.snapshotter is not None:
+                self.snapshotter.cleanup()
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
     def _make_snapshotter(self) -> snapshotter_api.Snapshotter | None:
         name = self.options.snapshotter

@@ -62,3 +62,42 @@ async def test_discard_unpacked_layers_keeps_only_manifest_and_config(
     # The snapshots are there, so the discarded layers are not fetched again.
     assert second.chain_id == first.chain_id and second.bytes_downloaded == 0
     assert fault_proxy.requests_to("/blobs/") == []
+
+
+def test_leftovers_are_swept_only_when_no_other_process_has_the_store_open(
+    tmp_root: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from agent.images.registry import client as registry_client
+
+    def open_and_close() -> None:
+        svc = service.ImageService(
+            tmp_root, registry_client.RegistryClient(hosts.RegistryHosts(None))
+        )
+        svc.close()
+
+    open_and_close()
+    starting = tmp_root / "content/ingest/starting"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from agent.images import service;"
+         " from agent.images.registry import client, hosts;"
+         f" s = service.ImageService({str(tmp_root)!r},"
+         " client.RegistryClient(hosts.RegistryHosts()));"
+         " print('open', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        # What the holder's writer looks like between creating its ingest and its data.
+        starting.mkdir(parents=True)
+        (starting / "ref").write_text("sha256:" + "0" * 64)
+        open_and_close()
+        assert starting.exists()  # the other process may be about to write it
+    finally:
+        holder.kill()
+        holder.wait()
+    open_and_close()
+    assert not starting.exists()  # nobody has the store open: a true leftover

@@ -12,6 +12,13 @@ A commit fsyncs the data, verifies size and digest, renames it into ``blobs/`` a
 directory, so a committed blob is complete and verified even after a power cut. An ingest's
 ``data`` is kept when a writer closes without committing, which is what makes downloads
 resumable; it is removed on any verification failure.
+
+:meth:`LocalWriter.follow` lets another thread read an ingest while it is being written (an
+unpack that starts before the download ends): an :class:`IngestFeed` learns of every write,
+truncation and the writer's outcome, and its :class:`FollowingReader` s hand out bytes as they
+arrive. Those bytes are *unconfirmed*: a reader hashes what it returned, and
+:meth:`FollowingReader.confirm` succeeds only once the writer committed the blob (size and
+digest verified) and the reader returned exactly the blob's bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +39,9 @@ from agent.images import digests, errors
 from agent.images.content import store
 
 _READ_CHUNK = 1024 * 1024
+#: A following reader that caught up with the download waits for this many new bytes (or
+#: the rest of the blob, or the size asked for if smaller) rather than waking per chunk.
+_FOLLOW_MIN = 64 * 1024
 
 
 class LocalStore:
@@ -220,6 +231,7 @@ class LocalWriter:
         self._hasher = digests.Hasher()
         self._offset = 0
         self._closed = False
+        self._feed: IngestFeed | None = None
         self._rehash()
 
     @property
@@ -237,10 +249,25 @@ class LocalWriter:
             written += self._file.write(view[written:]) or 0
         self._hasher.update(data)
         self._offset += len(view)
+        if self._feed is not None:
+            self._feed.wrote(self._offset)
 
     def truncate(self, offset: int = 0) -> None:
+        if self._feed is not None:
+            self._feed.wrote(min(offset, self._offset))  # before the bytes go
         self._file.truncate(offset)
         self._rehash()
+        if self._feed is not None:
+            self._feed.wrote(self._offset)
+
+    def follow(self, size: int, expected: digests.Digest) -> IngestFeed:
+        """An :class:`IngestFeed` of this ingest (one per writer), for readers in other
+        threads while it is written. ``size`` and ``expected`` are the blob's."""
+        if self._feed is None:
+            self._feed = IngestFeed(
+                os.dup(self._file.fileno()), self._offset, size, digests.Digest(expected)
+            )
+        return self._feed
 
     def commit(self, size: int, expected: digests.Digest) -> store.Info:
         expected = digests.Digest(expected)
@@ -268,6 +295,8 @@ class LocalWriter:
         os.rename(self._path / "data", target)
         _fsync_dir(target.parent)
         info = store.Info(digest=expected, size=self._offset, created_at=time.time())
+        if self._feed is not None:
+            self._feed.finish(committed=True)
         self._finish(remove=True)
         return info
 
@@ -281,6 +310,8 @@ class LocalWriter:
         if self._closed:
             return
         self._closed = True
+        if self._feed is not None:
+            self._feed.finish(committed=False)  # no-op after a successful commit
         with contextlib.suppress(OSError):
             self._file.close()
         if remove:
@@ -300,6 +331,161 @@ class LocalWriter:
         self._file.seek(0, os.SEEK_END)
 
     def __enter__(self) -> LocalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class IngestFeed:
+    """What a :class:`LocalWriter` has written so far, for :class:`FollowingReader` s in
+    other threads. The writer reports every write and truncation (:meth:`wrote`) and its end
+    (:meth:`finish`); readers wait for bytes with :meth:`wait_for`.
+
+    The feed holds its own descriptor of the ingest file, so readers keep reading it after
+    the commit renamed it into ``blobs/`` and the writer closed. :meth:`close` it when no
+    reader will be made any more (readers have their own duplicates).
+    """
+
+    def __init__(self, fd: int, offset: int, size: int, expected: digests.Digest):
+        self.size = size
+        self.expected = expected
+        self._fd: int | None = fd
+        self._cond = threading.Condition()
+        self._written = offset  # bytes at the start of the file that the writer wrote
+        self._wanted: list[int] = []  # the offsets waiting readers need
+        self._outcome: bool | None = None  # True committed, False failed, None writing
+
+    # The writer's side (the event loop's thread).
+
+    def wrote(self, offset: int) -> None:
+        with self._cond:
+            self._written = offset
+            if self._wanted and min(self._wanted) <= offset:
+                self._cond.notify_all()
+
+    def finish(self, *, committed: bool) -> None:
+        with self._cond:
+            if self._outcome is None:
+                self._outcome = committed
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Fail the feed if it is still open, and release its descriptor."""
+        self.finish(committed=False)
+        with self._cond:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    # The readers' side.
+
+    @property
+    def finished(self) -> bool:
+        return self._outcome is not None
+
+    def reader(self) -> FollowingReader:
+        """A reader from offset 0 (raises :class:`Unavailable` once the feed is closed)."""
+        with self._cond:
+            if self._fd is None:
+                raise errors.Unavailable(f"blob {self.expected}: its download is over")
+            return FollowingReader(self, os.dup(self._fd))
+
+    def wait_for(self, end: int) -> int:
+        """Wait until ``end`` bytes are written (or the writer finished); return how many
+        are. Raises :class:`Unavailable` if the writer stopped without committing."""
+        with self._cond:
+            while True:
+                if self._outcome is False:
+                    raise errors.Unavailable(
+                        f"blob {self.expected}: its download failed or was interrupted"
+                    )
+                if self._written >= end or self._outcome:
+                    return self._written
+                self._wanted.append(end)
+                try:
+                    self._cond.wait()
+                finally:
+                    self._wanted.remove(end)
+
+    def outcome(self) -> bool:
+        """Wait for the writer to finish; whether it committed the blob."""
+        with self._cond:
+            while self._outcome is None:
+                self._cond.wait()
+            return self._outcome
+
+
+class FollowingReader:
+    """Reads an ingest from the start while it is being written: :meth:`read` waits for
+    bytes that are not there yet and returns ``b""`` after the blob's last byte.
+
+    Everything it returns is unconfirmed until :meth:`confirm`, which waits for the writer's
+    commit and checks that the bytes returned were exactly the blob's (the SHA-256 of what
+    was read, so a truncation and rewrite by a resumed download that changed any byte
+    already read is caught).
+    """
+
+    def __init__(self, feed: IngestFeed, fd: int):
+        self._feed = feed
+        self._fd: int | None = fd
+        self._pos = 0
+        self._hasher = digests.Hasher()
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self._fd is None:
+            raise ValueError("read of a closed FollowingReader")
+        total = self._feed.size
+        if size < 0:
+            size = _READ_CHUNK
+        end = min(total, self._pos + size)
+        while self._pos < end:
+            written = self._feed.wait_for(min(end, self._pos + _FOLLOW_MIN))
+            if written <= self._pos:
+                # Committed but shorter than the manifest says: the commit cannot have
+                # verified such a blob; the caller's confirm() fails.
+                return b""
+            data = os.pread(self._fd, min(end, written) - self._pos, self._pos)
+            if data:
+                self._pos += len(data)
+                self._hasher.update(data)
+                return data
+            # Truncated under us (a resume from offset 0): wait for the rewrite.
+        return b""
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def confirm(self) -> None:
+        """Wait for the blob's commit and check the bytes returned were exactly the blob.
+
+        Raises:
+            Unavailable: the download failed, or the bytes read were not the blob's.
+        """
+        feed = self._feed
+        if not feed.outcome():
+            raise errors.Unavailable(f"blob {feed.expected}: its download failed")
+        if self._pos != feed.size or self._hasher.digest() != feed.expected:
+            raise errors.Unavailable(
+                f"blob {feed.expected}: the bytes read while it downloaded were not the"
+                " committed blob's (the download was restarted)"
+            )
+
+    def outcome(self) -> bool:
+        """Wait for the download to end; whether the blob was committed."""
+        return self._feed.outcome()
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> FollowingReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

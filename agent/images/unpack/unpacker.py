@@ -270,36 +270,80 @@ class Unpacker:
         parent: str,
         cancel: threading.Event,
     ) -> _Applied:
-        """Apply one layer into a new active snapshot (not committed yet)."""
+        """Apply one layer into a new active snapshot (not committed yet).
+
+        The provider may hand out a blob that is still downloading (an object with
+        ``confirm()`` and ``outcome()``, see :class:`_Unconfirmed`). Its bytes are applied
+        as they arrive, and the layer is only returned once ``confirm()`` says the blob was
+        committed (size and digest verified) and the bytes applied were exactly its bytes.
+        If anything fails during such a speculative apply (a restarted download, or bytes
+        that fail to decompress, parse or match the diff ID), the active snapshot is removed
+        and, once the blob is committed, the layer is applied again from the committed blob;
+        that second attempt's error, if any, is the layer's.
+        """
         if cancel.is_set():
             raise CancelledError(f"layer {layer.digest}: unpack cancelled")
+        try:
+            return self._apply_once(index, layer, diff_id, chain_id, parent, cancel, True)
+        except _Unconfirmed as e:
+            tracing.set_attributes({"layer.speculation_abandoned": str(e)})
+            return self._apply_once(index, layer, diff_id, chain_id, parent, cancel, False)
+
+    def _apply_once(
+        self,
+        index: int,
+        layer: descriptors.Descriptor,
+        diff_id: digests.Digest,
+        chain_id: digests.Digest,
+        parent: str,
+        cancel: threading.Event,
+        speculate: bool,
+    ) -> _Applied:
         key = f"extract-{secrets.token_hex(8)} {chain_id}"
         labels = {_LABEL_OWNER: snapshots.snapshotter.owner_token()}
         mounts = self.snapshotter.prepare(key, parent, labels)
         try:
             target = _target(mounts)
-            self._emit("started", index, layer, chain_id)
+            if speculate:
+                self._emit("started", index, layer, chain_id)
             name = f"layer {layer.digest}"
             with self.provider.open_blob(layer.digest) as blob:
-                stream = compression.open_layer(
-                    blob,
-                    layer.media_type,
-                    max_uncompressed_bytes=self.max_uncompressed_bytes,
-                    max_ratio=self.max_ratio,
-                    name=name,
-                )
+                confirm = getattr(blob, "confirm", None)
+                if confirm is not None and not speculate:
+                    raise errors.Unavailable(f"{name}: its blob was not committed")
+                try:
+                    stream = compression.open_layer(
+                        blob,
+                        layer.media_type,
+                        max_uncompressed_bytes=self.max_uncompressed_bytes,
+                        max_ratio=self.max_ratio,
+                        name=name,
+                    )
 
-                def progress(n: int) -> None:
-                    self._emit("progress", index, layer, chain_id, stream.compressed_bytes, n)
+                    def progress(n: int) -> None:
+                        self._emit(
+                            "progress", index, layer, chain_id, stream.compressed_bytes, n
+                        )
 
-                result = archive.apply(
-                    stream,
-                    target,
-                    whiteouts=self._whiteouts,
-                    on_progress=progress if self.on_progress else None,
-                    cancel=cancel,
-                    name=name,
-                )
+                    result = archive.apply(
+                        stream,
+                        target,
+                        whiteouts=self._whiteouts,
+                        on_progress=progress if self.on_progress else None,
+                        cancel=cancel,
+                        name=name,
+                    )
+                    if confirm is not None:
+                        # No snapshot from bytes that are not the verified blob's.
+                        confirm()
+                except Exception as e:
+                    if confirm is None or cancel.is_set():
+                        raise
+                    # Unverified bytes may be the cause: judge the layer by its committed
+                    # blob, once the download is over (if it fails, so does the pull).
+                    if not getattr(blob, "outcome")():  # noqa: B009
+                        raise
+                    raise _Unconfirmed(str(e)) from e
             if result.diff_id != diff_id:
                 raise errors.DigestMismatch(
                     f"{name}: uncompressed it hashes to {result.diff_id}, but the image"
@@ -367,6 +411,11 @@ class Unpacker:
 _CAP_REBASE: Final = snapshots.CAP_REBASE
 _CAP_OVERLAY_WHITEOUTS: Final = snapshots.CAP_OVERLAY_WHITEOUTS
 _LABEL_OWNER: Final = snapshots.LABEL_OWNER
+
+
+class _Unconfirmed(Exception):  # noqa: N818
+    """A layer applied from a blob still downloading failed, or its bytes were not the
+    committed blob's; the layer is applied again from the committed blob."""
 
 
 def _lowers(mounts: Sequence[snapshots.Mount]) -> list[str]:
