@@ -391,11 +391,7 @@ class ImageService:
                         if inner.cancelled() and stalled:
                             raise stalled[0] from None
                         raise
-            except errors.PullStalled as e:
-                progress.set_phase(events.Phase.FAILED, str(e))
-                tracing.record_error(span, e)
-                raise
-            except errors.ImageError as e:
+            except errors.ImageError as e:  # PullStalled included
                 progress.set_phase(events.Phase.FAILED, str(e))
                 tracing.record_error(span, e)
                 raise

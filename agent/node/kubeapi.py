@@ -4,17 +4,11 @@ Everything the agent does to the API: ``GET`` its own NodeImageSet, ``PATCH`` it
 ``/status``, ``GET`` pull-secret copies in the operator namespace, ``POST`` Events. One
 choke point (:meth:`Client.request`) turns HTTP failures into :class:`APIError`.
 
-(:mod:`agent.operator.kubeapi` has the same connection loader; the two layers may not import
-each other. Moving :class:`Connection` to :mod:`agent.kube` would remove the copy.)
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import datetime
-import os
-import tempfile
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +16,7 @@ from typing import Any
 import httpx
 
 import agent
-from agent.kube import resources
+from agent.kube import connections, resources
 
 JSON = dict[str, Any]
 
@@ -39,56 +33,9 @@ class APIError(Exception):
         self.reason = reason
 
 
-@dataclasses.dataclass(frozen=True)
-class Connection:
-    """Where the API server is and how to authenticate (from a kubeconfig or in-cluster)."""
-
-    server: str
-    token: str | None = None
-    ca_path: str | None = None
-    cert_path: str | None = None
-    key_path: str | None = None
-    insecure: bool = False
-
-    def to_kopf(self) -> Any:
-        import kopf
-
-        return kopf.ConnectionInfo(
-            server=self.server, token=self.token, scheme="Bearer" if self.token else None,
-            ca_path=self.ca_path, certificate_path=self.cert_path,
-            private_key_path=self.key_path, insecure=self.insecure,
-        )
-
-
-def _materialise(value: str | None, suffix: str) -> str | None:
-    if not value:
-        return None
-    if os.path.exists(value):
-        return value
-    fd, path = tempfile.mkstemp(suffix=suffix)  # pragma: no cover - inline data only
-    os.write(fd, base64.b64decode(value))
-    os.close(fd)
-    return path
-
-
-def load_connection(kubeconfig: str = "", context: str = "") -> Connection:
-    """In-cluster service account when no kubeconfig is given and we run in a pod; else
-    ``kubeconfig`` (or $KUBECONFIG, ~/.kube/config) at ``context``."""
-    import kubernetes
-
-    cfg = kubernetes.client.Configuration()
-    if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        kubernetes.config.load_incluster_config(client_configuration=cfg)
-    else:
-        kubernetes.config.load_kube_config(
-            config_file=kubeconfig or None, context=context or None, client_configuration=cfg,
-        )
-    auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
-    token = auth.split(" ", 1)[1] if auth and " " in auth else auth
-    return Connection(
-        server=cfg.host, token=token, ca_path=_materialise(cfg.ssl_ca_cert, ".crt"),
-        cert_path=cfg.cert_file, key_path=cfg.key_file, insecure=not cfg.verify_ssl,
-    )
+#: Re-exported from :mod:`agent.kube.connections` (shared with the operator).
+Connection = connections.Connection
+load_connection = connections.load_connection
 
 
 def node_set_path(name: str, subresource: str = "") -> str:
