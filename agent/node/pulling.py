@@ -176,7 +176,8 @@ class Puller:
             guard(event)
 
         labels = {reconciling.LABEL_MANAGED: reconciling.MANAGED_BY,
-                  reconciling.LABEL_ENTRY: entry.name}
+                  reconciling.LABEL_ENTRY: entry.name,
+                  reconciling.LABEL_IMAGE: reconciling.normalise(entry.image)}
         attributes: dict[str, str | int] = {
             "image.ref": entry.reference, "k8s.node.name": self.options.node,
             "prefetcher.entry": entry.name, "prefetcher.attempt": state.attempts,

@@ -24,6 +24,9 @@ LABEL_MANAGED = "prefetcher.dev/managed-by"
 MANAGED_BY = "node-agent"
 #: Label with the entry name that pulled the record (for people; GC goes by reference).
 LABEL_ENTRY = "prefetcher.dev/entry"
+#: The reference as the ImagePrefetch named it (a tag, usually), normalised: an image the
+#: agent pulled by digest is still "nginx:1.27" for images.pinned_images.
+LABEL_IMAGE = "prefetcher.dev/image"
 
 DEFAULT_BACKOFF_LIMIT = 3
 #: Disk an image needs per compressed byte still to download: the blob itself plus its
@@ -246,7 +249,8 @@ def garbage(records: Iterable[tuple[str, Mapping[str, str]]], wanted: Iterable[s
     pinned (``images.pinned_images``). Records the agent did not write are left alone."""
     keep = set(wanted) | set(pinned)
     return sorted(name for name, labels in records
-                  if labels.get(LABEL_MANAGED) == MANAGED_BY and name not in keep)
+                  if labels.get(LABEL_MANAGED) == MANAGED_BY and name not in keep
+                  and labels.get(LABEL_IMAGE) not in keep)
 
 
 def normalise(reference: str) -> str:

@@ -40,6 +40,13 @@ def test_garbage_is_what_the_agent_pulled_and_nobody_wants_or_pins() -> None:
                                pinned=["reg.test/pause:3.9"]) == ["reg.test/b@sha256:2"]
 
 
+def test_a_tag_in_pinned_images_keeps_the_image_the_agent_pulled_by_digest() -> None:
+    pulled_by_digest = {**MANAGED, reconciling.LABEL_IMAGE: "reg.test/pause:3.9"}
+    records = [("reg.test/pause@sha256:9", pulled_by_digest), ("reg.test/b@sha256:2", MANAGED)]
+    assert reconciling.garbage(records, wanted=[],
+                               pinned=["reg.test/pause:3.9"]) == ["reg.test/b@sha256:2"]
+
+
 def test_a_status_item_counts_stalls_across_attempts() -> None:
     state = reconciling.ImageState("a")
     state.begin_attempt("t0")
