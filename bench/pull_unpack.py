@@ -3,26 +3,36 @@
 
 Generates (and caches) a multi-layer gzip image, pushes it to a fresh Debian
 ``docker-registry`` on a loopback port, then pulls and unpacks it into overlayfs snapshots
-three ways, interleaved, each from fresh state, ``--repeat`` times:
+four ways, interleaved, each from fresh state, ``--repeat`` times:
 
-  ours          prefetcher pull HOST/REPO:TAG --root FRESH --plain-http --quiet
-  ours-syncfs   the same with --sync-fs
-  containerd    a private containerd 1.6 (own root/state/socket, CRI disabled, overlayfs),
-                ctr -n bench image pull --plain-http HOST/REPO:TAG (fetch + unpack)
+  ours             prefetcher pull HOST/REPO:TAG --root FRESH --plain-http --quiet
+  ours-syncfs      the same with --sync-fs
+  ours-containerd  a private containerd 1.6 (as for ``containerd``), then the same
+                   prefetcher pull with a config of [images] snapshotter = "containerd"
+                   pointing at that containerd's socket, namespace k8s.io, overlayfs
+  containerd       a private containerd 1.6 (own root/state/socket, CRI plugin on as on a
+                   node, overlayfs), ctr -n k8s.io image pull --plain-http HOST/REPO:TAG
+                   (fetch + unpack in the daemon)
 
 Measurements per run (see README.md for why they are correct):
 
   wall          from spawning the client (prefetcher / ctr) to reaping it
   cpu           user+sys of the client (rusage of wait4) plus, for containerd, of the daemon
-                (/proc/PID/stat before/after)
+                (/proc/PID/stat before/after); the same for ours-containerd
   syscw, wchar, write_bytes, syscr, read_bytes
                 /proc/<pid>/io.  For a client process: the delta of this process's own
                 /proc/self/io across os.wait4() of the client: the kernel folds a reaped
                 child's I/O counters (all its threads, and its own reaped children) into the
                 parent's, and this process does nothing else meanwhile.  For containerd, the
-                daemon's /proc/PID/io delta across the pull is added to ctr's.
+                daemon's /proc/PID/io delta across the pull is added to ctr's (and to
+                prefetcher's for ours-containerd).
   peak RSS      ru_maxrss of the client from wait4; for containerd the daemon's VmHWM
-                (a fresh daemon per run), ctr's own is in the JSON.
+                (a fresh daemon per run), ctr's own is in the JSON.  For ours-containerd
+                prefetcher's (the target is about our process); the daemon's VmHWM is in
+                the JSON (daemon_rss_kib) and in the per-run line.
+
+After a run into containerd, ``ctr -n k8s.io images ls -q`` must list the reference and
+``ctr -n k8s.io snapshots ls`` must show one committed snapshot per layer (else ``!!``).
 
 Before every run the previous run's state is wiped and the page cache is written back
 (sync); with --drop-caches the page cache is also dropped (global: it slows other users of
@@ -59,24 +69,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fixtures import registries  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("ours", "ours-syncfs", "containerd")
+METHODS = ("ours", "ours-syncfs", "ours-containerd", "containerd")
+NAMESPACE = "k8s.io"  # both containerd methods: the CRI's namespace, what a node uses
 REPO, TAG = "bench/app", "v1"
 TARGET_RATIO = 0.6
 TARGET_SYNCFS = 1.10
 TARGET_RSS_MIB = 150.0
 IO_KEYS = ("rchar", "wchar", "syscr", "syscw", "read_bytes", "write_bytes")
 
+# The same daemon config for both containerd methods.  The CRI plugin is on (as on a node,
+# and as the prefetcher backend's start-up checks want: they read the CRI's snapshotter and
+# discard_unpacked_layers from its verbose status), with no CNI and no TCP streaming service.
 CONTAINERD_CONFIG = """\
 version = 2
 root = "{root}"
 state = "{state}"
+plugin_dir = ""
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.internal.v1.tracing",
+  "io.containerd.tracing.processor.v1.otlp",
 ]
 
 [grpc]
@@ -88,8 +103,37 @@ disabled_plugins = [
 [debug]
   level = "warn"
 
+[metrics]
+  address = ""
+
 [plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
+  path = "{base}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{base}/cni/bin"
+    conf_dir = "{base}/cni/conf.d"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+"""
+
+# Run in a child (not in the measuring process, which must do no I/O of its own): wait until
+# the CRI plugin answers the backend's start-up checks (it initialises after the socket is up).
+CRI_READY = """\
+import sys, time
+from agent.images.containerd import checks, client
+deadline = time.monotonic() + 30
+while True:
+    with client.Client(sys.argv[1], "k8s.io") as c:
+        report = checks.run(c)
+    if report.cri or time.monotonic() > deadline:
+        break
+    time.sleep(0.1)
+print("\\n".join(f"{f.level}: {f.message}" for f in report.findings))
+sys.exit(0 if report.cri and report.ok else 1)
 """
 
 
@@ -105,7 +149,9 @@ class Run:
     io: dict[str, int] = field(default_factory=dict)
     peak_rss_kib: int = 0
     client_rss_kib: int = 0  # ctr's for containerd (= peak_rss_kib for ours)
+    daemon_rss_kib: int = 0  # containerd's VmHWM, for both containerd methods
     entries: int = 0  # names found in the snapshot directories afterwards
+    problems: list[str] = field(default_factory=list)  # failed checks after the run
 
 
 def read_io(pid: int | str = "self") -> dict[str, int]:
@@ -221,9 +267,11 @@ class Setup:
     prefetcher: str
     containerd: str
     ctr: str
+    python: str  # for the CRI readiness probe (needs the agent package)
     config: Path  # an empty prefetcher config file
     drop_caches: bool
     expected_entries: int
+    layers: int
     children: Children
     env: dict[str, str]
 
@@ -242,26 +290,36 @@ def run_ours(setup: Setup, repetition: int, sync_fs: bool) -> Run:
         unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
     return Run(method, repetition, wall, rusage.ru_utime + rusage.ru_stime, io,
-               rusage.ru_maxrss, rusage.ru_maxrss, entries)
+               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries)
 
 
-def run_containerd(setup: Setup, repetition: int) -> Run:
-    base = setup.run_dir / f"containerd-{repetition}"
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    sock: Path
+    root: Path
+    ctr: list[str]  # ctr --address SOCK --namespace k8s.io
+
+
+@contextlib.contextmanager
+def private_containerd(setup: Setup, name: str) -> Iterator[Daemon]:
+    """A fresh containerd (own root, state, socket), answering ``ctr version`` and the CRI;
+    stopped by PID, unmounted and wiped afterwards."""
+    base = setup.run_dir / name
     root, state = base / "root", base / "state"
     sock = base / "containerd.sock"
-    for d in (root, state, base / "opt"):
+    for d in (root, state, base / "opt", base / "cni" / "bin", base / "cni" / "conf.d"):
         d.mkdir(parents=True, exist_ok=True)
     config = base / "config.toml"
-    config.write_text(CONTAINERD_CONFIG.format(root=root, state=state, sock=sock,
-                                               opt=base / "opt"))
+    config.write_text(CONTAINERD_CONFIG.format(root=root, state=state, sock=sock, base=base))
     log = setup.run_dir / "containerd.log"
-    ctr = [setup.ctr, "--address", str(sock), "--namespace", "bench"]
-    daemon = setup.children.spawn([setup.containerd, "--config", str(config)], log, setup.env)
+    ctr = [setup.ctr, "--address", str(sock), "--namespace", NAMESPACE]
+    proc = setup.children.spawn([setup.containerd, "--config", str(config)], log, setup.env)
     try:
         deadline = time.monotonic() + 30
         while True:
-            if daemon.poll() is not None:
-                raise RuntimeError(f"containerd exited with {daemon.returncode}; see {log}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"containerd exited with {proc.returncode}; see {log}")
             if sock.exists() and subprocess.run(
                 [*ctr, "version"], capture_output=True, env=setup.env
             ).returncode == 0:
@@ -269,24 +327,65 @@ def run_containerd(setup: Setup, repetition: int) -> Run:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"containerd did not answer on {sock}; see {log}")
             time.sleep(0.05)
-        settle(setup.drop_caches)
-        daemon_io, daemon_cpu = read_io(daemon.pid), proc_cpu(daemon.pid)
-        wall, io, rusage = measured(
-            setup.children, [*ctr, "image", "pull", "--plain-http", setup.ref],
-            setup.run_dir / "ctr.log", setup.env,
-        )
-        daemon_io = io_delta(daemon_io, read_io(daemon.pid))
-        daemon_cpu = proc_cpu(daemon.pid) - daemon_cpu
-        hwm = vm_hwm_kib(daemon.pid)
-        snapshots = root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
-        entries = count_entries(snapshots.glob("*/fs"))
+        ready = subprocess.run([setup.python, "-c", CRI_READY, str(sock)], capture_output=True,
+                               text=True, env=setup.env, cwd=REPO_ROOT)
+        if ready.returncode != 0:
+            raise RuntimeError(f"containerd's CRI plugin not ready on {sock}: "
+                               f"{ready.stdout}{ready.stderr}; see {log}")
+        yield Daemon(proc, sock, root, ctr)
     finally:
-        setup.children.stop(daemon)
+        setup.children.stop(proc)
         unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def check_containerd(setup: Setup, daemon: Daemon, layers: int) -> tuple[int, list[str]]:
+    """After a pull: (entries in the snapshot dirs, problems): the image must be listed and
+    there must be one committed snapshot per layer."""
+    problems = []
+    listed = subprocess.run([*daemon.ctr, "images", "ls", "-q"], capture_output=True,
+                            text=True, env=setup.env).stdout.split()
+    if setup.ref not in listed:
+        problems.append(f"{setup.ref} not in ctr images ls ({listed})")
+    lines = subprocess.run([*daemon.ctr, "snapshots", "ls"], capture_output=True, text=True,
+                           env=setup.env).stdout.splitlines()[1:]
+    kinds = [line.split()[-1] for line in lines if line.strip()]
+    committed = kinds.count("Committed")
+    if committed != layers or len(kinds) != layers:
+        problems.append(f"{committed} committed of {len(kinds)} snapshots, {layers} layers")
+    snapshots = daemon.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
+    return count_entries(snapshots.glob("*/fs")), problems
+
+
+def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
+    """``containerd`` (ctr image pull) or ``ours-containerd`` (prefetcher pull into it)."""
+    with private_containerd(setup, f"{method}-{repetition}") as daemon:
+        if method == "containerd":
+            argv = [*daemon.ctr, "image", "pull", "--plain-http", setup.ref]
+            log = setup.run_dir / "ctr.log"
+        else:
+            config = setup.run_dir / f"{method}-{repetition}.toml"
+            config.write_text(
+                'version = 2\n[images]\nsnapshotter = "containerd"\n[images.containerd]\n'
+                f'address = "{daemon.sock}"\nnamespace = "{NAMESPACE}"\n'
+                'snapshotter = "overlayfs"\n'
+            )
+            root = setup.run_dir / f"{method}-{repetition}" / "prefetcher"
+            argv = [setup.prefetcher, "pull", setup.ref, "--root", str(root), "--config",
+                    str(config), "--plain-http", "--quiet"]
+            log = setup.run_dir / f"{method}.log"
+        settle(setup.drop_caches)
+        daemon_io, daemon_cpu = read_io(daemon.proc.pid), proc_cpu(daemon.proc.pid)
+        wall, io, rusage = measured(setup.children, argv, log, setup.env)
+        daemon_io = io_delta(daemon_io, read_io(daemon.proc.pid))
+        daemon_cpu = proc_cpu(daemon.proc.pid) - daemon_cpu
+        hwm = vm_hwm_kib(daemon.proc.pid)
+        entries, problems = check_containerd(setup, daemon, setup.layers)
     total_io = {key: io[key] + daemon_io[key] for key in IO_KEYS}
-    return Run("containerd", repetition, wall, rusage.ru_utime + rusage.ru_stime + daemon_cpu,
-               total_io, hwm, rusage.ru_maxrss, entries)
+    cpu = rusage.ru_utime + rusage.ru_stime + daemon_cpu
+    peak = hwm if method == "containerd" else rusage.ru_maxrss
+    return Run(method, repetition, wall, cpu, total_io, peak, rusage.ru_maxrss, hwm, entries,
+               problems)
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -302,6 +401,7 @@ def median_of(runs: list[Run], method: str) -> dict[str, float]:
         "cpu": statistics.median(r.cpu for r in mine),
         "peak_rss_mib": statistics.median(r.peak_rss_kib for r in mine) / 1024,
         "client_rss_mib": statistics.median(r.client_rss_kib for r in mine) / 1024,
+        "daemon_rss_mib": statistics.median(r.daemon_rss_kib for r in mine) / 1024,
     }
     for key in IO_KEYS:
         out[key] = statistics.median(r.io[key] for r in mine)
@@ -371,20 +471,22 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
     print(f"* Medians of {n} interleaved repetitions; page cache "
           f"{'dropped' if info['drop_caches'] else 'synced, not dropped'} before each run")
     labels = {"ours": "prefetcher", "ours-syncfs": "prefetcher --sync-fs",
-              "containerd": "containerd 1.6 (ctr)"}
+              "ours-containerd": "prefetcher->containerd", "containerd": "containerd 1.6 (ctr)"}
     for method, m in med.items():
         print(f"* {labels[method]}: {m['wall']:.3f}s (best {m['wall_min']:.2f}s, "
               f"cpu {m['cpu']:.2f}s, "
-              f"peak RSS {m['peak_rss_mib']:.0f} MiB)")
+              f"peak RSS {m['peak_rss_mib']:.0f} MiB"
+              + (f", containerd {m['daemon_rss_mib']:.0f} MiB" if m["daemon_rss_mib"] else "")
+              + ")")
         print(f"  WIOS={m['syscw']:.0f}, WBytes={m['write_bytes']:.0f}, "
               f"RIOS={m['syscr']:.0f}, RBytes={m['read_bytes']:.0f}, wchar={m['wchar']:.0f}")
     print()
-    header = (f"{'method':<22}{'wall s':>8}{'cpu s':>8}{'WIOS(syscw)':>13}{'wchar':>10}"
+    header = (f"{'method':<24}{'wall s':>8}{'cpu s':>8}{'WIOS(syscw)':>13}{'wchar':>10}"
               f"{'WBytes':>10}{'peak RSS':>10}")
     print(header)
     print("-" * len(header))
     for method, m in med.items():
-        print(f"{labels[method]:<22}{m['wall']:>8.2f}{m['cpu']:>8.2f}{m['syscw']:>13.0f}"
+        print(f"{labels[method]:<24}{m['wall']:>8.2f}{m['cpu']:>8.2f}{m['syscw']:>13.0f}"
               f"{human(m['wchar']):>10}{human(m['write_bytes']):>10}"
               f"{m['peak_rss_mib']:>6.0f} MiB")
     ratios: dict[str, float] = {}
@@ -397,18 +499,22 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
     for key in ("wall", "cpu", "syscw", "write_bytes"):
         ratio("ours/containerd", "ours", "containerd", key)
         ratio("ours-syncfs/containerd", "ours-syncfs", "containerd", key)
+        ratio("ours-containerd/containerd", "ours-containerd", "containerd", key)
+        ratio("ours-containerd/ours", "ours-containerd", "ours", key)
         ratio("syncfs/no-syncfs", "ours-syncfs", "ours", key)
     paired = {
         "ours/containerd": paired_wall_ratio(runs, "ours", "containerd"),
         "ours-syncfs/containerd": paired_wall_ratio(runs, "ours-syncfs", "containerd"),
+        "ours-containerd/containerd": paired_wall_ratio(runs, "ours-containerd", "containerd"),
+        "ours-containerd/ours": paired_wall_ratio(runs, "ours-containerd", "ours"),
         "syncfs/no-syncfs": paired_wall_ratio(runs, "ours-syncfs", "ours"),
     }
     print()
-    print(f"  {'ratio of medians':<34}{'':>7}   (paired: median of per-repetition ratios)")
+    print(f"  {'ratio of medians':<40}{'':>7}   (paired: median of per-repetition ratios)")
     for name, value in ratios.items():
         pair = paired.get(name.removesuffix(".wall")) if name.endswith(".wall") else None
         extra = f"   (paired {pair:.2f}x)" if pair is not None else ""
-        print(f"  {name:<34}{value:6.2f}x{extra}")
+        print(f"  {name:<40}{value:6.2f}x{extra}")
     print()
     if "ours/containerd.wall" in ratios:
         value = ratios["ours/containerd.wall"]
@@ -446,7 +552,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="pull_unpack.py",
         description=(
             "Benchmark pull+unpack of a generated multi-layer image from a loopback "
-            "docker-registry: prefetcher pull (without and with --sync-fs) against "
+            "docker-registry: prefetcher pull (without and with --sync-fs, and into a "
+            "containerd through its containerd backend) against "
             "containerd 1.6 (ctr image pull), interleaved, fresh state per run. Prints "
             "median wall time, CPU, write IOs/bytes (/proc/PID/io), peak RSS, ratios and "
             "the issue's targets as PASS/FAIL. Run as root."
@@ -512,24 +619,29 @@ def main(argv: list[str] | None = None) -> int:
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("PREFETCHER_", "CONTAINERD_"))}
             setup = Setup(run_dir, f"{registry.host}/{REPO}:{TAG}", args.prefetcher,
-                          args.containerd, args.ctr, config, args.drop_caches, image.entries,
-                          children, env)
+                          args.containerd, args.ctr, sys.executable, config,
+                          args.drop_caches, image.entries, len(image.layers), children, env)
             runs: list[Run] = []
             for repetition in range(args.repeat):
                 shift = repetition % len(args.methods)
                 order = args.methods[shift:] + args.methods[:shift]  # rotate: no fixed slot
                 for method in order:
-                    if method == "containerd":
-                        run = run_containerd(setup, repetition)
+                    if method in ("containerd", "ours-containerd"):
+                        run = run_into_containerd(setup, repetition, method)
                     else:
                         run = run_ours(setup, repetition, sync_fs=method == "ours-syncfs")
                     runs.append(run)
                     flag = "" if run.entries == image.entries else (
                         f"  !! {run.entries} entries unpacked, expected {image.entries}")
-                    print(f"[{repetition + 1}/{args.repeat}] {method:<12} {run.wall:7.2f}s"
+                    flag += "".join(f"  !! {p}" for p in run.problems)
+                    daemon = (f" (containerd {run.daemon_rss_kib / 1024:.0f})"
+                              if run.daemon_rss_kib and run.daemon_rss_kib != run.peak_rss_kib
+                              else "")
+                    print(f"[{repetition + 1}/{args.repeat}] {method:<15} {run.wall:7.2f}s"
                           f"  cpu {run.cpu:6.2f}s  syscw {run.io['syscw']:>7}"
                           f"  write_bytes {human(run.io['write_bytes']):>9}"
-                          f"  peak RSS {run.peak_rss_kib / 1024:5.0f} MiB{flag}", flush=True)
+                          f"  peak RSS {run.peak_rss_kib / 1024:5.0f} MiB{daemon}{flag}",
+                          flush=True)
         info: dict[str, Any] = {
             "machine": machine(),
             "filesystem": filesystem_of(args.workdir),
