@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import json
 
+import httpx
 from fixtures import images, registries
 from fixtures.faultproxy import FaultProxy
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kube.cluster import Cluster
 
@@ -23,9 +25,17 @@ def _events(cluster: Cluster, node: str, reason: str) -> list[dict[str, object]]
             if e["involvedObject"].get("name") == node and e["reason"] == reason]
 
 
+def _metrics(agent: Agent) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The agent's /metrics, scraped and parsed: (sample name, labels) → value."""
+    text = httpx.get(f"http://127.0.0.1:{agent.metrics_port}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_a_stalled_pull_fails_with_pull_stalled_and_a_later_retry_succeeds(
         cluster: Cluster, clean_proxy: FaultProxy, agents: dict[str, Agent]) -> None:
     proxy = clean_proxy
+    before = _metrics(agents["e2e-a"])
     image = images.Image([images.random_layer(400_000, seed=81)])
     images.push(proxy.upstream, "e2e/stall", "1", image)
     blob = f"/blobs/{image.layers[0].digest}"
@@ -43,6 +53,15 @@ def test_a_stalled_pull_fails_with_pull_stalled_and_a_later_retry_succeeds(
     assert st["stallCancellations"] == 1
     cluster.wait_for(lambda: ipf_status(cluster, "stall").get("stalledCancellations") == 1)
     cluster.wait_for(lambda: _events(cluster, "e2e-a", "PullStalled"))
+    after = _metrics(agents["e2e-a"])
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("prefetcher_pull_stall_cancellations_total") == 1
+    assert moved("prefetcher_pulls_total", result="failure", reason="PullStalled") == 1
+    assert moved("prefetcher_pull_stalls_total") >= 1  # the resumed silent requests
 
     proxy.clear()  # the registry is healthy again: the next attempt series succeeds
     cluster.wait_for(lambda: _phase(cluster, "e2e-a", ref) == "Ready", timeout=30)
