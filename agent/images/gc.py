@@ -10,7 +10,9 @@ Views (mounts the user made with ``prefetcher mount``) are roots too: their pare
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent.images import digests, errors, mediatypes, records
@@ -40,11 +42,20 @@ def collect(
     snapshotter: snapshotter_api.Snapshotter | None,
     image_records: Iterable[records.ImageRecord],
     *,
-    leased: Iterable[str] = (),
+    leased: Callable[[str], bool] = lambda name: False,
+    lease_lock: threading.Lock | None = None,
     discard_unpacked_layers: bool = False,
 ) -> Result:
-    """Remove what nothing reaches. Blocking: call it from a thread in async code."""
-    keep: set[str] = set(leased)
+    """Remove what nothing reaches. Blocking: call it from a thread in async code.
+
+    ``leased(name)`` says whether an in-flight pull holds a blob digest or chain ID; it is
+    asked under ``lease_lock`` at the moment of each delete, the lock pulls take to lease
+    something before they look for it, so a pull never loses what it found present.
+    """
+    lock: contextlib.AbstractContextManager[object] = (
+        lease_lock if lease_lock is not None else contextlib.nullcontext()
+    )
+    keep: set[str] = set()
     for record in image_records:
         keep.update(str(b) for b in record.blobs)
         if record.chain_id:
@@ -53,21 +64,28 @@ def collect(
                 keep.difference_update(_layer_digests(content, record))
     result = Result()
     if snapshotter is not None:
-        _collect_snapshots(snapshotter, keep, result)
+        _collect_snapshots(snapshotter, keep, result, leased, lock)
     for info in list(content.walk()):
         if str(info.digest) in keep:
             continue
-        try:
-            content.delete(info.digest)
-        except errors.NotFound:
-            continue
+        with lock:
+            if leased(str(info.digest)):
+                continue
+            try:
+                content.delete(info.digest)
+            except errors.NotFound:
+                continue
         result.blobs.append(str(info.digest))
         result.bytes_freed += info.size
     return result
 
 
 def _collect_snapshots(
-    snapshotter: snapshotter_api.Snapshotter, keep: set[str], result: Result
+    snapshotter: snapshotter_api.Snapshotter,
+    keep: set[str],
+    result: Result,
+    leased: Callable[[str], bool],
+    lock: contextlib.AbstractContextManager[object],
 ) -> None:
     infos = {i.name: i for i in snapshotter.walk()}
     reachable: set[str] = set()
@@ -93,13 +111,20 @@ def _collect_snapshots(
         if not leaves:  # pragma: no cover - a cycle cannot be built through the API
             break
         for name in sorted(leaves):
-            try:
-                result.bytes_freed += snapshotter.usage(name).size
-                snapshotter.remove(name)
-            except errors.NotFound:
-                pass
-            result.snapshots.append(name)
             pending.discard(name)
+            with lock:
+                if leased(name):  # a pull took it meanwhile: it and its parents stay
+                    continue
+                try:
+                    size = snapshotter.usage(name).size
+                    snapshotter.remove(name)
+                except errors.NotFound:
+                    pass
+                except errors.ImageError:
+                    continue  # e.g. a child committed since the walk: it is in use
+                else:
+                    result.bytes_freed += size
+            result.snapshots.append(name)
             parent = infos[name].parent
             if parent:
                 children[parent] -= 1

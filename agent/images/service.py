@@ -135,7 +135,11 @@ class ImageService:
         self.registry = registry
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _open_shared_lock(self.root / "lock")
+        # What in-flight pulls hold (blob digests, chain IDs): GC keeps it. A pull adds a name
+        # *before* it looks for or stores that content, and GC checks under the same lock at
+        # the moment it deletes, so a delete and a lease never interleave.
         self._leases: dict[int, set[str]] = {}
+        self._lease_lock = threading.Lock()
         self.content = local.LocalStore(self.root / "content")
         self.records = records.ImageRecords(self.root / "images.db")
         self.containerd: containerd_backend.ContainerdBackend | None = None
@@ -222,24 +226,25 @@ class ImageService:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # a failed upgrade drops the lock
+            # A failed upgrade drops the lock; taking it back may wait (off the event loop).
+            await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_SH)
             raise errors.Unavailable(
                 f"the store {self.root} is in use by another prefetcher process (the node"
                 " agent?); garbage collection runs there, or stop it first"
             ) from e
         try:
-            leased = set().union(*self._leases.values()) if self._leases else set()
             with tracing.span(SPAN_PREFIX, "gc"):
                 return await asyncio.to_thread(
                     gc.collect,
                     self.content,
                     self.snapshotter,
                     list(self.records),
-                    leased=leased,
+                    leased=self._is_leased,
+                    lease_lock=self._lease_lock,
                     discard_unpacked_layers=self.options.discard_unpacked_layers,
                 )
         finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+            await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_SH)
 
     def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
         """Mount the image's root filesystem read-only at ``target`` (a view snapshot)."""
@@ -306,11 +311,23 @@ class ImageService:
         """A set of blob digests and chain IDs that GC must keep while the block runs."""
         held: set[str] = set()
         token = id(held)
-        self._leases[token] = held
+        with self._lease_lock:
+            self._leases[token] = held
         try:
             yield held
         finally:
-            del self._leases[token]
+            with self._lease_lock:
+                del self._leases[token]
+
+    def _hold(self, lease: set[str], *names: object) -> None:
+        """Add ``names`` to ``lease``: call it before looking for or storing them."""
+        with self._lease_lock:
+            lease.update(str(n) for n in names)
+
+    def _is_leased(self, name: str, *, besides: set[str] | None = None) -> bool:
+        """Whether an in-flight pull (other than ``besides``) holds ``name``. Call with
+        ``_lease_lock`` held."""
+        return any(name in held for held in self._leases.values() if held is not besides)
 
     # Pull.
 
@@ -438,13 +455,15 @@ class ImageService:
         # Manifest requests count as active for the stall watchdog (digest None: they are
         # not part of the byte totals), as every request does in containerd's reporter.
         with tracing.span(SPAN_PREFIX, "resolve", {tracing.IMAGE_REF: str(ref)}):
-            top, top_data = await self._resolve(ref, progress)
+            top, top_data = await self._resolve(ref, progress, lease)
         blobs: list[digests.Digest] = [top.digest]
         manifest_desc, manifest_data = top, top_data
         if top.media_type in mediatypes.INDEXES:
             index = descriptors.Index.parse(top_data, top.media_type)
             chosen = platforms.select(index, want, what=str(ref))
-            manifest_desc, manifest_data = await self._manifest_by_digest(ref, chosen, progress)
+            manifest_desc, manifest_data = await self._manifest_by_digest(
+                ref, chosen, progress, lease
+            )
             blobs.append(manifest_desc.digest)
         elif top.media_type not in mediatypes.MANIFESTS:
             raise errors.UnsupportedMediaType(
@@ -452,8 +471,7 @@ class ImageService:
                 " neither an image manifest nor an index"
             )
         manifest = descriptors.Manifest.parse(manifest_data, manifest_desc.media_type)
-        lease.update([str(top.digest), str(manifest_desc.digest), str(manifest.config.digest)])
-        lease.update(str(layer.digest) for layer in manifest.layers)
+        self._hold(lease, manifest.config.digest, *(layer.digest for layer in manifest.layers))
 
         progress.set_phase(events.Phase.DOWNLOADING)
         progress.add_blobs([manifest.config, *manifest.layers])
@@ -470,7 +488,7 @@ class ImageService:
                     f"{ref}: the manifest lists {len(manifest.layers)} layers but the config"
                     f" {manifest.config.digest} has {len(config.diff_ids)} diff IDs"
                 )
-            lease.update(str(c) for c in digests.chain_ids(config.diff_ids))
+            self._hold(lease, *digests.chain_ids(config.diff_ids))
             unpacking = unpack and self.snapshotter is not None and bool(manifest.layers)
             needed = list(manifest.layers)
             if unpack and self.containerd is not None:
@@ -529,7 +547,7 @@ class ImageService:
         )
         await asyncio.to_thread(self.records.put, record)
         if chain_id and self.options.discard_unpacked_layers:
-            await asyncio.to_thread(self._discard_layers, record, manifest)
+            await asyncio.to_thread(self._discard_layers, record, manifest, lease)
         return PullResult(
             reference=str(ref),
             digest=top.digest,
@@ -547,16 +565,23 @@ class ImageService:
             retries=0,
         )
 
-    def _discard_layers(self, record: records.ImageRecord, manifest: descriptors.Manifest) -> None:
-        """Delete this image's layer blobs unless an image that is not unpacked needs them."""
+    def _discard_layers(
+        self, record: records.ImageRecord, manifest: descriptors.Manifest, lease: set[str]
+    ) -> None:
+        """Delete this image's layer blobs unless an image that is not unpacked, or another
+        pull in flight, needs them."""
         needed = {str(b) for r in self.records if not r.chain_id for b in r.blobs}
         for layer in manifest.layers:
-            if str(layer.digest) not in needed:
+            with self._lease_lock:
+                if str(layer.digest) in needed or self._is_leased(
+                    str(layer.digest), besides=lease
+                ):
+                    continue
                 with contextlib.suppress(errors.NotFound):
                     self.content.delete(layer.digest)
 
     async def _resolve(
-        self, ref: references.Reference, progress: tracker.PullProgress
+        self, ref: references.Reference, progress: tracker.PullProgress, lease: set[str]
     ) -> tuple[descriptors.Descriptor, bytes]:
         """The top descriptor and its bytes, from the store when the digest is known there.
 
@@ -566,15 +591,18 @@ class ImageService:
         """
         if ref.digest is not None:
             desc = descriptors.Descriptor(media_type="", digest=ref.digest, size=0)
-            return await self._manifest_by_digest(ref, desc, progress)
+            return await self._manifest_by_digest(ref, desc, progress, lease)
         with progress.request(None):
             head = await self._registry().resolve(ref)
+        if head is not None:
+            self._hold(lease, head.digest)
         if head is not None and self.content.exists(head.digest):
             data = self.content.read_blob(head.digest)
             media_type = descriptors.media_type_of(data, head.media_type)
             return dataclasses.replace(head, media_type=media_type, size=len(data)), data
         with progress.request(None):
             desc, data = await self._registry().fetch_manifest(ref)
+        self._hold(lease, desc.digest)
         # (If the tag moved between HEAD and GET, the GET's verified bytes win.)
         await self._store_small(desc, data)
         return desc, data
@@ -584,7 +612,9 @@ class ImageService:
         ref: references.Reference,
         desc: descriptors.Descriptor,
         progress: tracker.PullProgress,
+        lease: set[str],
     ) -> tuple[descriptors.Descriptor, bytes]:
+        self._hold(lease, desc.digest)
         if self.content.exists(desc.digest):
             data = self.content.read_blob(desc.digest)
         else:
@@ -656,6 +686,11 @@ class ImageService:
         on_writer: Callable[[descriptors.Descriptor, local.LocalWriter], None] | None = None,
     ) -> int:
         writer = await self._open_writer(desc)
+        if self.content.exists(desc.digest):
+            # Another process held the ingest and published the blob while we waited.
+            writer.abort()
+            progress.blob_present(desc)
+            return 0
         if on_writer is not None:
             on_writer(desc, writer)
         policy = stall.RetryPolicy.for_stall_timeout(progress_timeout)

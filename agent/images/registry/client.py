@@ -358,7 +358,14 @@ class RegistryClient:
         authorized_once = False
         while True:
             attempt += 1
-            request_headers = {"User-Agent": self._user_agent, **host.headers, **headers}
+            # identity: digests are over the bytes as stored; a compressed transfer encoding
+            # (httpx asks for gzip/zstd by default) would be hashed compressed.
+            request_headers = {
+                "User-Agent": self._user_agent,
+                "Accept-Encoding": "identity",
+                **host.headers,
+                **headers,
+            }
             authorization = self._auth.header(host.host, scope)
             if authorization:
                 request_headers["Authorization"] = authorization
@@ -435,7 +442,10 @@ class RegistryClient:
             location = response.headers.get("location")
             await response.aclose()
             if not location:
-                return response
+                raise errors.RegistryError(
+                    f"{current.host} answered {response.status_code} without a Location header",
+                    status=response.status_code,
+                )
             target = current.join(location)
             if (target.scheme, target.host, target.port) != (
                 origin.scheme,

@@ -171,3 +171,40 @@ async def test_an_anonymous_pull_from_a_token_registry_gets_an_anonymous_token(
     fake.require_token = True
     await pull_from(fake, tmp_path)
     assert fake.tokens_issued == 1
+
+
+async def test_registry_requests_ask_for_the_bytes_as_stored_not_a_compressed_encoding(
+) -> None:
+    import gzip
+
+    from agent.images import references
+
+    manifest = images.Image([images.layer({"a": "b"})]).manifest
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("accept-encoding"))
+        compress = "gzip" in (request.headers.get("accept-encoding") or "")
+        body = gzip.compress(manifest.data) if compress else manifest.data
+        headers = {"Content-Type": json.loads(manifest.data)["mediaType"],
+                   "Docker-Content-Digest": manifest.digest}
+        if compress:
+            headers["Content-Encoding"] = "gzip"
+        return respond(200, body, headers)
+
+    async with client.RegistryClient(hosts.RegistryHosts(None),
+                                     transport=httpx.MockTransport(handler)) as rc:
+        desc, data = await rc.fetch_manifest(references.parse(f"{HOST}/a/b@{manifest.digest}"))
+    assert seen == ["identity"]
+    assert desc.digest == manifest.digest and data == manifest.data
+
+
+async def test_a_redirect_without_location_is_a_registry_error_not_a_crash() -> None:
+    from agent.images import references
+
+    async with client.RegistryClient(
+        hosts.RegistryHosts(None), retry=client.RetryPolicy(attempts=1),
+        transport=httpx.MockTransport(lambda request: respond(302, b"moved")),
+    ) as rc:
+        with pytest.raises(errors.RegistryError, match="without a Location"):
+            await rc.fetch_manifest(references.parse(f"{HOST}/a/b:1"))
