@@ -4,10 +4,12 @@ An entry is shared by every ImagePrefetch that wants the same (normalised) refer
 node. Each owner *contributes* an entry of its own (:func:`contribution`); the entry written
 is their combination (:func:`combine`): pull secrets united, ``pullPolicy`` Always if any
 owner says so, the most lenient ``timeoutSeconds`` / ``backoffLimit`` / ``progressTimeout``
-("0", disabled, is the most lenient), ``pinned`` if any owner pins, and ``digest`` /
-``traceparent`` of the owner writing now (the latest resolution). Contributions of owners the
-writer does not know (another prefetch not reconciled yet since a restart) are taken from
-the entry as it stands.
+("0", disabled, is the most lenient), ``pinned`` if any owner pins, ``traceparent`` of the
+owner writing now, and one deterministic ``digest``: the entry's current digest as long as
+some owner still contributes it, otherwise the writer's (two prefetches that resolved a tag
+to different digests thus do not take turns rewriting the entry and restarting the pulls;
+every owner accepts the entry's digest). Contributions of owners the writer does not know
+(another prefetch not reconciled yet since a restart) are taken from the entry as it stands.
 """
 
 from __future__ import annotations
@@ -73,8 +75,11 @@ def _progress_key(value: str | None) -> float:
     return float("inf") if seconds == 0 else seconds
 
 
-def combine(contributions: list[specs.ImageEntry]) -> specs.ImageEntry:
-    """One entry from the owners' contributions; the first contribution is the writer's."""
+def combine(contributions: list[specs.ImageEntry], current: str = "") -> specs.ImageEntry:
+    """One entry from the owners' contributions; the first contribution is the writer's.
+
+    ``current``: the digest of the entry as it stands (kept while an owner contributes it).
+    """
     first = contributions[0]
     owners: dict[str, specs.Owner] = {}
     for c in contributions:
@@ -91,8 +96,12 @@ def combine(contributions: list[specs.ImageEntry]) -> specs.ImageEntry:
                             for c in contributions),
         "pinned": any(c.get("pinned", False) for c in contributions),
     }
-    if first.get("digest"):
-        result["digest"] = first["digest"]
+    digests = {c.get("digest", "") for c in contributions}
+    digest = current if current and current in digests else first.get("digest", "")
+    if not digest:  # the writer has none (not resolved): keep another owner's
+        digest = next((c["digest"] for c in contributions if c.get("digest")), "")
+    if digest:
+        result["digest"] = digest
     secrets = sorted({s for c in contributions for s in c.get("pullSecrets", [])})
     if secrets:
         result["pullSecrets"] = secrets
@@ -132,7 +141,8 @@ def upsert(
         uid = mine["owners"][0]["uid"]
         existing = by_name.get(mine["name"])
         others = _others(existing, uid, known) if existing is not None else []
-        by_name[mine["name"]] = combine([mine, *others])
+        current = existing.get("digest", "") if existing is not None else ""
+        by_name[mine["name"]] = combine([mine, *others], current)
     return [by_name[name] for name in sorted(by_name)]
 
 
@@ -153,7 +163,7 @@ def release(
             continue
         others = _others(entry, uid, known)
         if others:
-            out.append(combine(others))
+            out.append(combine(others, entry.get("digest", "")))
     return out
 
 

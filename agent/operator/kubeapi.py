@@ -97,9 +97,15 @@ class Client:
         return await self.request("PATCH", path, body=body,
                                   content_type="application/merge-patch+json")
 
-    async def delete(self, path: str) -> None:
+    async def delete(self, path: str, *, resource_version: str = "") -> None:
+        """DELETE (gone already is fine); with ``resource_version``, only that version
+        (``preconditions``: 409 Conflict if the object changed since it was read)."""
+        body = None
+        if resource_version:
+            body = {"apiVersion": "v1", "kind": "DeleteOptions",
+                    "preconditions": {"resourceVersion": resource_version}}
         try:
-            await self.request("DELETE", path)
+            await self.request("DELETE", path, body=body)
         except errors.NotFound:
             pass
 

@@ -49,11 +49,17 @@ def matches_labels(prefetch: prefetches.Prefetch, labels: Mapping[str, str]) -> 
     return True
 
 
-def eligible(prefetch: prefetches.Prefetch, node: Node) -> bool:
-    """Whether the prefetch wants ``node`` now (selector, names, readiness, cordon)."""
+def matches(prefetch: prefetches.Prefetch, node: Node) -> bool:
+    """Whether ``node`` is one the prefetch is about (nodeNames and nodeSelector only)."""
     if prefetch.node_names is not None and node.name not in prefetch.node_names:
         return False
-    if not matches_labels(prefetch, node.labels):
+    return matches_labels(prefetch, node.labels)
+
+
+def eligible(prefetch: prefetches.Prefetch, node: Node) -> bool:
+    """Whether the prefetch may dispatch to ``node`` now (selector, names, readiness,
+    cordon)."""
+    if not matches(prefetch, node):
         return False
     if not node.ready and not prefetch.include_not_ready:
         return False
@@ -62,6 +68,11 @@ def eligible(prefetch: prefetches.Prefetch, node: Node) -> bool:
     return True
 
 
-def select(prefetch: prefetches.Prefetch, all_nodes: Iterable[Node]) -> list[str]:
-    """Names of the nodes the prefetch targets, sorted."""
-    return sorted(node.name for node in all_nodes if eligible(prefetch, node))
+def select(prefetch: prefetches.Prefetch, all_nodes: Iterable[Node],
+           dispatched: Iterable[str] = ()) -> list[str]:
+    """Names of the nodes the prefetch targets, sorted: the eligible ones, and those it was
+    dispatched to that still match (readiness and cordons gate only new dispatches: a
+    cordoned or briefly NotReady node keeps its entries, hence its images)."""
+    sent = set(dispatched)
+    return sorted(node.name for node in all_nodes
+                  if eligible(prefetch, node) or (node.name in sent and matches(prefetch, node)))

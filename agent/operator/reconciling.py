@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -244,11 +245,17 @@ async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
     names and the decoded sources (for resolving digests with the same credentials)."""
     names: list[str] = []
     sources: JSON = {}
-    for name in prefetch.pull_secrets:
+    for index, name in enumerate(prefetch.pull_secrets):
         source = await state.client.get(kubeapi.secret_path(prefetch.namespace, name))
         if source is None:
             logger.warning(f"pull secret {prefetch.namespace}/{name} does not exist; skipped")
             continue
+        kind = str(source.get("type") or "Opaque")
+        if kind not in secrets.PULL_SECRET_TYPES:
+            raise errors.InvalidSpec(
+                f"spec.imagePullSecrets[{index}]",
+                f"secret {prefetch.namespace}/{name} has type {kind}, not one of"
+                f" {', '.join(sorted(secrets.PULL_SECRET_TYPES))}; not copied")
         sources[name] = source
         copy_name = secrets.copy_name(prefetch.namespace, name)
         path = kubeapi.secret_path(state.namespace, copy_name)
@@ -272,29 +279,46 @@ async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
 
 
 async def release_secret_copies(state: State, uid: str, keep: set[str] | None = None) -> None:
-    """Remove ``uid`` from the users of every copy not in ``keep``; delete unused copies."""
+    """Remove ``uid`` from the users of every copy not in ``keep``; delete unused copies.
+
+    Every write carries the resourceVersion read (a delete, as a precondition); on a conflict
+    (another prefetch sharing the copy released or took it meanwhile) the copy is read again
+    and the release retried, a bounded number of times; then :class:`errors.Conflict` is
+    raised (on delete no later reconcile would release it: the copy, credentials included,
+    would leak)."""
     copies = await state.client.list(
         kubeapi.secret_path(state.namespace),
         labelSelector=f"{resources.LABEL_COMPONENT}={resources.COMPONENT_PULL_SECRET}",
     )
-    for copy in copies:
-        name = copy["metadata"]["name"]
-        users = secrets.users(copy)
-        if uid not in users or (keep is not None and name in keep):
+    for listed in copies:
+        name = listed["metadata"]["name"]
+        if keep is not None and name in keep:
             continue
-        remaining = [u for u in users if u != uid]
         path = kubeapi.secret_path(state.namespace, name)
-        try:
-            if not remaining:
-                await state.client.delete(path)
-            else:
-                import json
-
-                await state.client.merge_patch(path, {"metadata": {
-                    "resourceVersion": copy["metadata"]["resourceVersion"],
-                    "annotations": {resources.ANNOTATION_USERS: json.dumps(sorted(remaining))}}})
-        except errors.Conflict:
-            continue  # picked up by the next reconcile
+        copy: JSON | None = listed
+        for attempt in range(kubeapi.CONFLICT_RETRIES + 1):
+            if attempt:
+                copy = await state.client.get(path)
+            if copy is None:
+                break
+            users = secrets.users(copy)
+            if uid not in users:
+                break
+            remaining = [u for u in users if u != uid]
+            version = str(copy["metadata"].get("resourceVersion", ""))
+            try:
+                if not remaining:
+                    await state.client.delete(path, resource_version=version)
+                else:
+                    await state.client.merge_patch(path, {"metadata": {
+                        "resourceVersion": version,
+                        "annotations": {resources.ANNOTATION_USERS:
+                                        json.dumps(sorted(remaining))}}})
+                break
+            except errors.Conflict:
+                if attempt == kubeapi.CONFLICT_RETRIES:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
 
 
 # ------------------------------------------------------------------------------ digests
@@ -355,6 +379,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
 
     try:
         prefetch = prefetches.parse(body)
+        copies, sources = await ensure_secret_copies(state, prefetch, logger)
     except errors.InvalidSpec as e:
         new = status.invalid(generation, str(e), previous, now_text)
         if f"invalid/{generation}" not in sent:
@@ -364,7 +389,6 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         await write_status(state, body, previous, dict(new), now, urgent=True)
         return None
 
-    copies, sources = await ensure_secret_copies(state, prefetch, logger)
     if f"secrets/{generation}" not in sent:
         await release_secret_copies(state, uid, keep=set(copies))
         sent.add(f"secrets/{generation}")
@@ -411,7 +435,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         return dispatched, reports
 
     dispatched, reports = survey()
-    targets = nodes.select(prefetch, state.nodes.values())
+    targets = nodes.select(prefetch, state.nodes.values(), dispatched)
     frozen = prefetch.completion_policy == "Always" and bool(previous.get("completionTime"))
     if frozen:
         targets = [t for t in targets if t in dispatched]
@@ -512,7 +536,11 @@ async def write_status(state: State, body: Mapping[str, Any], previous: Mapping[
     if delay > 0:
         return delay
     patch: JSON = dict(new)
-    for key in previous:
+    # Null what the server holds (``body.status``, which may be older or newer than
+    # ``previous``) and what we last wrote, but not in ``new``: a merge patch leaves
+    # absent keys as they are (a stale completionTime would survive a spec change).
+    server = body.get("status") or {}
+    for key in {*previous, *server, "completionTime"}:
         if key not in new and key != "kopf":
             patch[key] = None
     try:

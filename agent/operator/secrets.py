@@ -9,6 +9,9 @@ from typing import Any
 
 from agent.kube import resources
 
+#: The Secret types that hold registry credentials; only these are copied for the agents.
+PULL_SECRET_TYPES = frozenset({"kubernetes.io/dockerconfigjson", "kubernetes.io/dockercfg"})
+
 
 def copy_name(namespace: str, name: str) -> str:
     """``ipf-<hash>-<name>``: unique per source namespace/name, at most 253 characters."""

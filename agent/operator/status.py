@@ -192,7 +192,7 @@ def aggregate(
         failed = _condition("Failed", False, "NoFailure" if not failed_nodes else "InProgress",
                             f"{failed_nodes} node(s) failed so far", generation)
 
-    if total and finished:
+    if finished:  # sticky, like the Complete/Failed conditions it must agree with
         status["phase"] = "Failed" if failed_nodes else "Complete"
     elif sent:
         status["phase"] = "Progressing"
