@@ -50,7 +50,11 @@ from agent.images.unpack import compression, whiteouts
 BLOCK: Final = 512
 _ZERO_BLOCK: Final = bytes(BLOCK)
 _CHUNK: Final = 1 << 20
-_MAX_META_BYTES: Final = 1 << 20  # PAX records and GNU long names
+_MAX_META_BYTES: Final = 1 << 20  # PAX records and GNU long names, in all for one entry
+#: Deepest path a layer may name (Linux' PATH_MAX of 4096 allows at most 2048 components).
+_MAX_DEPTH: Final = 2048
+#: uid/gid a layer may set: 2**32-1 means "unchanged" to chown(2), so it is not an id.
+_MAX_ID: Final = 2**32 - 2
 _MAX_CACHED_DIRS: Final = 512
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -78,6 +82,8 @@ _LAYER_ERRNOS: Final = frozenset(
         errno.EMLINK,
         errno.ENAMETOOLONG,
         errno.EXDEV,
+        errno.E2BIG,  # an xattr value larger than the filesystem takes
+        errno.ERANGE,
     }
 )
 _SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -329,6 +335,8 @@ def _pax_time_ns(value: bytes, layer: str) -> int:
         if frac:
             part = int((frac + "000000000")[:9])
             ns += -part if whole.startswith("-") else part
+        if not -(2**62) < ns < 2**62:
+            raise ValueError(value)
         return ns
     except ValueError:
         raise errors.UnsafeLayer(f"{layer}: corrupt PAX mtime {value!r}") from None
@@ -342,6 +350,8 @@ def _components(name: bytes, layer: str, what: str = "entry") -> list[bytes]:
     parts = [p for p in name.split(b"/") if p and p != b"."]
     if b".." in parts:
         raise errors.UnsafeLayer(f"{layer}: {what} {name!r} has a '..' component")
+    if len(parts) > _MAX_DEPTH:
+        raise errors.UnsafeLayer(f"{layer}: {what} is {len(parts)} directories deep")
     return parts
 
 
@@ -399,8 +409,8 @@ class _Applier:
     def _loop(self) -> None:
         inp = self.input
         layer = self.name
-        global_pax: dict[bytes, bytes] = {}
         pax: dict[bytes, bytes] = {}
+        meta_bytes = 0  # metadata pending for the next entry: bounded in total
         long_name: bytes | None = None
         long_link: bytes | None = None
         while True:
@@ -415,31 +425,56 @@ class _Applier:
             h = _parse_header(block, layer)
             t = h.typeflag
             if t in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
-                if h.size > _MAX_META_BYTES:
-                    raise errors.UnsafeLayer(f"{layer}: {h.size}-byte tar metadata entry")
+                meta_bytes += h.size
+                if meta_bytes > _MAX_META_BYTES:
+                    raise errors.UnsafeLayer(
+                        f"{layer}: more than {_MAX_META_BYTES} bytes of tar metadata for one entry"
+                    )
                 data = inp.read(h.size)
                 inp.skip(-h.size % BLOCK)
                 if t == _PAX:
                     pax.update(_parse_pax(data, layer))
                 elif t == _PAX_GLOBAL:
-                    global_pax.update(_parse_pax(data, layer))
+                    # Go's archive/tar returns a global header as an entry of its own and
+                    # containerd skips it: applying it to later entries would make this
+                    # reader see another tree than every Go-based tool does.
+                    pass
                 elif t == _GNU_LONGNAME:
                     long_name = data.split(b"\0", 1)[0]
                 else:
                     long_link = data.split(b"\0", 1)[0]
                 continue
+            meta_bytes = 0
+            if (long_name is not None and b"path" in pax) or (
+                long_link is not None and b"linkpath" in pax
+            ):
+                raise errors.UnsafeLayer(
+                    f"{layer}: an entry carries both a GNU long name and a PAX path; tar"
+                    " readers disagree on which one wins"
+                )
             if long_name is not None:
                 h.name, long_name = long_name, None
             if long_link is not None:
                 h.linkname, long_link = long_link, None
-            if global_pax or pax:
-                self._apply_pax(h, {**global_pax, **pax} if global_pax else pax)
+            if pax:
+                self._apply_pax(h, pax)
                 pax = {}
+            if t not in _REG:
+                # Header-only types carry no data, whatever their size field says (Go's
+                # isHeaderOnlyType, GNU tar): bytes "inside" a directory or link entry are
+                # the next headers for every other reader, so they are for this one too.
+                h.size = 0
+            if h.uid > _MAX_ID or h.gid > _MAX_ID:
+                raise errors.UnsafeLayer(f"{layer}: entry {h.name!r} has uid/gid out of range")
+            if b"\0" in h.linkname:
+                raise errors.UnsafeLayer(f"{layer}: entry {h.name!r} links to a name with NUL")
             self.entries += 1
             try:
                 data_left = self._entry(h)
             except OSError as e:
                 raise self._os_error(e, h.name) from e
+            except (OverflowError, ValueError) as e:  # a field out of the kernel's range
+                raise errors.UnsafeLayer(f"{layer}: cannot apply entry {h.name!r}: {e}") from e
             if data_left:
                 inp.skip(data_left)
             pad = -h.size % BLOCK

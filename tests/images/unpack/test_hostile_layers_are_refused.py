@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from fixtures import layers as L
 
 from agent.images import errors, snapshots
-from agent.images.unpack import compression, unpacker
+from agent.images.unpack import archive, compression, unpacker
 
 from . import trees
 
@@ -216,3 +217,71 @@ def test_a_broken_gzip_stream_fails_cleanly(
     with pytest.raises((errors.UnsafeLayer, errors.DigestMismatch)):
         unpack_blob(overlay_sn, blob, L.sha256(tar))
     assert_nothing_left(overlay_sn, 0)
+
+
+# Found in review: places where this reader could see another tree than Go's archive/tar
+# (what containerd and most scanners use), and metadata that cost memory or CPU unbounded.
+
+
+def _apply_raw(tar: bytes, tmp_path: Path) -> Path:
+    root = tmp_path / "r"
+    root.mkdir()
+    archive.apply(io.BytesIO(tar), root)
+    return root
+
+
+def test_entries_hidden_in_a_directorys_size_are_read_as_go_reads_them(tmp_path: Path) -> None:
+    evil, benign = b"EVIL", b"benign"
+    hidden = L.header(b"bin/sh", size=len(benign)) + benign + bytes(-len(benign) % 512)
+    tar = (L.header(b"bin/sh", size=len(evil)) + evil + bytes(-len(evil) % 512)
+           + L.header(b"x", type=b"5", size=len(hidden)) + hidden + bytes(1024))
+    root = _apply_raw(tar, tmp_path)
+    assert (root / "bin/sh").read_bytes() == benign  # as GNU tar and Go see it
+    assert (root / "x").is_dir()
+
+
+def test_a_gnu_long_name_together_with_a_pax_path_is_refused(tmp_path: Path) -> None:
+    long_name = b"a" * 120
+    pax = L.pax_records({b"path": b"b"})
+    tar = (L.header(b"././@LongLink", type=b"L", size=len(long_name) + 1) + long_name + b"\0"
+           + bytes(-(len(long_name) + 1) % 512)
+           + L.header(b"pax", type=b"x", size=len(pax)) + pax + bytes(-len(pax) % 512)
+           + L.header(b"short", size=0) + bytes(1024))
+    with pytest.raises(errors.UnsafeLayer, match="GNU long name and a PAX path"):
+        _apply_raw(tar, tmp_path)
+
+
+def test_piled_up_pax_headers_are_bounded_in_total(tmp_path: Path) -> None:
+    tar = b""
+    for i in range(3):
+        rec = L.pax_records({f"SCHILY.xattr.user.k{i}".encode(): b"A" * 400_000})
+        tar += L.header(b"pax", type=b"x", size=len(rec)) + rec + bytes(-len(rec) % 512)
+    tar += L.header(b"f", size=0) + bytes(1024)
+    with pytest.raises(errors.UnsafeLayer, match="bytes of tar metadata for one entry"):
+        _apply_raw(tar, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "records",
+    [{b"uid": b"99999999999999"}, {b"mtime": b"100000000000000000000"},
+     {b"linkpath": b"a\0b"}],
+    ids=["uid-out-of-range", "mtime-out-of-range", "nul-in-linkpath"],
+)
+def test_fields_out_of_range_are_unsafe_not_internal_errors(
+    tmp_path: Path, records: dict[bytes, bytes]
+) -> None:
+    pax = L.pax_records(records)
+    kind = b"2" if b"linkpath" in records else b"0"
+    tar = (L.header(b"pax", type=b"x", size=len(pax)) + pax + bytes(-len(pax) % 512)
+           + L.header(b"f", type=kind, size=0) + bytes(1024))
+    with pytest.raises(errors.UnsafeLayer):
+        _apply_raw(tar, tmp_path)
+
+
+def test_a_path_deeper_than_linux_allows_is_unsafe(tmp_path: Path) -> None:
+    deep = b"/".join([b"d"] * 3000) + b"/f"
+    pax = L.pax_records({b"path": deep})
+    tar = (L.header(b"pax", type=b"x", size=len(pax)) + pax + bytes(-len(pax) % 512)
+           + L.header(b"f", size=0) + bytes(1024))
+    with pytest.raises(errors.UnsafeLayer, match="deep"):
+        _apply_raw(tar, tmp_path)
