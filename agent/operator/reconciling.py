@@ -369,6 +369,8 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     """
     meta = body.get("metadata") or {}
     uid = str(meta.get("uid", ""))
+    if meta.get("deletionTimestamp") or uid in state.writer.retired:
+        return None  # being deleted: the delete handler withdraws; dispatch nothing more
     generation = int(meta.get("generation") or 0)
     now = utcnow()
     now_text = timestamp(now)
@@ -555,6 +557,7 @@ async def write_status(state: State, body: Mapping[str, Any], previous: Mapping[
 
 async def withdraw_everywhere(state: State, uid: str) -> None:
     """Remove ``uid`` from every NodeImageSet and every secret copy (on delete)."""
+    state.writer.retired.add(uid)  # from now on, any put of this prefetch is a withdrawal
     # The index may lag; read every NodeImageSet that may hold our entries, fresh.
     fresh = await state.client.list(kubeapi.node_set_path())
     for body in fresh:

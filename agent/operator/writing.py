@@ -91,6 +91,9 @@ class NodeWriter:
         self.concurrency = concurrency
         self.attempts = attempts
         self.writes = 0  # spec writes sent (creates and patches)
+        #: prefetches being deleted: a put still in flight from a reconcile that started
+        #: before the delete becomes a withdrawal, so nothing re-adds their entries.
+        self.retired: set[str] = set()
         self._pending: dict[str, dict[str, _Pending]] = {}
         self._scheduled: set[str] = set()  # due soon, queued, or being written
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -103,6 +106,8 @@ class NodeWriter:
         later change of the same prefetch) succeeded, or failed for good."""
         loop = asyncio.get_running_loop()
         self._start(loop)
+        if change.uid in self.retired and change.wanted is not None:
+            change = Change(change.uid, None)
         future: asyncio.Future[None] = loop.create_future()
         per_node = self._pending.setdefault(node, {})
         older = per_node.get(change.uid)

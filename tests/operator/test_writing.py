@@ -166,3 +166,21 @@ def test_concurrent_reconciles_never_lose_entries(prefetches: int) -> None:
         await writer.close()
 
     asyncio.run(main())
+
+
+def test_a_put_from_a_reconcile_still_in_flight_after_the_delete_withdraws_instead() -> None:
+    async def main() -> None:
+        client = FakeClient()
+        writer, index = make_writer(client, debounce=0.01)
+        mine = {"img-a": entry("img-a", "a")}
+        theirs = {"img-b": entry("img-b", "b")}
+        await writer.write({"n1": writing.Change("a", mine)})
+        await writer.write({"n1": writing.Change("b", theirs)})
+        writer.retired.add("a")  # the prefetch is being deleted (the delete handler ran)
+        await writer.write({"n1": writing.Change("a", None)})
+        # A reconcile that started before the delete now submits its (stale) put.
+        await writer.write({"n1": writing.Change("a", mine)})
+        assert names(index, "n1") == ["img-b"]
+        await writer.close()
+
+    asyncio.run(main())
