@@ -9,6 +9,11 @@ OAuth2 refresh token) when the keychain has some, anonymously otherwise. Tokens 
 per host and scope until shortly before they expire; a ``401`` on a cached token drops it
 and fetches a fresh one once.
 
+``host`` is always the host that answered the ``401``, and its credentials are the only
+ones used: blob storage behind a redirect never gets the registry's. Credentials are not
+sent to a token realm on *another* host over plain HTTP (anyone on the path would read
+them); a realm over TLS, or on the registry's own host name, is fine.
+
 Credentials and tokens never appear in messages, logs or span attributes.
 """
 
@@ -143,6 +148,8 @@ class Authorizer:
         realm = challenge.params["realm"]
         service = challenge.params.get("service", "")
         cred = self._keychain.lookup(host)
+        if cred is not None and (cred.username or cred.identity_token):
+            _refuse_cleartext_realm(host, realm)
         if cred is not None and cred.identity_token:
             form = {
                 "grant_type": "refresh_token",
@@ -193,6 +200,26 @@ class Authorizer:
         except (TypeError, ValueError):
             lifetime = DEFAULT_TOKEN_LIFETIME
         return _Token(value, self._clock() + max(lifetime - EXPIRY_MARGIN, 1.0))
+
+
+def _refuse_cleartext_realm(host: str, realm: str) -> None:
+    """Raise unless credentials for ``host`` may go to ``realm``: over TLS, or on ``host``'s
+    own host name (the registry itself is then reached the same way)."""
+    try:
+        url = httpx.URL(realm)
+    except httpx.InvalidURL as e:
+        raise errors.Unauthorized(
+            f"{host} named the token realm {realm!r}, which is not a URL", status=401
+        ) from e
+    registry_name = httpx.URL(f"//{host}").host
+    if url.scheme == "https" or url.host == registry_name:
+        return
+    raise errors.Unauthorized(
+        f"{host} asks for credentials to be sent to the token realm {realm}, which is plain"
+        f" HTTP on another host ({url.host}); refusing to send them in clear text. Serve the"
+        " token realm over HTTPS (or on the registry's own host)",
+        status=401,
+    )
 
 
 def _basic(cred: credentials.Credential) -> str:

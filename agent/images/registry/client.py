@@ -8,8 +8,10 @@ Every request goes through one choke point (:meth:`RegistryClient._request`) tha
 * authorizes (Basic, or Bearer tokens per repository scope) and refreshes on ``401``;
 * retries connection errors and ``5xx`` with exponential backoff, and ``429``/``503``
   after the registry's ``Retry-After``;
-* follows redirects itself, and never sends the registry's ``Authorization`` to another
-  host (blob storage behind a redirect gets a clean request);
+* follows redirects itself: a hop to another origin (blob storage, a CDN) carries none of
+  the registry's ``Authorization``, ``Cookie`` or ``hosts.toml`` headers, and a ``401``
+  from such a host is answered only with what is configured for *that* host, as
+  containerd authorizes each redirect hop for its own host;
 * turns ``httpx`` errors into the image service's error tree, keeping the original as cause.
 
 HTTP timeouts bound *silence*, never a transfer: connecting and each socket read have a
@@ -355,7 +357,7 @@ class RegistryClient:
         url = host.url(ref.path, kind, obj)
         scope = f"repository:{ref.path}:pull"
         attempt = 0
-        authorized_once = False
+        authorized: set[str] = set()  # hosts whose 401 was answered once already
         while True:
             attempt += 1
             # identity: digests are over the bytes as stored; a compressed transfer encoding
@@ -371,7 +373,7 @@ class RegistryClient:
                 request_headers["Authorization"] = authorization
             try:
                 response = await self._send_following(
-                    host, method, url, request_headers, read_timeout
+                    host, method, url, request_headers, read_timeout, scope
                 )
             except (httpx.ConnectError, ssl.SSLError) as e:
                 if host.fallback_plain_http and host.scheme == "https":
@@ -399,14 +401,18 @@ class RegistryClient:
             if 200 <= status < 300:
                 return response
             body = await _read_capped(response)
-            if status == 401 and not authorized_once:
-                authorized_once = True
-                request_headers.pop("Authorization", None)
-                await self._auth.authorize(host.host, scope, response)
+            # The host that answered: the registry, or a redirect target with its own auth.
+            answering = (
+                host.host if _same_origin(response.url, httpx.URL(url))
+                else _authority(response.url)
+            )
+            if status == 401 and answering not in authorized:
+                authorized.add(answering)
+                await self._auth.authorize(answering, scope, response)
                 attempt -= 1
                 continue
             error = errcodes.error_for(
-                status, body, response.headers, what=f"{what} at {host.host}"
+                status, body, response.headers, what=f"{what} at {answering}"
             )
             retryable = status == 429 or status >= 500
             if retryable and attempt < self._retry.attempts:
@@ -427,12 +433,20 @@ class RegistryClient:
         url: str,
         headers: dict[str, str],
         read_timeout: float | None | str,
+        scope: str,
     ) -> httpx.Response:
-        """Send, following redirects by hand; ``Authorization`` stays with the first host."""
+        """Send, following redirects by hand.
+
+        A hop to another origin (scheme, host or port) gets the request without
+        ``Authorization``, ``Cookie`` and the headers configured for the registry host
+        (compared case-insensitively), plus the authorization known for the target host
+        itself, if any (a token it asked for on an earlier ``401``).
+        """
         client = self._client(host)
         timeout = self._timeout(read_timeout)
         origin = httpx.URL(url)
         current = origin
+        private = {"authorization", "cookie", *(name.lower() for name in host.headers)}
         hop_headers = dict(headers)
         for _ in range(MAX_REDIRECTS + 1):
             request = client.build_request(method, current, headers=hop_headers, timeout=timeout)
@@ -447,13 +461,15 @@ class RegistryClient:
                     status=response.status_code,
                 )
             target = current.join(location)
-            if (target.scheme, target.host, target.port) != (
-                origin.scheme,
-                origin.host,
-                origin.port,
-            ):
-                hop_headers.pop("Authorization", None)
+            if not _same_origin(target, origin):
+                hop_headers = {k: v for k, v in headers.items() if k.lower() not in private}
+                hop_headers.setdefault("User-Agent", self._user_agent)
+                authorization = self._auth.header(_authority(target), scope)
+                if authorization:
+                    hop_headers["Authorization"] = authorization
                 client = self._client(None)
+            else:
+                hop_headers, client = dict(headers), self._client(host)
             if response.status_code == 303:
                 method = "GET"
             current = target
@@ -510,6 +526,15 @@ class RegistryClient:
         request.extensions["timeout"] = self._timeout("default").as_dict()
         response = await client.send(request)
         return response
+
+
+def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+def _authority(url: httpx.URL) -> str:
+    """``host[:port]`` of ``url``, as hosts and credentials are keyed (``[::1]:5000``)."""
+    return url.netloc.decode("ascii")
 
 
 def _content_range_start(value: str) -> int | None:
