@@ -2,7 +2,7 @@
 
 Layout under the store's root::
 
-    blobs/sha256/<hex>          committed blobs, read-only (0444), immutable
+    blobs/<algorithm>/<hex>     committed blobs (sha256, sha512), read-only (0444), immutable
     ingest/<sha256(ref)>/data   bytes of an ingest in progress
     ingest/<sha256(ref)>/ref    the ingest's ref (for listing)
     ingest/<sha256(ref)>/total  expected size, if known
@@ -113,7 +113,7 @@ class LocalStore:
                 _write_small(path / "startedat", repr(time.time()))
             if total:
                 _write_small(path / "total", str(total))
-            return LocalWriter(self, ref, path, lock_fd)
+            return LocalWriter(self, ref, path, lock_fd, _algorithm_for(ref, expected))
         except BaseException:
             os.close(lock_fd)
             raise
@@ -220,7 +220,9 @@ class LocalStore:
 class LocalWriter:
     """Writes one ingest of a :class:`LocalStore`. See :class:`store.Writer`."""
 
-    def __init__(self, owner: LocalStore, ref: str, path: Path, lock_fd: int):
+    def __init__(
+        self, owner: LocalStore, ref: str, path: Path, lock_fd: int, algorithm: str = "sha256"
+    ):
         self._owner = owner
         self._ref = ref
         self._path = path
@@ -228,7 +230,8 @@ class LocalWriter:
         # Unbuffered: chunks are large already, and what write() returned is in the kernel,
         # so a killed process leaves exactly the bytes it reported for a resume.
         self._file = open(path / "data", "a+b", buffering=0)  # noqa: SIM115
-        self._hasher = digests.Hasher()
+        self._algorithm = algorithm
+        self._hasher = digests.Hasher(algorithm)
         self._offset = 0
         self._closed = False
         self._feed: IngestFeed | None = None
@@ -278,6 +281,9 @@ class LocalWriter:
             raise errors.SizeMismatch(
                 f"blob {expected}: got {got} bytes, expected {size}; the download was discarded"
             )
+        if self._hasher.algorithm != expected.algorithm:
+            self._algorithm = expected.algorithm  # the ref did not say: hash the bytes again
+            self._rehash()
         actual = self._hasher.digest()
         if actual != expected:
             self.abort()
@@ -325,7 +331,7 @@ class LocalWriter:
 
     def _rehash(self) -> None:
         """Rebuild the hash state from the bytes on disk (on resume or truncate)."""
-        self._hasher = digests.Hasher()
+        self._hasher = digests.Hasher(self._algorithm)
         self._file.seek(0)
         offset = 0
         while chunk := self._file.read(_READ_CHUNK):
@@ -425,16 +431,16 @@ class FollowingReader:
     bytes that are not there yet and returns ``b""`` after the blob's last byte.
 
     Everything it returns is unconfirmed until :meth:`confirm`, which waits for the writer's
-    commit and checks that the bytes returned were exactly the blob's (the SHA-256 of what
-    was read, so a truncation and rewrite by a resumed download that changed any byte
-    already read is caught).
+    commit and checks that the bytes returned were exactly the blob's (the hash of what was
+    read, in the digest's own algorithm, so a truncation and rewrite by a resumed download
+    that changed any byte already read is caught).
     """
 
     def __init__(self, feed: IngestFeed, fd: int):
         self._feed = feed
         self._fd: int | None = fd
         self._pos = 0
-        self._hasher = digests.Hasher()
+        self._hasher = feed.expected.hasher()
 
     def read(self, size: int = -1, /) -> bytes:
         if self._fd is None:
@@ -494,6 +500,17 @@ class FollowingReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _algorithm_for(ref: str, expected: digests.Digest | None) -> str:
+    """The hash an ingest is written with: its expected digest's, else its ref's when the ref
+    is a digest (as pulls name ingests), else SHA-256 (a commit to another algorithm then
+    hashes the data again)."""
+    if expected is not None:
+        return digests.Digest(expected).algorithm
+    if digests.is_digest(ref):
+        return digests.Digest(ref).algorithm
+    return "sha256"
 
 
 def _write_small(path: Path, text: str) -> None:

@@ -253,9 +253,12 @@ class RegistryClient:
         finally:
             await response.aclose()
         data = bytes(body)
-        actual = digests.of(data)
         expected = obj if digests.is_digest(obj) else response.headers.get("docker-content-digest")
-        if expected and digests.is_digest(expected) and actual != expected:
+        if not expected or not digests.is_digest(expected):
+            expected = None
+        # Hashed with the algorithm of the digest it must match (sha512 as well as sha256).
+        actual = digests.of(data, digests.Digest(expected).algorithm if expected else "sha256")
+        if expected and actual != expected:
             raise errors.DigestMismatch(
                 f"{what}: the registry at {response.url.host} sent a manifest that hashes to"
                 f" {actual}, not {expected}; refusing it"
