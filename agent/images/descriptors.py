@@ -138,6 +138,12 @@ class Manifest:
                 Descriptor.from_json(x, f"manifest.layers[{i}]") for i, x in enumerate(layers)
             ),
         )
+        if manifest.config.size > MAX_MANIFEST_BYTES:
+            # Refused before it is fetched or read: a config is parsed in memory.
+            raise errors.InvalidManifest(
+                f"manifest.config ({manifest.config.digest}) is {manifest.config.size} bytes,"
+                f" more than the {MAX_MANIFEST_BYTES}-byte limit for image configs"
+            )
         for i, layer in enumerate(manifest.layers):
             if not mediatypes.is_layer(layer.media_type):
                 raise errors.UnsupportedMediaType(

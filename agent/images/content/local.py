@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.images import digests, errors
+from agent.images import descriptors, digests, errors
 from agent.images.content import store
 
 _READ_CHUNK = 1024 * 1024
@@ -67,10 +67,25 @@ class LocalStore:
         except FileNotFoundError as e:
             raise errors.NotFound(f"blob {digest} is not in the content store") from e
 
-    def read_blob(self, digest: digests.Digest) -> bytes:
-        """The whole blob (for small manifests and configs only)."""
+    def read_blob(
+        self, digest: digests.Digest, limit: int = descriptors.MAX_MANIFEST_BYTES
+    ) -> bytes:
+        """The whole blob, for manifests, indexes and configs: one larger than ``limit``
+        bytes (a layer, say) is refused from its size, before anything is read.
+
+        Raises:
+            NotFound: no such blob.
+            InvalidManifest: the blob is larger than ``limit``.
+        """
         with self.open_blob(digest) as f:
-            return f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise errors.InvalidManifest(
+                    f"blob {digest} is {size} bytes, more than the {limit}-byte limit for"
+                    " manifests, indexes and configs: it is not one (a layer?), so it is not"
+                    " read"
+                )
+            return f.read(limit)
 
     def exists(self, digest: digests.Digest) -> bool:
         return self.blob_path(digest).is_file()
