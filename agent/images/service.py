@@ -697,6 +697,7 @@ class ImageService:
         downloaded = 0
         stalls = 0
         resumes = 0
+        refetched = False
         try:
             if writer.offset > desc.size:
                 writer.truncate(0)
@@ -743,7 +744,14 @@ class ImageService:
                 finally:
                     progress.request_finished(desc.digest)
                 if desc.size == 0 or writer.offset >= desc.size:
-                    break
+                    if refetched or writer.digest() == desc.digest:
+                        break  # verified, or the second copy is bad too: commit() says so
+                    # Corrupt once (a flaky proxy or CDN): discard and fetch it once more.
+                    refetched = True
+                    progress.retry(desc.digest, 1, f"the bytes hashed to {writer.digest()}",
+                                   stalled=False)
+                    writer.truncate(0)
+                    continue
                 # EOF before the stated size: resume from where it stopped.
                 resumes += 1
                 if resumes > MAX_BLOB_RESUMES:

@@ -278,6 +278,9 @@ class LocalWriter:
         if self._feed is not None:
             self._feed.wrote(self._offset)
 
+    def digest(self) -> digests.Digest:
+        return self._hasher.digest()
+
     def follow(self, size: int, expected: digests.Digest) -> IngestFeed:
         """An :class:`IngestFeed` of this ingest (one per writer), for readers in other
         threads while it is written. ``size`` and ``expected`` are the blob's."""

@@ -69,6 +69,10 @@ class Writer(Protocol):
         """Drop everything after ``offset`` (0 restarts the ingest); rehashes what stays."""
         ...
 
+    def digest(self) -> digests.Digest:
+        """The digest of the bytes written so far (what a commit would check)."""
+        ...
+
     def commit(self, size: int, expected: digests.Digest) -> Info:
         """Verify and publish. Blocking (fsync): call it from a thread in async code.
 
