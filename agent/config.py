@@ -341,6 +341,17 @@ class ImagesSettings(BaseModel):
             "Bytes, or text such as '32GiB'. Default 32 GiB."
         ),
     )
+    max_image_uncompressed_bytes: Bytes = Field(
+        default=ByteSize(64 * GiB),
+        description=(
+            "Refuse an image once the layers one pull unpacks add up to more than this "
+            "uncompressed (decompression-bomb guard across layers: many small layers that "
+            "each pass max_layer_uncompressed_bytes cannot fill the disk together). The pull "
+            "fails with reason UnsafeLayer, and the blobs and snapshots it committed are "
+            "removed unless another image uses them. 0 = no cap. Bytes, or text such as "
+            "'64GiB'. Default 64 GiB."
+        ),
+    )
     stats_collect_period: Duration = Field(
         default=10.0,
         gt=0,

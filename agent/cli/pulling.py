@@ -176,6 +176,7 @@ def service_options(settings: Any) -> service.ServiceOptions:
         sync_fs=img.image_pull_with_sync_fs,
         snapshotter=img.snapshotter,
         max_layer_uncompressed_bytes=img.max_layer_uncompressed_bytes,
+        max_image_uncompressed_bytes=img.max_image_uncompressed_bytes,
         discard_unpacked_layers=img.discard_unpacked_layers,
         containerd_address=img.containerd.address,
         containerd_namespace=img.containerd.namespace,

@@ -6,12 +6,19 @@ are unpacked and ``discard_unpacked_layers`` is on, as in containerd), and the s
 chain from its top chain ID down through the parents. Everything else goes: committed
 snapshots leaf first (a parent is never removed before its children), then blobs.
 Views (mounts the user made with ``prefetcher mount``) are roots too: their parents stay.
+
+Ingests (partial downloads) are collected too: one that no writer holds (each writer
+``flock``s its ingest, in any process), that no in-flight pull leases, and that was not
+written to for ``ingest_expiry`` seconds is a download nobody will resume (its pull was
+cancelled by a spec edit, a delete or a stall) and goes. A pull retrying after a short
+back-off still resumes its ingest; one that comes back after the expiry starts over.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -20,6 +27,9 @@ from agent.images.content import local
 from agent.images.descriptors import Manifest, media_type_of
 from agent.images.snapshots import snapshotter as snapshotter_api
 
+#: Seconds an ingest nobody holds may sit unwritten before garbage collection removes it.
+INGEST_EXPIRY = 30 * 60.0
+
 
 @dataclass
 class Result:
@@ -27,12 +37,15 @@ class Result:
 
     blobs: list[str] = field(default_factory=list)
     snapshots: list[str] = field(default_factory=list)
+    #: refs of the abandoned ingests removed (a pull names an ingest by its blob's digest)
+    ingests: list[str] = field(default_factory=list)
     bytes_freed: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {
             "blobs_removed": self.blobs,
             "snapshots_removed": self.snapshots,
+            "ingests_removed": self.ingests,
             "bytes_freed": self.bytes_freed,
         }
 
@@ -45,12 +58,18 @@ def collect(
     leased: Callable[[str], bool] = lambda name: False,
     lease_lock: threading.Lock | None = None,
     discard_unpacked_layers: bool = False,
+    ingest_expiry: float = INGEST_EXPIRY,
+    clock: Callable[[], float] = time.time,
+    only: set[str] | None = None,
 ) -> Result:
     """Remove what nothing reaches. Blocking: call it from a thread in async code.
 
     ``leased(name)`` says whether an in-flight pull holds a blob digest or chain ID; it is
     asked under ``lease_lock`` at the moment of each delete, the lock pulls take to lease
     something before they look for it, so a pull never loses what it found present.
+    ``ingest_expiry``: see the module doc (wall-clock seconds, as ingest times are).
+    ``only``: remove nothing but these blob digests and chain IDs (what a failed pull
+    committed), and no ingest.
     """
     lock: contextlib.AbstractContextManager[object] = (
         lease_lock if lease_lock is not None else contextlib.nullcontext()
@@ -64,9 +83,9 @@ def collect(
                 keep.difference_update(_layer_digests(content, record))
     result = Result()
     if snapshotter is not None:
-        _collect_snapshots(snapshotter, keep, result, leased, lock)
+        _collect_snapshots(snapshotter, keep, result, leased, lock, only)
     for info in list(content.walk()):
-        if str(info.digest) in keep:
+        if str(info.digest) in keep or (only is not None and str(info.digest) not in only):
             continue
         with lock:
             if leased(str(info.digest)):
@@ -77,7 +96,26 @@ def collect(
                 continue
         result.blobs.append(str(info.digest))
         result.bytes_freed += info.size
+    if only is None:
+        _collect_ingests(content, result, leased, lock, clock() - ingest_expiry)
     return result
+
+
+def _collect_ingests(
+    content: local.LocalStore,
+    result: Result,
+    leased: Callable[[str], bool],
+    lock: contextlib.AbstractContextManager[object],
+    written_before: float,
+) -> None:
+    for status in content.ingests():
+        if status.updated_at > written_before:
+            continue
+        with lock:
+            if leased(status.ref) or not content.remove_idle_ingest(status.ref):
+                continue
+        result.ingests.append(status.ref)
+        result.bytes_freed += status.offset
 
 
 def _collect_snapshots(
@@ -86,6 +124,7 @@ def _collect_snapshots(
     result: Result,
     leased: Callable[[str], bool],
     lock: contextlib.AbstractContextManager[object],
+    only: set[str] | None = None,
 ) -> None:
     infos = {i.name: i for i in snapshotter.walk()}
     reachable: set[str] = set()
@@ -99,7 +138,9 @@ def _collect_snapshots(
     for name, info in infos.items():
         if name in keep or info.kind is not snapshotter_api.Kind.COMMITTED:
             reach(name)  # roots: what records name, views, and active snapshots (in use)
-    garbage = [n for n, i in infos.items() if n not in reachable]
+    garbage = [
+        n for n in infos if n not in reachable and (only is None or n in only)
+    ]
     children: dict[str, int] = {}
     for info in infos.values():
         if info.parent:

@@ -106,6 +106,9 @@ class ServiceOptions:
     #: (content only, no unpack)
     snapshotter: str = "overlayfs"
     max_layer_uncompressed_bytes: int = 32 * 1024**3
+    #: refuse an image whose layers unpacked by one pull decompress to more than this in
+    #: total (0: no cap); what the failed pull committed is removed unless something uses it
+    max_image_uncompressed_bytes: int = 64 * 1024**3
     unpack_concurrency: int = 2
     #: delete layer blobs once their snapshots are committed (containerd's option)
     discard_unpacked_layers: bool = False
@@ -152,6 +155,7 @@ class ImageService:
                 self.options.containerd_namespace,
                 self.options.containerd_snapshotter,
                 max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
+                max_image_uncompressed_bytes=self.options.max_image_uncompressed_bytes,
             )
             self.containerd.start()
         self.snapshotter = snapshotter if snapshotter is not None else self._make_snapshotter()
@@ -436,9 +440,35 @@ class ImageService:
         pinned: bool,
     ) -> PullResult:
         with self._lease() as lease:
-            return await self._pull(
-                ref, want, progress, timeout, unpack, labels, lease, pinned
+            try:
+                return await self._pull(
+                    ref, want, progress, timeout, unpack, labels, lease, pinned
+                )
+            except errors.UnsafeLayer:
+                # A bomb or a hostile layer: what this pull committed is of no use to anyone
+                # unless another image or pull shares it.
+                await asyncio.to_thread(self._drop_unused, lease)
+                raise
+
+    def _drop_unused(self, lease: set[str]) -> None:
+        """Remove the blobs and snapshots ``lease`` names that no image record and no other
+        pull uses; skipped while another process has the store open (GC does it later)."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # a failed upgrade drops the lock
+            return
+        try:
+            gc.collect(
+                self.content,
+                self.snapshotter,
+                list(self.records),
+                leased=lambda name: self._is_leased(name, besides=lease),
+                lease_lock=self._lease_lock,
+                only=set(lease),
             )
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
     async def _pull(
         self,
@@ -887,6 +917,7 @@ class ImageService:
             self.snapshotter,
             sync_fs=self.options.sync_fs,
             max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
+            max_image_uncompressed_bytes=self.options.max_image_uncompressed_bytes,
             concurrency=self.options.unpack_concurrency,
             on_progress=on_progress,
         )

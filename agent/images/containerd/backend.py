@@ -86,6 +86,8 @@ class ContainerdBackend:
         copy_layers: copy layer blobs into containerd's content store. ``None`` (default):
             yes, unless :meth:`check` finds the CRI plugin discards unpacked layers.
         max_uncompressed_bytes: refuse a layer that decompresses to more than this.
+        max_image_uncompressed_bytes: refuse an image whose layers decompress to more than
+            this together (0: no cap).
         lease_expire: seconds after which containerd drops an import's lease by itself.
         client: an existing :class:`~client.Client` (then ``address``/``namespace`` are
             taken from it and :meth:`close` leaves it open).
@@ -99,6 +101,7 @@ class ContainerdBackend:
         *,
         copy_layers: bool | None = None,
         max_uncompressed_bytes: int = compression.DEFAULT_MAX_UNCOMPRESSED_BYTES,
+        max_image_uncompressed_bytes: int = 0,
         lease_expire: float = leases.DEFAULT_EXPIRE,
         client: client_mod.Client | None = None,
     ):
@@ -111,6 +114,7 @@ class ContainerdBackend:
         self.images = images_mod.ContainerdImages(self.client)
         self.copy_layers = copy_layers
         self.max_uncompressed_bytes = max_uncompressed_bytes
+        self.max_image_uncompressed_bytes = max_image_uncompressed_bytes
         self.lease_expire = lease_expire
 
     def close(self) -> None:
@@ -277,6 +281,7 @@ class _Import:
             self.snapshotter,
             sync_fs=sync_fs,
             max_uncompressed_bytes=self.backend.max_uncompressed_bytes,
+            max_image_uncompressed_bytes=self.backend.max_image_uncompressed_bytes,
             concurrency=1,
             on_progress=self._on_layer,
         )

@@ -175,25 +175,31 @@ class LocalStore:
 
     def clean_ingests(self, older_than: float = 0.0) -> list[str]:
         """Remove ingests no writer holds and not updated for ``older_than`` seconds."""
-        removed = []
         now = time.time()
-        for status in self.ingests():
-            if now - status.updated_at < older_than:
-                continue
-            path = self._ingest_dir(status.ref)
-            try:
-                fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
+        return [
+            status.ref
+            for status in self.ingests()
+            if now - status.updated_at >= older_than and self.remove_idle_ingest(status.ref)
+        ]
+
+    def remove_idle_ingest(self, ref: str) -> bool:
+        """Remove the ingest ``ref`` unless a writer (in any process) holds it; whether it
+        was removed. The writer's lock is taken while removing, so no writer can open it
+        half-way through."""
+        path = self._ingest_dir(ref)
+        try:
+            fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        else:
             shutil.rmtree(path, ignore_errors=True)
+            return True
+        finally:
             os.close(fd)
-            removed.append(status.ref)
-        return removed
 
     def clean_finished_ingests(self) -> list[str]:
         """Remove ingests that nothing will resume: their blob is committed (a writer died

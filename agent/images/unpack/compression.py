@@ -13,9 +13,15 @@ reader.
 
 Failure modes, all :class:`~agent.images.errors.UnsafeLayer`:
 
-* more than ``max_uncompressed_bytes`` come out, or the ratio of uncompressed to compressed
-  bytes passes ``max_ratio`` once at least :data:`RATIO_GRACE_BYTES` came out (deflate cannot
-  exceed ~1032:1, so the ratio check mainly bounds zstd);
+* more than ``max_uncompressed_bytes`` come out of the layer, or the layers of one image
+  together pass their :class:`ImageLimit`;
+* the ratio of uncompressed to compressed bytes passes ``max_ratio`` once at least
+  :data:`RATIO_GRACE_BYTES` came out. Deflate's own ceiling is ~1032:1, so the default
+  (:data:`DEFAULT_MAX_RATIO`, 250:1) is set well below it to catch gzip bombs as well as zstd
+  ones; real layers compress 2-10:1. A layer that is nearly all zeros beyond the grace (a
+  huge file of zeros, such as the sparse ``/var/log/lastlog`` ``useradd`` makes for a large
+  UID without ``-l``, written out in full by the tar) trips it too: containerd would apply
+  such a layer, we refuse it, and the message says so;
 * a gzip stream that is corrupt, truncated, or followed by anything but another gzip member
   or zero padding (as ``gzip(1)`` accepts).
 
@@ -25,6 +31,7 @@ truncated archive, and the diff ID check catches the rest (the diff ID covers ev
 
 from __future__ import annotations
 
+import threading
 import zlib
 from typing import BinaryIO, Final, Protocol, cast
 
@@ -57,10 +64,12 @@ ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 
 #: No limit on the uncompressed size unless the caller sets one.
 DEFAULT_MAX_UNCOMPRESSED_BYTES: Final = 1 << 40
-#: Deflate's own ceiling is ~1032:1; zstd can go far beyond. Real layers stay well below.
-DEFAULT_MAX_RATIO: Final = 1100.0
-#: The ratio is only judged after this many uncompressed bytes (tiny layers compress well).
-RATIO_GRACE_BYTES: Final = 64 << 20
+#: Deflate's own ceiling is ~1032:1 and zstd goes far beyond; real layers compress 2-10:1.
+#: Below deflate's ceiling, so a gzip bomb is caught as well as a zstd one.
+DEFAULT_MAX_RATIO: Final = 250.0
+#: The ratio is only judged after this many uncompressed bytes (small layers of text or
+#: zeros compress far better than large ones; this much is harmless whatever the ratio).
+RATIO_GRACE_BYTES: Final = 256 << 20
 
 _READ_SIZE: Final = 1 << 20
 
@@ -114,6 +123,33 @@ class _Counting:
         return True
 
 
+class ImageLimit:
+    """A cap on the uncompressed bytes of all the layers of one image, shared by the
+    threads that unpack them (``limit`` 0: no cap). Bytes of a layer whose unpack failed
+    are given back (its snapshot is removed)."""
+
+    def __init__(self, limit: int, *, setting: str = "the image size limit"):
+        self.limit = limit
+        self.setting = setting
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int, name: str) -> None:
+        """Count ``n`` more bytes of layer ``name``; raise once the image passes the cap."""
+        with self._lock:
+            self.total += n
+            total = self.total
+        if self.limit and total > self.limit:
+            raise errors.UnsafeLayer(
+                f"{name}: the image's layers decompress to more than {_human(self.limit)}"
+                f" in total ({self.setting}); refusing it as a decompression bomb"
+            )
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.total -= n
+
+
 class Decompressed:
     """A read-only stream of a layer's uncompressed bytes, with size and ratio limits.
 
@@ -130,6 +166,7 @@ class Decompressed:
         media_type: str = "",
         max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES,
         max_ratio: float = DEFAULT_MAX_RATIO,
+        image_limit: ImageLimit | None = None,
         name: str = "layer",
     ):
         if media_type and not mediatypes.is_layer(media_type):
@@ -141,6 +178,7 @@ class Decompressed:
         self.name = name
         self.max_uncompressed_bytes = max_uncompressed_bytes
         self.max_ratio = max_ratio
+        self.image_limit = image_limit
         self.uncompressed_bytes = 0
         self._src = _Counting(raw, head)
         self._reader: Readable
@@ -173,6 +211,8 @@ class Decompressed:
         n = len(data)
         if n:
             self.uncompressed_bytes += n
+            if self.image_limit is not None:
+                self.image_limit.take(n, self.name)
             self._check()
         return data
 
@@ -180,15 +220,17 @@ class Decompressed:
         out = self.uncompressed_bytes
         if out > self.max_uncompressed_bytes:
             raise errors.UnsafeLayer(
-                f"{self.name}: decompresses to more than {self.max_uncompressed_bytes} bytes"
-                " (the unpack size limit); refusing it as a decompression bomb"
+                f"{self.name}: decompresses to more than {_human(self.max_uncompressed_bytes)}"
+                " (images.max_layer_uncompressed_bytes); refusing it as a decompression bomb"
             )
         if self.compression != "none" and out > RATIO_GRACE_BYTES:
             ratio = out / max(1, self._src.count)
             if ratio > self.max_ratio:
                 raise errors.UnsafeLayer(
-                    f"{self.name}: decompression ratio {ratio:.0f}:1 exceeds the limit of"
-                    f" {self.max_ratio:.0f}:1; refusing it as a decompression bomb"
+                    f"{self.name}: decompression ratio {ratio:.0f}:1 after {_human(out)}"
+                    f" exceeds the limit of {self.max_ratio:.0f}:1; refusing it as a"
+                    " decompression bomb (a layer that is mostly zeros, such as a huge sparse"
+                    " file written out in full, looks like one: rebuild it without)"
                 )
 
 
@@ -198,6 +240,7 @@ def open_layer(
     *,
     max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES,
     max_ratio: float = DEFAULT_MAX_RATIO,
+    image_limit: ImageLimit | None = None,
     name: str = "layer",
 ) -> Decompressed:
     """Wrap a blob's byte stream as its uncompressed tar stream.
@@ -210,5 +253,15 @@ def open_layer(
         media_type=media_type,
         max_uncompressed_bytes=max_uncompressed_bytes,
         max_ratio=max_ratio,
+        image_limit=image_limit,
         name=name,
     )
+
+
+def _human(n: int) -> str:
+    """``34359738368`` → ``"32 GiB"``; exact bytes below 1 KiB or when not round."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"

@@ -83,6 +83,8 @@ class Unpacker:
             before its snapshot is committed (``image_pull_with_sync_fs``). Equivalent to
             the snapshotter's own ``sync_fs``; turn on one of them.
         max_uncompressed_bytes: refuse a layer that decompresses to more than this.
+        max_image_uncompressed_bytes: refuse the image once the layers this unpacker applies
+            decompress to more than this together (0: no cap). One unpacker per image.
         max_ratio: refuse a layer whose uncompressed/compressed ratio passes this.
         concurrency: how many layers are applied at once (with a rebasing snapshotter).
         on_progress: called with an :class:`UnpackEvent`, from worker threads.
@@ -95,6 +97,7 @@ class Unpacker:
         *,
         sync_fs: bool = False,
         max_uncompressed_bytes: int = compression.DEFAULT_MAX_UNCOMPRESSED_BYTES,
+        max_image_uncompressed_bytes: int = 0,
         max_ratio: float = compression.DEFAULT_MAX_RATIO,
         concurrency: int = DEFAULT_CONCURRENCY,
         on_progress: OnProgress | None = None,
@@ -104,6 +107,9 @@ class Unpacker:
         self.sync_fs = sync_fs
         self.max_uncompressed_bytes = max_uncompressed_bytes
         self.max_ratio = max_ratio
+        self.image_limit = compression.ImageLimit(
+            max_image_uncompressed_bytes, setting="images.max_image_uncompressed_bytes"
+        )
         self.concurrency = max(1, concurrency)
         self.on_progress = on_progress
         caps = snapshotter.capabilities
@@ -302,6 +308,7 @@ class Unpacker:
         key = f"extract-{secrets.token_hex(8)} {chain_id}"
         labels = {_LABEL_OWNER: snapshots.snapshotter.owner_token()}
         mounts = self.snapshotter.prepare(key, parent, labels)
+        opened: compression.Decompressed | None = None  # counted against the image limit
         try:
             target = _target(mounts)
             if speculate:
@@ -317,8 +324,10 @@ class Unpacker:
                         layer.media_type,
                         max_uncompressed_bytes=self.max_uncompressed_bytes,
                         max_ratio=self.max_ratio,
+                        image_limit=self.image_limit,
                         name=name,
                     )
+                    opened = stream
 
                     def progress(n: int) -> None:
                         self._emit(
@@ -354,6 +363,8 @@ class Unpacker:
                     snapshots.syncfs(target)
         except BaseException:
             self._remove(key)
+            if opened is not None:  # its bytes are gone with the snapshot
+                self.image_limit.give_back(opened.uncompressed_bytes)
             raise
         self._emit("progress", index, layer, chain_id, stream.compressed_bytes, result.size)
         return _Applied(key, target, result)

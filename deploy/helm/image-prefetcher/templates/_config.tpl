@@ -20,6 +20,7 @@ image_pull_with_sync_fs = {{ $i.imagePullWithSyncFs }}
 discard_unpacked_layers = {{ $i.discardUnpackedLayers }}
 pinned_images = {{ $i.pinnedImages | toJson }}
 max_layer_uncompressed_bytes = {{ include "image-prefetcher.tomlSize" $i.maxLayerUncompressedBytes }}
+max_image_uncompressed_bytes = {{ include "image-prefetcher.tomlSize" $i.maxImageUncompressedBytes }}
 stats_collect_period = {{ toString $i.statsCollectPeriod | toJson }}
 
 [images.registry]
