@@ -260,6 +260,7 @@ def measure_store(svc: service.ImageService) -> StoreStats:
     for info in svc.content.walk():
         blobs += 1
         size += info.size
+    size += sum(ingest.offset for ingest in svc.content.ingests())  # partial downloads
     snapshots = 0
     if svc.snapshotter is not None:
         snapshots = sum(1 for _ in svc.snapshotter.walk())
@@ -287,7 +288,8 @@ class _StoreCollector(Collector):
             return []
         return [
             GaugeMetricFamily("prefetcher_store_size_bytes",
-                              "Bytes of committed blobs in the content store.",
+                              "Bytes of committed blobs and partial downloads in the content"
+                              " store.",
                               value=stats.size_bytes),
             GaugeMetricFamily("prefetcher_store_free_bytes",
                               "Bytes available on the store's filesystem.",

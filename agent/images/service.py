@@ -850,6 +850,10 @@ class ImageService:
         loop = asyncio.get_running_loop()
 
         def on_layer(event: Any) -> None:  # from worker threads
+            if event.kind == "progress":  # what the disk budget counts
+                loop.call_soon_threadsafe(
+                    progress.layer_written, event.layer.digest, event.uncompressed_bytes
+                )
             if event.kind in ("done", "skipped"):
                 loop.call_soon_threadsafe(progress.layer_unpacked, event.layer.digest)
 
@@ -909,6 +913,10 @@ class ImageService:
         loop = asyncio.get_running_loop()
 
         def on_progress(event: unpacker_mod.UnpackEvent) -> None:  # from worker threads
+            if event.kind == "progress":  # what the disk budget counts
+                loop.call_soon_threadsafe(
+                    progress.layer_written, event.layer.digest, event.uncompressed_bytes
+                )
             if event.kind in ("done", "skipped"):
                 loop.call_soon_threadsafe(progress.layer_unpacked, event.layer.digest)
 

@@ -8,9 +8,11 @@ other tools wrote into the same root (``prefetcher pull``) are left alone.
 
 Pinned references match record names after normalisation; a pinned ``name@digest`` also
 matches any record of that digest. The disk budget (:class:`reconciling.Budget`) is checked
-before a pull grows the store (:meth:`Collector.check`); the store statistics it needs
-(size, free space, capacity) are measured every ``stats_collect_period`` and feed the
-metrics and the heartbeat too.
+before a pull grows the store and as it writes (:meth:`Collector.check`); the store
+statistics it needs (size, free space, capacity) are measured every ``stats_collect_period``
+and feed the metrics and the heartbeat too. The store's size for the budget is its blobs,
+its partial downloads and its committed snapshots' disk usage (the uncompressed layers;
+measured once per snapshot, as a committed snapshot never changes).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 
 from agent import metrics
 from agent.images import errors as image_errors
-from agent.images import references, service
+from agent.images import references, service, snapshots
 from agent.node import reconciling
 
 logger = logging.getLogger("agent.node")
@@ -48,6 +50,8 @@ class Collector:
         self.pinned = {reconciling.normalise(p) for p in pinned}
         self._pinned_digests = {str(r.digest) for r in _parse_all(pinned) if r.digest}
         self.stats: metrics.StoreStats | None = None
+        #: disk usage of the committed snapshots, by name, as last measured
+        self._unpacked: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self.collections = 0
 
@@ -58,17 +62,38 @@ class Collector:
         st = os.statvfs(self.svc.root)
         size = self.stats.size_bytes if self.stats is not None else 0
         return StoreUsage(capacity=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize,
-                          size=size)
+                          size=size + sum(self._unpacked.values()))
 
     async def measure(self) -> metrics.StoreStats:
         """Walk the store (in a thread) and keep the result for metrics and the budget."""
         self.stats = await asyncio.to_thread(metrics.measure_store, self.svc)
+        self._unpacked = await asyncio.to_thread(self._measure_snapshots)
         return self.stats
 
-    def check(self, expected: int) -> str | None:
-        """None when ``expected`` more bytes fit the budget; else why not."""
+    def _measure_snapshots(self) -> dict[str, int]:
+        """Disk usage of each committed snapshot (blocking; new ones only are walked)."""
+        snapshotter = self.svc.snapshotter
+        if snapshotter is None:
+            return {}
+        sizes: dict[str, int] = {}
+        for info in snapshotter.walk():
+            if info.kind is not snapshots.Kind.COMMITTED:
+                continue  # a pull in progress counts what it writes itself
+            size = self._unpacked.get(info.name)
+            if size is None:
+                try:
+                    size = snapshotter.usage(info.name).size
+                except image_errors.NotFound:
+                    continue
+            sizes[info.name] = size
+        return sizes
+
+    def check(self, expected: int, *, store_size: int | None = None) -> str | None:
+        """None when ``expected`` more bytes fit the budget; else why not. ``store_size``
+        replaces the last measured size (a pull counts what it wrote since)."""
         u = self.usage()
-        return self.budget.check(expected, capacity=u.capacity, free=u.free, store_size=u.size)
+        size = u.size if store_size is None else store_size
+        return self.budget.check(expected, capacity=u.capacity, free=u.free, store_size=size)
 
     # Collection.
 

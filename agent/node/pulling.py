@@ -51,22 +51,44 @@ class PullOptions:
 
 
 class _DiskGuard:
-    """Stops a pull (``DiskPressure``) once its size is known and does not fit the budget."""
+    """Stops a pull (``DiskPressure``) once it does not fit the disk budget: checked when its
+    size is known, then again every :data:`~reconciling.BUDGET_CHECK_BYTES` it writes.
+
+    Each check counts the blobs still to download against the free space measured now
+    (which already reflects every byte written, unpacked layers included), and, for the
+    store limit, the store's size when the pull began plus what the pull has written since:
+    blobs downloaded and uncompressed bytes unpacked.
+    """
+
+    _PHASES = (events.Phase.DOWNLOADING, events.Phase.UNPACKING)
 
     def __init__(self, collector: collecting.Collector, task: asyncio.Task[Any] | None) -> None:
         self._collector = collector
         self._task = task
         self.checked = False
         self.error: image_errors.DiskPressure | None = None
+        self._store_size = 0  # when the pull's size became known
+        self._to_download = 0
+        self._next_check = 0
 
     def __call__(self, event: events.ProgressEvent) -> None:
         snap = event.snapshot
-        if self.checked or snap.phase is not events.Phase.DOWNLOADING or not snap.bytes_total:
+        if self.error is not None or snap.phase not in self._PHASES or not snap.bytes_total:
             return
-        self.checked = True
-        problem = self._collector.check(reconciling.expected_bytes(snap))
+        remaining = reconciling.expected_bytes(snap)
+        if not self.checked:
+            self.checked = True
+            self._store_size = self._collector.usage().size
+            self._to_download = remaining
+        written = max(self._to_download - remaining, 0) + snap.bytes_unpacked
+        if written < self._next_check:
+            return
+        self._next_check = written + reconciling.BUDGET_CHECK_BYTES
+        problem = self._collector.check(remaining, store_size=self._store_size + written)
         if problem is not None and self._task is not None:
-            self.error = image_errors.DiskPressure(f"{snap.reference}: {problem}")
+            wrote = (f" (after writing {reconciling.human(written)}, of which"
+                     f" {reconciling.human(snap.bytes_unpacked)} unpacked)" if written else "")
+            self.error = image_errors.DiskPressure(f"{snap.reference}: {problem}{wrote}")
             self._task.cancel()
 
 

@@ -29,9 +29,9 @@ LABEL_ENTRY = "prefetcher.dev/entry"
 LABEL_IMAGE = "prefetcher.dev/image"
 
 DEFAULT_BACKOFF_LIMIT = 3
-#: Disk an image needs per compressed byte still to download: the blob itself plus its
-#: unpacked layers (typically 2-3x the compressed size).
-EXPANSION = 3
+#: A pull's disk budget is checked again each time it wrote this much more (blobs and
+#: unpacked layers), so one that unpacks past the budget stops within this of it.
+BUDGET_CHECK_BYTES = 64 * 1024 * 1024
 
 PULLING_PHASES = frozenset({"Pending", "Resolving", "Downloading", "Unpacking", "Committing"})
 FAILED_PHASES = frozenset({"Failed", "Stalled"})
@@ -216,22 +216,27 @@ class Budget:
         """None when ``expected`` more bytes fit; else a message saying what does not."""
         floor = self.floor(capacity)
         if free - expected < floor:
-            return (f"needs about {_human(expected)} but only {_human(max(free - floor, 0))}"
-                    f" is free above the floor of {_human(floor)} (runtime.min_free_bytes /"
-                    " min_free_percent); free disk space or lower the floor")
+            short = (f"needs about {human(expected)} but only {human(max(free - floor, 0))}"
+                     f" is free above the floor of {human(floor)}" if expected else
+                     f"only {human(free)} is free, below the floor of {human(floor)}")
+            return (f"{short} (runtime.min_free_bytes / min_free_percent); free disk space or"
+                    " lower the floor")
         if self.max_store_bytes and store_size + expected > self.max_store_bytes:
-            return (f"needs about {_human(expected)} but the store holds {_human(store_size)}"
-                    f" of its {_human(self.max_store_bytes)} limit (runtime.max_store_bytes);"
+            return (f"needs about {human(expected)} but the store holds {human(store_size)}"
+                    f" of its {human(self.max_store_bytes)} limit (runtime.max_store_bytes);"
                     " remove prefetches or raise the limit")
         return None
 
 
 def expected_bytes(snapshot: events.ProgressSnapshot) -> int:
-    """Disk a pull still needs, from its progress: bytes to download times :data:`EXPANSION`."""
-    return max(snapshot.bytes_total - snapshot.bytes_done, 0) * EXPANSION
+    """Disk a pull still needs for certain, from its progress: the compressed blobs it has
+    still to download. What unpacking writes is not guessed from them (layers expand 1-1000
+    times): it is counted as it is written (``bytes_unpacked``) and the budget checked again."""
+    return max(snapshot.bytes_total - snapshot.bytes_done, 0)
 
 
-def _human(n: int) -> str:
+def human(n: int) -> str:
+    """``1536`` → ``'1.5 KiB'``."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":

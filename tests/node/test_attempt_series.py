@@ -13,7 +13,7 @@ import pytest
 from agent import metrics
 from agent.images import digests, errors, records, service
 from agent.images.progress import events
-from agent.node import credentials, pulling, reconciling, reporting
+from agent.node import collecting, credentials, pulling, reconciling, reporting
 
 DIGEST = digests.Digest("sha256:" + "a" * 64)
 Behaviour = Callable[[Callable[[events.ProgressEvent], None] | None], Any]
@@ -52,10 +52,23 @@ class FakeService:
 
 
 class FakeCollector:
-    def __init__(self, problem: str | None = None) -> None:
-        self.problem = problem
+    """A budget that reports ``problem``, or a store limit of ``max_store`` bytes."""
 
-    def check(self, expected: int) -> str | None:
+    def __init__(self, problem: str | None = None, *, size: int = 0,
+                 max_store: int | None = None) -> None:
+        self.problem = problem
+        self.size = size
+        self.max_store = max_store
+        self.checks: list[tuple[int, int | None]] = []
+
+    def usage(self) -> collecting.StoreUsage:
+        return collecting.StoreUsage(capacity=10**15, free=10**14, size=self.size)
+
+    def check(self, expected: int, *, store_size: int | None = None) -> str | None:
+        self.checks.append((expected, store_size))
+        size = self.size if store_size is None else store_size
+        if self.max_store is not None and size + expected > self.max_store:
+            return f"the store would hold {size + expected} bytes"
         return self.problem
 
 
@@ -170,6 +183,34 @@ async def test_a_pull_that_does_not_fit_the_disk_stops_with_disk_pressure() -> N
     outcome, state = await run(s, entry(backoffLimit=0))
     assert (state.phase, state.reason) == ("Failed", "DiskPressure")
     assert "needs about 3 TiB" in state.message
+
+
+@pytest.mark.looptime
+async def test_a_pull_is_stopped_once_what_it_unpacks_outgrows_the_budget() -> None:
+    MiB = 1 << 20
+    layer = DIGEST
+
+    async def unpack_a_bomb(on_event: Callable[[events.ProgressEvent], None]) -> None:
+        # 1 MiB of compressed blobs, which a compressed-size estimate lets through.
+        snap = events.ProgressSnapshot(reference="reg.test/app:1", bytes_total=MiB,
+                                       phase=events.Phase.DOWNLOADING)
+        on_event(events.PhaseChanged(snapshot=snap, phase=events.Phase.DOWNLOADING))
+        snap = dataclasses.replace(snap, bytes_done=MiB, phase=events.Phase.UNPACKING)
+        on_event(events.PhaseChanged(snapshot=snap, phase=events.Phase.UNPACKING))
+        for written in range(0, 10_000 * MiB, 16 * MiB):
+            snap = dataclasses.replace(snap, bytes_unpacked=written)
+            on_event(events.UnpackProgress(snapshot=snap, digest=layer, written=written))
+            await asyncio.sleep(0.01)
+
+    collector = FakeCollector(size=100 * MiB, max_store=1024 * MiB)
+    s = setup(FakeService(unpack_a_bomb), collector)
+    outcome, state = await run(s, entry(backoffLimit=0))
+
+    assert (state.phase, state.reason) == ("Failed", "DiskPressure")
+    assert "(after writing 961.0 MiB, of which 960.0 MiB unpacked)" in state.message
+    # Checked as it wrote, every 64 MiB: stopped within that of the limit.
+    last_expected, last_size = collector.checks[-1]
+    assert last_size is not None and 1024 * MiB < last_size <= (1024 + 64) * MiB
 
 
 async def test_a_missing_pull_secret_copy_is_reported_by_name() -> None:

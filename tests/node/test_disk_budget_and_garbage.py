@@ -25,8 +25,8 @@ def test_a_pull_that_would_outgrow_the_store_limit_does_not_fit() -> None:
 
 
 def test_the_expected_size_counts_only_what_is_still_to_download() -> None:
-    snap = events.ProgressSnapshot(bytes_done=100, bytes_total=1100)
-    assert reconciling.expected_bytes(snap) == 1000 * reconciling.EXPANSION
+    snap = events.ProgressSnapshot(bytes_done=100, bytes_total=1100, bytes_unpacked=5000)
+    assert reconciling.expected_bytes(snap) == 1000  # unpacked bytes are counted as written
 
 
 def test_garbage_is_what_the_agent_pulled_and_nobody_wants_or_pins() -> None:

@@ -23,6 +23,7 @@ from agent.images.progress.events import (
     ProgressSnapshot,
     Retry,
     Stalled,
+    UnpackProgress,
 )
 from agent.images.progress.stall import (
     DEFAULT_MAX_REQUEST_STALLS,
@@ -53,6 +54,7 @@ __all__ = [
     "RetryPolicy",
     "StallWatchdog",
     "Stalled",
+    "UnpackProgress",
     "check_interval",
     "request_read_timeout",
 ]

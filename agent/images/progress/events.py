@@ -65,6 +65,8 @@ class ProgressSnapshot:
         blobs_total: blobs known (each digest counted once).
         layers_done: layers unpacked into snapshots (or found already unpacked).
         layers_total: known blobs whose media type is a layer.
+        bytes_unpacked: uncompressed bytes this pull wrote into snapshots so far (a layer
+            applied again after a failed attempt counts once, from its latest attempt).
         active_requests: HTTP bodies being read right now.
         retries: requests retried, for any reason (stalls included).
         stalls: hung requests that were aborted and resumed (recovered stalls).
@@ -79,6 +81,7 @@ class ProgressSnapshot:
     blobs_total: int = 0
     layers_done: int = 0
     layers_total: int = 0
+    bytes_unpacked: int = 0
     active_requests: int = 0
     retries: int = 0
     stalls: int = 0
@@ -171,6 +174,17 @@ class LayerUnpacked(ProgressEvent):
     kind: ClassVar[str] = "LayerUnpacked"
 
     digest: digests.Digest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnpackProgress(ProgressEvent):
+    """A layer (by its blob digest) being applied wrote ``written`` uncompressed bytes so far
+    (about every MiB). ``snapshot.bytes_unpacked`` is the pull's total."""
+
+    kind: ClassVar[str] = "UnpackProgress"
+
+    digest: digests.Digest
+    written: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

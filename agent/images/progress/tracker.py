@@ -48,7 +48,7 @@ EventCallback = Callable[[events.ProgressEvent], None]
 class _Blob:
     """Mutable per-blob state; private to the tracker."""
 
-    __slots__ = ("digest", "total", "done", "is_layer", "finished", "unpacked")
+    __slots__ = ("digest", "total", "done", "is_layer", "finished", "unpacked", "written")
 
     def __init__(self, digest: digests.Digest, total: int, is_layer: bool) -> None:
         self.digest = digest
@@ -57,6 +57,7 @@ class _Blob:
         self.is_layer = is_layer
         self.finished = False
         self.unpacked = False
+        self.written = 0  # uncompressed bytes its unpack wrote (latest attempt)
 
 
 def _default_clock() -> Callable[[], float]:
@@ -105,6 +106,7 @@ class PullProgress:
         self._blobs_done = 0
         self._layers_done = 0
         self._layers_total = 0
+        self._bytes_unpacked = 0
         self._retries = 0
         self._stalls = 0
         self._stall_cancellations = 0
@@ -136,6 +138,7 @@ class PullProgress:
             blobs_total=len(self._blobs),
             layers_done=self._layers_done,
             layers_total=self._layers_total,
+            bytes_unpacked=self._bytes_unpacked,
             active_requests=self.active_requests,
             retries=self._retries,
             stalls=self._stalls,
@@ -294,6 +297,19 @@ class PullProgress:
         self._layers_done += 1
         if self._on_event is not None:
             self._on_event(events.LayerUnpacked(snapshot=self.snapshot(), digest=digest))
+
+    def layer_written(self, digest: digests.Digest, written: int) -> None:
+        """A layer being unpacked has written ``written`` uncompressed bytes (its attempt's
+        total so far; a new attempt starts again from 0). Emits :class:`UnpackProgress`."""
+        blob = self._blobs.get(digest)
+        if blob is None:
+            return
+        self._bytes_unpacked += written - blob.written
+        blob.written = written
+        if self._on_event is not None:
+            self._on_event(
+                events.UnpackProgress(snapshot=self.snapshot(), digest=digest, written=written)
+            )
 
     def retry(
         self, digest: digests.Digest | None, attempt: int, reason: str, *, stalled: bool

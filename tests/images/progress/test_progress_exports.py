@@ -24,6 +24,7 @@ def test_the_facade_exports_its_public_names() -> None:
         "RetryPolicy",
         "StallWatchdog",
         "Stalled",
+        "UnpackProgress",
         "check_interval",
         "request_read_timeout",
     }
