@@ -1,4 +1,8 @@
-"""Content digests (``sha256:<hex>``), streaming hashers, and layer chain IDs."""
+"""Content digests (``sha256:<hex>``, ``sha512:<hex>``), streaming hashers, and layer chain IDs.
+
+A digest is always verified with its own algorithm (:meth:`Digest.hasher`); chain IDs are
+SHA-256, as the OCI spec defines them.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ class Digest(str):
         m = _DIGEST.match(value)
         if not m or len(m.group(2)) != _ALGORITHMS[m.group(1)]:
             raise errors.InvalidReference(
-                f"invalid digest {value!r}: expected 'sha256:' followed by 64 lowercase hex digits"
+                f"invalid digest {value!r}: expected 'sha256:' followed by 64 lowercase hex"
+                " digits (or 'sha512:' and 128)"
             )
         return super().__new__(cls, value)
 
