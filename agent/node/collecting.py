@@ -128,6 +128,21 @@ class Collector:
             return removed
 
 
+    async def sweep(self) -> None:
+        """Remove the blobs and snapshots no record and no pull in flight needs (what a pull
+        stopped for the disk budget committed), then measure again. Never raises for a busy
+        store."""
+        async with self._lock:
+            try:
+                result = await self.svc.gc()
+            except image_errors.Unavailable as e:
+                logger.warning(f"garbage collection skipped: {e}")
+                return
+            if result.blobs or result.snapshots:
+                logger.info("garbage collected", extra=result.to_json())
+            await self.measure()
+
+
 def _parse_all(refs: Iterable[str]) -> list[references.Reference]:
     out = []
     for text in refs:

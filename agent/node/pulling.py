@@ -223,6 +223,9 @@ class Puller:
                         if guard.error is None or task is None:
                             raise
                         task.uncancel()
+                        # What the stopped pull committed is unused: free it now, not at
+                        # the next periodic collection.
+                        await self.collector.sweep()
                         raise guard.error from None
                     recorder.observe_result(result)
         except asyncio.CancelledError:

@@ -60,6 +60,7 @@ class FakeCollector:
         self.size = size
         self.max_store = max_store
         self.checks: list[tuple[int, int | None]] = []
+        self.sweeps = 0
 
     def usage(self) -> collecting.StoreUsage:
         return collecting.StoreUsage(capacity=10**15, free=10**14, size=self.size)
@@ -70,6 +71,9 @@ class FakeCollector:
         if self.max_store is not None and size + expected > self.max_store:
             return f"the store would hold {size + expected} bytes"
         return self.problem
+
+    async def sweep(self) -> None:
+        self.sweeps += 1
 
 
 @dataclasses.dataclass
@@ -211,6 +215,7 @@ async def test_a_pull_is_stopped_once_what_it_unpacks_outgrows_the_budget() -> N
     # Checked as it wrote, every 64 MiB: stopped within that of the limit.
     last_expected, last_size = collector.checks[-1]
     assert last_size is not None and 1024 * MiB < last_size <= (1024 + 64) * MiB
+    assert collector.sweeps == 1  # what it committed is collected at once
 
 
 async def test_a_missing_pull_secret_copy_is_reported_by_name() -> None:
