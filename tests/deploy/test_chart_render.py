@@ -158,6 +158,7 @@ def test_config_values_reach_the_toml(release_all: Release, tmp_path: Path) -> N
     assert images["image_pull_progress_timeout"] == "2m30s"
     assert images["image_pull_min_bytes_per_second"] == 1048576
     assert images["pinned_images"] == ["registry.k8s.io/pause:3.10"]
+    assert images["max_image_uncompressed_bytes"] == "48GiB"
     assert images["registry"]["config_path"] == "/etc/prefetcher/certs.d"
     assert images["registry"]["headers"] == {"User-Agent": "acme-prefetcher"}
     assert images["registry"]["mirrors"] == {"docker.io": ["https://mirror.gcr.io"]}
