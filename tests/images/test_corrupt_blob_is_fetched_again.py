@@ -4,6 +4,7 @@ copy. A blob that is corrupt every time still fails the pull, after exactly two 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,10 @@ def _image(seed: int) -> images.Image:
     ])
 
 
-@pytest.mark.parametrize("snapshotter", ["", "naive"])
+@pytest.mark.parametrize("snapshotter", [
+    "", "naive",
+    pytest.param("overlayfs", marks=pytest.mark.skipif(os.geteuid() != 0, reason="needs root")),
+])
 async def test_a_blob_corrupted_once_is_fetched_again_and_the_pull_succeeds(
     fault_proxy: FaultProxy, tmp_root: Path, snapshotter: str
 ) -> None:
