@@ -847,15 +847,7 @@ class ImageService:
         pinned: bool,
     ) -> str:
         assert self.containerd is not None
-        loop = asyncio.get_running_loop()
-
-        def on_layer(event: Any) -> None:  # from worker threads
-            if event.kind == "progress":  # what the disk budget counts
-                loop.call_soon_threadsafe(
-                    progress.layer_written, event.layer.digest, event.uncompressed_bytes
-                )
-            if event.kind in ("done", "skipped"):
-                loop.call_soon_threadsafe(progress.layer_unpacked, event.layer.digest)
+        on_layer = _unpack_events_to(progress)
 
         with tracing.span(SPAN_PREFIX, "import_containerd", {tracing.IMAGE_REF: str(ref)}):
             imported = await self.containerd.import_image(
@@ -910,15 +902,7 @@ class ImageService:
         from agent.images.unpack import unpacker as unpacker_mod
 
         assert self.snapshotter is not None
-        loop = asyncio.get_running_loop()
-
-        def on_progress(event: unpacker_mod.UnpackEvent) -> None:  # from worker threads
-            if event.kind == "progress":  # what the disk budget counts
-                loop.call_soon_threadsafe(
-                    progress.layer_written, event.layer.digest, event.uncompressed_bytes
-                )
-            if event.kind in ("done", "skipped"):
-                loop.call_soon_threadsafe(progress.layer_unpacked, event.layer.digest)
+        on_progress = _unpack_events_to(progress)
 
         unpacker = unpacker_mod.Unpacker(
             blobs,
@@ -931,6 +915,22 @@ class ImageService:
         )
         with tracing.span(SPAN_PREFIX, "unpack", {"image.layers": len(manifest.layers)}):
             return await unpacker.unpack(manifest.layers, config.diff_ids)
+
+
+def _unpack_events_to(progress: tracker.PullProgress) -> Callable[[Any], None]:
+    """An unpacker's ``on_progress`` (called from worker threads) that feeds the pull's
+    progress on this event loop: bytes written (the disk budget counts them) and layers done."""
+    loop = asyncio.get_running_loop()
+
+    def on_progress(event: Any) -> None:
+        if event.kind == "progress":
+            loop.call_soon_threadsafe(
+                progress.layer_written, event.layer.digest, event.uncompressed_bytes
+            )
+        elif event.kind in ("done", "skipped"):
+            loop.call_soon_threadsafe(progress.layer_unpacked, event.layer.digest)
+
+    return on_progress
 
 
 async def _phase_after(
