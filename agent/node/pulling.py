@@ -30,8 +30,8 @@ from typing import Any
 from opentelemetry import trace
 
 from agent import logs, metrics, telemetry
+from agent.images import bytesizes, service
 from agent.images import errors as image_errors
-from agent.images import service
 from agent.images.progress import events
 from agent.node import collecting, credentials, errors, reconciling, reporting
 
@@ -86,8 +86,8 @@ class _DiskGuard:
         self._next_check = written + reconciling.BUDGET_CHECK_BYTES
         problem = self._collector.check(remaining, store_size=self._store_size + written)
         if problem is not None and self._task is not None:
-            wrote = (f" (after writing {reconciling.human(written)}, of which"
-                     f" {reconciling.human(snap.bytes_unpacked)} unpacked)" if written else "")
+            wrote = (f" (after writing {bytesizes.format(written)}, of which"
+                     f" {bytesizes.format(snap.bytes_unpacked)} unpacked)" if written else "")
             self.error = image_errors.DiskPressure(f"{snap.reference}: {problem}{wrote}")
             self._task.cancel()
 

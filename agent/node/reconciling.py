@@ -15,7 +15,7 @@ import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from agent.images import durations, references
+from agent.images import bytesizes, durations, references
 from agent.images.progress import events
 from agent.kube import specs
 
@@ -215,15 +215,16 @@ class Budget:
     def check(self, expected: int, *, capacity: int, free: int, store_size: int) -> str | None:
         """None when ``expected`` more bytes fit; else a message saying what does not."""
         floor = self.floor(capacity)
+        size = bytesizes.format
         if free - expected < floor:
-            short = (f"needs about {human(expected)} but only {human(max(free - floor, 0))}"
-                     f" is free above the floor of {human(floor)}" if expected else
-                     f"only {human(free)} is free, below the floor of {human(floor)}")
+            short = (f"needs about {size(expected)} but only {size(max(free - floor, 0))} is"
+                     f" free above the floor of {size(floor)}" if expected else
+                     f"only {size(free)} is free, below the floor of {size(floor)}")
             return (f"{short} (runtime.min_free_bytes / min_free_percent); free disk space or"
                     " lower the floor")
         if self.max_store_bytes and store_size + expected > self.max_store_bytes:
-            return (f"needs about {human(expected)} but the store holds {human(store_size)}"
-                    f" of its {human(self.max_store_bytes)} limit (runtime.max_store_bytes);"
+            return (f"needs about {size(expected)} but the store holds {size(store_size)} of"
+                    f" its {size(self.max_store_bytes)} limit (runtime.max_store_bytes);"
                     " remove prefetches or raise the limit")
         return None
 
@@ -233,16 +234,6 @@ def expected_bytes(snapshot: events.ProgressSnapshot) -> int:
     still to download. What unpacking writes is not guessed from them (layers expand 1-1000
     times): it is counted as it is written (``bytes_unpacked``) and the budget checked again."""
     return max(snapshot.bytes_total - snapshot.bytes_done, 0)
-
-
-def human(n: int) -> str:
-    """``1536`` → ``'1.5 KiB'``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------- garbage

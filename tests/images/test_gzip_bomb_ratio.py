@@ -22,7 +22,8 @@ def test_a_gzip_bomb_is_refused_by_the_ratio_check_soon_after_the_grace(
     assert len(bomb) * 500 < 64 * MiB  # well past the limit, below deflate's ceiling
     stream = compression.open_layer(io.BytesIO(bomb), L.MEDIA_TYPES["gzip"])
 
-    with pytest.raises(errors.UnsafeLayer, match=r"ratio \d+:1 after 1\d MiB .* limit of 250:1"):
+    refused = r"ratio \d+:1 after 1\d\.\d MiB .* limit of 250:1"
+    with pytest.raises(errors.UnsafeLayer, match=refused):
         while stream.read(MiB):
             pass
     assert stream.uncompressed_bytes <= 17 * MiB

@@ -37,7 +37,7 @@ from typing import BinaryIO, Final, Protocol, cast
 
 import zstandard
 
-from agent.images import errors, mediatypes
+from agent.images import bytesizes, errors, mediatypes
 
 try:  # pragma: no branch
     from isal import igzip as _gzip
@@ -141,7 +141,7 @@ class ImageLimit:
             total = self.total
         if self.limit and total > self.limit:
             raise errors.UnsafeLayer(
-                f"{name}: the image's layers decompress to more than {_human(self.limit)}"
+                f"{name}: the image's layers decompress to more than {bytesizes.format(self.limit)}"
                 f" in total ({self.setting}); refusing it as a decompression bomb"
             )
 
@@ -220,14 +220,15 @@ class Decompressed:
         out = self.uncompressed_bytes
         if out > self.max_uncompressed_bytes:
             raise errors.UnsafeLayer(
-                f"{self.name}: decompresses to more than {_human(self.max_uncompressed_bytes)}"
+                f"{self.name}: decompresses to more than"
+                f" {bytesizes.format(self.max_uncompressed_bytes)}"
                 " (images.max_layer_uncompressed_bytes); refusing it as a decompression bomb"
             )
         if self.compression != "none" and out > RATIO_GRACE_BYTES:
             ratio = out / max(1, self._src.count)
             if ratio > self.max_ratio:
                 raise errors.UnsafeLayer(
-                    f"{self.name}: decompression ratio {ratio:.0f}:1 after {_human(out)}"
+                    f"{self.name}: decompression ratio {ratio:.0f}:1 after {bytesizes.format(out)}"
                     f" exceeds the limit of {self.max_ratio:.0f}:1; refusing it as a"
                     " decompression bomb (a layer that is mostly zeros, such as a huge sparse"
                     " file written out in full, looks like one: rebuild it without)"
@@ -257,11 +258,3 @@ def open_layer(
         name=name,
     )
 
-
-def _human(n: int) -> str:
-    """``34359738368`` → ``"32 GiB"``; exact bytes below 1 KiB or when not round."""
-    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
-        if n >= 1 << shift:
-            value = n / (1 << shift)
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n} bytes"
