@@ -273,12 +273,13 @@ class ImagesSettings(BaseModel):
 
     model_config = _STRICT
 
-    snapshotter: Literal["overlayfs", "naive", "containerd"] = Field(
+    snapshotter: Literal["overlayfs", "naive", "containerd", "auto"] = Field(
         default="overlayfs",
         description=(
             "Where unpacked layers go: 'overlayfs' (the built-in store under runtime.root), "
             "'naive' (copying snapshots, for hosts without overlayfs; slow, for tests), or "
-            "'containerd' (the node's containerd, see [images.containerd]). Default 'overlayfs'."
+            "'containerd' (the node's containerd, see [images.containerd]), or 'auto' (the "
+            "node's runtime, detected at start). Default 'overlayfs'."
         ),
     )
     max_concurrent_downloads: int = Field(

@@ -11,7 +11,7 @@ config.toml, read by both `prefetcher operator` and `prefetcher agent`
 version = 2
 
 [images]
-snapshotter = {{ $i.snapshotter | toJson }}
+snapshotter = {{ include "image-prefetcher.snapshotter" . | toJson }}
 max_concurrent_downloads = {{ int64 $i.maxConcurrentDownloads }}
 node_max_concurrent_downloads = {{ int64 $i.nodeMaxConcurrentDownloads }}
 image_pull_progress_timeout = {{ toString $i.imagePullProgressTimeout | toJson }}
