@@ -154,19 +154,23 @@ def merged(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]
     want_meta = wanted.get("metadata") or {}
     for key in ("labels", "annotations"):
         meta[key] = {**(meta.get(key) or {}), **(want_meta.get(key) or {})}
+    if revision(live) > revision(wanted):  # never lower it (see decide)
+        meta["annotations"][ANNOTATION_REVISION] = str(revision(live))
     body["spec"] = copy.deepcopy(wanted.get("spec"))
     return body
 
 
 def drifted(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    """Whether the live DaemonSet differs from what we want: our hash and revision, the
-    wanted labels and annotations, and the wanted spec (extra fields of the live one, such
-    as server defaults, are not drift; quantities compare by value)."""
+    """Whether the live DaemonSet differs from what we want: the wanted labels and
+    annotations (our hash among them; a higher revision is not drift), and the wanted spec
+    (extra fields of the live one, such as server defaults, are not drift; quantities
+    compare by value)."""
     live_meta = live.get("metadata") or {}
     want_meta = wanted.get("metadata") or {}
     for key in ("labels", "annotations"):
         have = live_meta.get(key) or {}
-        if any(have.get(k) != v for k, v in (want_meta.get(key) or {}).items()):
+        if any(have.get(k) != v for k, v in (want_meta.get(key) or {}).items()
+               if k != ANNOTATION_REVISION):
             return True
     return _subset(canonical(wanted.get("spec")), canonical(live.get("spec")))
 
