@@ -169,6 +169,7 @@ async def keep_daemonset(state: reconciling.State) -> None:
 
 async def check_daemonset(state: reconciling.State, keeper: daemonsets.Keeper) -> None:
     ready = await keeper.check()
+    await state.secret_readers.verify()
     if ready is not None and ready != state.agent_pods_ready:
         state.agent_pods_ready = ready
         state.wake()

@@ -9,7 +9,8 @@ API emulator (``tests/kube``). Two things make that work:
   runtime reads its environment once, at process start, so the engine runs in a child
   process (:mod:`tests.deploy.helm_engine`), one per scenario.
 - :func:`serve_builtin_apis`: the built-in APIs the chart uses that the emulator does not
-  serve by itself (RBAC, admission policies, PodDisruptionBudgets, ResourceQuotas) are
+  serve by itself (RBAC, admission policies, PodDisruptionBudgets, ResourceQuotas,
+  NetworkPolicies) are
   registered on it, as is the Prometheus Operator's ServiceMonitor (a CRD on a real
   cluster).
 
@@ -84,6 +85,8 @@ def _types() -> list[ResourceType]:
           "servicemonitor", ("smon",)),
         r("", "v1", "resourcequotas", "ResourceQuota", True, "resourcequota", ("quota",),
           has_generation=False, status_subresource=True),
+        r("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, "networkpolicy",
+          ("netpol",)),
     ]
 
 

@@ -76,7 +76,7 @@ def test_install_creates_the_crds_and_every_object(release: Release) -> None:
     kinds = sorted(o["kind"] for o in release.objects)
     assert kinds == sorted([
         "ServiceAccount", "ServiceAccount", "ConfigMap", "ConfigMap", "ClusterRole",
-        "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Role", "Role",
+        "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Role",
         "RoleBinding", "RoleBinding", "Service", "Service", "Deployment", "DaemonSet",
         "ClusterKopfPeering", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
     ])
@@ -119,7 +119,7 @@ def test_every_object_carries_the_standard_labels(which: str,
         labels = obj["metadata"].get("labels") or {}
         missing = [k for k in STANDARD_LABELS if k not in labels]
         assert not missing, f"{obj['kind']} {obj['metadata']['name']}: no {missing}"
-        assert labels["helm.sh/chart"] == "image-prefetcher-0.1.0"
+        assert labels["helm.sh/chart"] == "image-prefetcher-0.2.0"
         assert labels["app.kubernetes.io/version"] == package_version()
         assert labels["app.kubernetes.io/instance"] == RELEASE
     if which == "release_all":

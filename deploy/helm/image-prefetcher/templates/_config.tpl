@@ -57,6 +57,7 @@ resync_interval = {{ toString $op.resyncInterval | toJson }}
 agent_heartbeat_timeout = {{ toString $op.agentHeartbeatTimeout | toJson }}
 agent_daemonset = {{ printf "%s/agent-daemonset.yaml" (include "image-prefetcher.configDir" .) | toJson }}
 agent_daemonset_owner = {{ include "image-prefetcher.agentDaemonSetConfigName" . | toJson }}
+agent_secrets_role = {{ include "image-prefetcher.agentSecretsRoleName" . | toJson }}
 daemonset_check_interval = {{ toString $op.daemonsetCheckInterval | toJson }}
 resolve_digests = {{ $op.resolveDigests }}
 resolve_timeout = {{ toString $op.resolveTimeout | toJson }}

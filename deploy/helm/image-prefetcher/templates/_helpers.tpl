@@ -74,6 +74,10 @@ Names of the objects.
 {{ include "image-prefetcher.fullname" . }}-agent-daemonset
 {{- end }}
 
+{{- define "image-prefetcher.agentSecretsRoleName" -}}
+{{ include "image-prefetcher.fullname" . }}-agent-pull-secrets
+{{- end }}
+
 {{- define "image-prefetcher.registryHostsName" -}}
 {{ include "image-prefetcher.fullname" . }}-registry-hosts
 {{- end }}
