@@ -192,10 +192,12 @@ def _subset(want: Any, have: Any) -> bool:
 
 _QUANTITY = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(?:([eE][+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|"
                        r"n|u|m|k|M|G|T|P|E)?)$")
-_SUFFIX = {"": 1, "n": decimal.Decimal("1e-9"), "u": decimal.Decimal("1e-6"),
-           "m": decimal.Decimal("1e-3"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-           "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
-           "Pi": 2**50, "Ei": 2**60}
+_SUFFIX: dict[str, decimal.Decimal] = {
+    "": decimal.Decimal(1), "n": decimal.Decimal("1e-9"), "u": decimal.Decimal("1e-6"),
+    "m": decimal.Decimal("1e-3"),
+    **{s: decimal.Decimal(10) ** (3 * i) for i, s in enumerate("kMGTPE", 1)},
+    **{f"{s}i": decimal.Decimal(2) ** (10 * i) for i, s in enumerate("KMGTPE", 1)},
+}
 
 
 def quantity(value: Any) -> decimal.Decimal | None:
@@ -210,7 +212,7 @@ def quantity(value: Any) -> decimal.Decimal | None:
     amount = decimal.Decimal(number)
     if exponent:
         return amount.scaleb(int(exponent[1:]))
-    return amount * decimal.Decimal(_SUFFIX[suffix or ""])
+    return amount * _SUFFIX[suffix or ""]
 
 
 def canonical(value: Any, key: str = "") -> Any:
