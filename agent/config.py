@@ -551,9 +551,9 @@ class OperatorSettings(BaseModel):
         pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$",
         description=(
             "Name of the ConfigMap in runtime.namespace that holds agent_daemonset (the chart's). "
-            "The DaemonSet gets an ownerReference to it, so deleting it (helm uninstall) garbage-"
-            "collects the agents; while it is missing the DaemonSet is not created. Default '': "
-            "no owner (delete the DaemonSet by hand)."
+            "What the operator creates (a DaemonSet it had to recreate, the agents' pull-secret "
+            "Role) gets an ownerReference to it, so deleting it (helm uninstall) garbage-collects "
+            "them; while it is missing the DaemonSet is not recreated. Default '': no owner."
         ),
     )
     agent_secrets_role: str = Field(
