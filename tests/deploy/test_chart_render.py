@@ -360,6 +360,17 @@ def test_platform_values_reach_both_components(release_all: Release) -> None:
         assert template["metadata"]["labels"]["example.com/tier"] in ("control", "node")
 
 
+def test_a_repository_with_a_registry_host_is_used_as_it_is(tmp_path: Path) -> None:
+    """Values written for chart 0.1 (the registry inside image.repository) still work."""
+    [rel] = list(install(tmp_path, {
+        "image": {"repository": "my.registry:5000/team/image-prefetcher", "tag": "1.2"},
+        "agent": {"priorityClassName": "system-node-critical"}}))
+    pod = rel.agent_daemonset["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "my.registry:5000/team/image-prefetcher:1.2"
+    # A critical priority class outside kube-system without the quota: the notes say so.
+    assert "agent.priorityClassQuota=true to ship one" in rel.record["info"]["notes"]
+
+
 def test_priority_class_quota_admits_the_agents_priority_class(release_all: Release) -> None:
     quota = release_all.get("ResourceQuota")
     assert quota["metadata"]["namespace"] == NAMESPACE

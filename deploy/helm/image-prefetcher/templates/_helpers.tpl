@@ -104,12 +104,17 @@ Names of the objects.
 
 {{/*
 The image reference: [global.imageRegistry or image.registry/]repository, then @digest if
-set, else :tag (default appVersion).
+set, else :tag (default appVersion). A repository that already starts with a registry host
+(a first component with "." or ":", or "localhost", as Docker parses references) is used
+as it is.
 */}}
 {{- define "image-prefetcher.image" -}}
 {{- $registry := default .Values.image.registry (.Values.global).imageRegistry }}
+{{- $parts := splitList "/" .Values.image.repository }}
+{{- $first := first $parts }}
+{{- $hasHost := and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
 {{- $repository := .Values.image.repository }}
-{{- if $registry }}{{ $repository = printf "%s/%s" (trimSuffix "/" $registry) .Values.image.repository }}{{ end }}
+{{- if and $registry (not $hasHost) }}{{ $repository = printf "%s/%s" (trimSuffix "/" $registry) .Values.image.repository }}{{ end }}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
