@@ -211,6 +211,7 @@ def test_registry_hosts_are_mounted_in_the_containerd_layout(release_all: Releas
 RUNTIME_HOST_PATHS = {
     "/run/containerd", "/var/lib/containerd", "/etc/containerd", "/run/k3s/containerd",
     "/var/lib/rancher/k3s/agent/containerd", "/var/lib/rancher/rke2/agent/containerd",
+    "/var/lib/rancher/k3s/agent/etc/containerd", "/var/lib/rancher/rke2/agent/etc/containerd",
     "/var/snap/microk8s/common/run", "/var/snap/microk8s/common/var/lib/containerd", "/run/crio",
 }
 
@@ -287,7 +288,10 @@ def test_default_store_is_the_nodes_runtime(release: Release, tmp_path: Path) ->
                for mount, (path, kind) in paths.items())
     assert not any(p.endswith(".sock") for p in paths)
     mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
-    assert mounts["/etc/containerd"]["readOnly"] is True
+    read_only = {path for path, m in mounts.items() if m.get("readOnly")}
+    assert read_only == {"/etc/prefetcher", "/etc/containerd",
+                         "/var/lib/rancher/k3s/agent/etc/containerd",
+                         "/var/lib/rancher/rke2/agent/etc/containerd"}
     assert not mounts["/var/lib/containerd"].get("readOnly")
     assert "into each node's container runtime" in release.record["info"]["notes"]
 
