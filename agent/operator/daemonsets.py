@@ -282,6 +282,8 @@ class Keeper:
     owner_missing: bool = False
     #: The last problem reported about missing agent pods ("" = none).
     reported: str = ""
+    #: The DaemonSet as last read or written (what schedules the agents; None = none kept).
+    live: JSON | None = None
 
     async def check(self) -> set[str] | None:
         """Keep the DaemonSet; return the nodes with a ready agent (None: no DaemonSet kept)."""
@@ -296,6 +298,7 @@ class Keeper:
                     logger.warning(f"ConfigMap {self.namespace}/{self.owner_name} (the agent"
                                    " DaemonSet's copy) does not exist; not keeping the DaemonSet")
                 self.owner_missing = True
+                self.live = None
                 return None
             self.owner_missing = False
         wanted = desired(load(self.path), self.namespace, owner)
@@ -317,6 +320,7 @@ class Keeper:
             assert live is not None
             logger.debug(f"the agent DaemonSet {where} is at revision {revision(live)}, newer"
                          f" than this operator's copy ({revision(wanted)}); left as it is")
+        self.live = live
         await self.report(live)
         selector = (wanted.get("spec") or {}).get("selector", {}).get("matchLabels") or {}
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))

@@ -86,6 +86,9 @@ def test_old_and_new_operators_do_not_take_turns(release: Release, tmp_path: Pat
     assert body["metadata"]["annotations"][REVISION] == "2"
     assert body["spec"]["template"]["spec"]["containers"][0]["image"].endswith("x:0.2.0")
     assert writes(cluster) - before == 1, "the DaemonSet changed more than once"
+    # Both keepers know the DaemonSet that really schedules the agents (the newer one).
+    assert old.live is not None and new.live is not None
+    assert old.live["metadata"]["annotations"][REVISION] == "2"
     # What Helm put in the metadata stays: the next helm upgrade still owns the object.
     assert body["metadata"]["annotations"]["meta.helm.sh/release-name"] == "ipf"
     assert body["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
