@@ -273,12 +273,13 @@ class ImagesSettings(BaseModel):
 
     model_config = _STRICT
 
-    snapshotter: Literal["overlayfs", "naive", "containerd"] = Field(
+    snapshotter: Literal["overlayfs", "naive", "containerd", "auto"] = Field(
         default="overlayfs",
         description=(
             "Where unpacked layers go: 'overlayfs' (the built-in store under runtime.root), "
             "'naive' (copying snapshots, for hosts without overlayfs; slow, for tests), or "
-            "'containerd' (the node's containerd, see [images.containerd]). Default 'overlayfs'."
+            "'containerd' (the node's containerd, see [images.containerd]), or 'auto' (the "
+            "node's runtime, detected at start). Default 'overlayfs'."
         ),
     )
     max_concurrent_downloads: int = Field(
@@ -549,10 +550,11 @@ class OperatorSettings(BaseModel):
     agent_daemonset: str = Field(
         default="",
         description=(
-            "YAML or JSON file with the agents' DaemonSet as the chart renders it (image, "
-            "resources, node selector, tolerations, host paths, config, priority class, update "
-            "strategy). The operator creates it in runtime.namespace, restores it when deleted "
-            "or edited, and replaces it when the file changes. Default '': no DaemonSet managed."
+            "YAML or JSON file with the agents' DaemonSet as the chart renders it (the chart's "
+            "copy of its own DaemonSet object). The operator recreates it in runtime.namespace "
+            "when deleted, reverts edits made outside Helm, and updates it when the file is of a "
+            "newer release revision (or, without revisions, when the file changes). Default '': "
+            "no DaemonSet managed."
         ),
     )
     agent_daemonset_owner: str = Field(
@@ -560,9 +562,19 @@ class OperatorSettings(BaseModel):
         pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$",
         description=(
             "Name of the ConfigMap in runtime.namespace that holds agent_daemonset (the chart's). "
-            "The DaemonSet gets an ownerReference to it, so deleting it (helm uninstall) garbage-"
-            "collects the agents; while it is missing the DaemonSet is not created. Default '': "
-            "no owner (delete the DaemonSet by hand)."
+            "What the operator creates (a DaemonSet it had to recreate, the agents' pull-secret "
+            "Role) gets an ownerReference to it, so deleting it (helm uninstall) garbage-collects "
+            "them; while it is missing the DaemonSet is not recreated. Default '': no owner."
+        ),
+    )
+    agent_secrets_role: str = Field(
+        default="",
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$",
+        description=(
+            "Name of the Role in runtime.namespace through which the agents read the pull-secret "
+            "copies (the chart binds it to the agents' ServiceAccount). The operator creates it "
+            "and keeps its resourceNames to the copies' names, so an agent can read no other "
+            "Secret there. Default '': not managed (grant the agents access yourself)."
         ),
     )
     daemonset_check_interval: Duration = Field(

@@ -155,9 +155,11 @@ async def prefetch_deleted(uid: str, memo: Any, logger: kopf.Logger, **_: Any) -
 
 async def keep_daemonset(state: reconciling.State) -> None:
     """Keep the agents' DaemonSet as the settings file says; track ready agent pods."""
+    keeper = daemonsets.Keeper(state.client, state.namespace, state.settings.agent_daemonset,
+                               state.settings.agent_daemonset_owner)
     while True:
         try:
-            await check_daemonset(state)
+            await check_daemonset(state, keeper)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # keep going: a bad file or a failed call is retried
@@ -165,37 +167,9 @@ async def keep_daemonset(state: reconciling.State) -> None:
         await asyncio.sleep(state.settings.daemonset_check_interval)
 
 
-async def check_daemonset(state: reconciling.State) -> None:
-    path = state.settings.agent_daemonset
-    if not path:
-        return
-    owner = None
-    if state.settings.agent_daemonset_owner:
-        owner_name = state.settings.agent_daemonset_owner
-        owner = await state.client.get(kubeapi.configmap_path(state.namespace, owner_name))
-        if owner is None or (owner.get("metadata") or {}).get("deletionTimestamp"):
-            # Uninstalling: the garbage collector removes the DaemonSet; do not recreate it.
-            if not state.owner_missing:
-                logger.warning(f"ConfigMap {state.namespace}/{owner_name} (the agent"
-                               " DaemonSet's owner) does not exist; not keeping the DaemonSet")
-            state.owner_missing = True
-            return
-        state.owner_missing = False
-    wanted = daemonsets.desired(daemonsets.load(path), state.namespace, owner)
-    name = wanted["metadata"]["name"]
-    live = await state.client.get(kubeapi.daemonset_path(state.namespace, name))
-    if live is None:
-        await state.client.create(kubeapi.daemonset_path(state.namespace), wanted)
-        logger.info(f"created the agent DaemonSet {state.namespace}/{name}")
-    elif daemonsets.drifted(live, wanted):
-        wanted["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
-        await state.client.replace(kubeapi.daemonset_path(state.namespace, name), wanted)
-        logger.info(f"restored the agent DaemonSet {state.namespace}/{name} to its settings")
-    selector = (wanted.get("spec") or {}).get("selector", {}).get("matchLabels") or {}
-    label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-    pods = await state.client.list(kubeapi.pods_path(state.namespace),
-                                   labelSelector=label_selector)
-    ready = daemonsets.ready_nodes(pods)
-    if ready != state.agent_pods_ready:
+async def check_daemonset(state: reconciling.State, keeper: daemonsets.Keeper) -> None:
+    ready = await keeper.check()
+    await state.secret_readers.verify()
+    if ready is not None and ready != state.agent_pods_ready:
         state.agent_pods_ready = ready
         state.wake()

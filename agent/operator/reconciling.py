@@ -34,6 +34,7 @@ from agent.operator import (
     nodes,
     prefetches,
     resolving,
+    roles,
     secrets,
     status,
     throttling,
@@ -110,11 +111,16 @@ class State:
     owner_missing: bool = False
     #: The one writer of NodeImageSet specs (coalesced per node; see :mod:`.writing`).
     writer: writing.NodeWriter = dataclasses.field(init=False)
+    #: The agents' Role over the pull-secret copies (see :mod:`.roles`).
+    secret_readers: roles.PullSecretReaders = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.writer = writing.NodeWriter(
             self.client, self.node_sets.get, self.remember_node_set, self.forget_node_set,
             self.contributions)
+        self.secret_readers = roles.PullSecretReaders(
+            self.client, self.namespace, self.settings.agent_secrets_role,
+            self.settings.agent_daemonset_owner)
 
     # Index maintenance (called by the kopf event handlers).
 
@@ -275,6 +281,7 @@ async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
             except errors.Conflict:
                 continue
         names.append(copy_name)
+    await state.secret_readers.grant(names)  # before any node is told to read them
     return names, sources
 
 

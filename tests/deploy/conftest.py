@@ -46,18 +46,24 @@ class Release:
 
     @property
     def agent_daemonset(self) -> JSON:
+        """The agents' DaemonSet, a chart object."""
+        return self.get("DaemonSet")
+
+    @property
+    def agent_daemonset_copy(self) -> JSON:
+        """The operator's copy of it, in the "-agent-daemonset" ConfigMap."""
         ds: JSON = yaml.safe_load(self.configmap_file("-agent-daemonset",
                                                       "agent-daemonset.yaml"))
         return ds
 
 
-def install(tmp: Path, values: JSON | None = None, *,
-            admission_policies: bool = True) -> Iterator[Release]:
+def install(tmp: Path, values: JSON | None = None, *, admission_policies: bool = True,
+            namespace: str = NAMESPACE) -> Iterator[Release]:
     with Cluster(tmp) as cluster:
-        cluster.put("v1", "namespaces", {"metadata": {"name": NAMESPACE}})
+        cluster.put("v1", "namespaces", {"metadata": {"name": namespace}})
         helm.serve_builtin_apis(cluster, admission_policies=admission_policies)
         [result] = helm.run([{"action": "install", "release": RELEASE, "values": values}],
-                            kubeconfig=cluster.kubeconfig_path, namespace=NAMESPACE)
+                            kubeconfig=cluster.kubeconfig_path, namespace=namespace)
         record = result["result"]
         yield Release(cluster, record, helm.manifest(record))
 

@@ -9,8 +9,10 @@ API emulator (``tests/kube``). Two things make that work:
   runtime reads its environment once, at process start, so the engine runs in a child
   process (:mod:`tests.deploy.helm_engine`), one per scenario.
 - :func:`serve_builtin_apis`: the built-in APIs the chart uses that the emulator does not
-  serve by itself (RBAC, admission policies, PodDisruptionBudgets) are registered on it, as
-  is the Prometheus Operator's ServiceMonitor (a CRD on a real cluster).
+  serve by itself (RBAC, admission policies, PodDisruptionBudgets, ResourceQuotas,
+  NetworkPolicies) are
+  registered on it, as is the Prometheus Operator's ServiceMonitor (a CRD on a real
+  cluster).
 
 ``helm_sdkpy``'s lint result loses the messages' text (Go errors marshal to ``{}``): it gives
 severity and path only, so :func:`lint` pairs it with the schema check and a render, which
@@ -81,6 +83,10 @@ def _types() -> list[ResourceType]:
           "poddisruptionbudget", ("pdb",), status_subresource=True),
         r("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor", True,
           "servicemonitor", ("smon",)),
+        r("", "v1", "resourcequotas", "ResourceQuota", True, "resourcequota", ("quota",),
+          has_generation=False, status_subresource=True),
+        r("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, "networkpolicy",
+          ("netpol",)),
     ]
 
 

@@ -89,7 +89,7 @@ def test_every_values_key_is_described_in_the_schema() -> None:
             assert key in node.get("properties", {}), f"{'.'.join(path[:i + 1])}: not in schema"
             node = node["properties"][key]
             assert node.get("description"), f"{'.'.join(path[:i + 1])}: no description"
-    assert set(VALUES) == set(SCHEMA["properties"]) - {"global"}
+    assert set(VALUES) == set(SCHEMA["properties"])
 
 
 def test_every_values_key_is_documented_in_values_yaml() -> None:

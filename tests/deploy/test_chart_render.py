@@ -76,14 +76,36 @@ def test_install_creates_the_crds_and_every_object(release: Release) -> None:
     kinds = sorted(o["kind"] for o in release.objects)
     assert kinds == sorted([
         "ServiceAccount", "ServiceAccount", "ConfigMap", "ConfigMap", "ClusterRole",
-        "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Role", "Role",
-        "RoleBinding", "RoleBinding", "Service", "Service", "Deployment",
+        "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Role",
+        "RoleBinding", "RoleBinding", "Service", "Service", "Deployment", "DaemonSet",
         "ClusterKopfPeering", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
     ])
     deployment = release.cluster.get("apps/v1", "deployments", f"{RELEASE}-image-prefetcher"
                                      "-operator", NAMESPACE)
     assert deployment is not None, "the Deployment was not created in the cluster"
-    assert "pod-security.kubernetes.io/enforce=privileged" in release.record["info"]["notes"]
+    daemonset = release.cluster.get("apps/v1", "daemonsets", f"{RELEASE}-image-prefetcher"
+                                    "-agent", NAMESPACE)
+    assert daemonset is not None, "Helm did not create the agents' DaemonSet"
+    notes = release.record["info"]["notes"]
+    assert "pod-security.kubernetes.io/enforce=privileged" in notes
+    # How to see agents that cannot be created (helm install --wait does not wait for them).
+    assert f"describe daemonset {RELEASE}-image-prefetcher-agent" in notes
+    assert "CURRENT stays below DESIRED" in notes
+
+
+def test_the_daemonset_is_a_chart_object_identical_to_the_operators_copy(
+        release: Release) -> None:
+    """What helm template, GitOps diffs and scanners see is what the operator keeps."""
+    assert release.agent_daemonset == release.agent_daemonset_copy
+    annotations = release.agent_daemonset["metadata"]["annotations"]
+    assert annotations["prefetcher.dev/template-revision"] == "1"
+    assert len(annotations["prefetcher.dev/template-hash"]) == 16
+    # Helm's ownership marks: a DaemonSet the operator had to recreate from the copy is one
+    # the next helm upgrade adopts instead of refusing.
+    assert annotations["meta.helm.sh/release-name"] == RELEASE
+    assert annotations["meta.helm.sh/release-namespace"] == NAMESPACE
+    assert release.agent_daemonset["metadata"]["labels"]["app.kubernetes.io/managed-by"] == \
+        "Helm"
 
 
 # ------------------------------------------------------------------------------ labels
@@ -93,11 +115,11 @@ def test_install_creates_the_crds_and_every_object(release: Release) -> None:
 def test_every_object_carries_the_standard_labels(which: str,
                                                   request: pytest.FixtureRequest) -> None:
     rel: Release = request.getfixturevalue(which)
-    for obj in [*rel.objects, rel.agent_daemonset]:
+    for obj in [*rel.objects, rel.agent_daemonset_copy]:
         labels = obj["metadata"].get("labels") or {}
         missing = [k for k in STANDARD_LABELS if k not in labels]
         assert not missing, f"{obj['kind']} {obj['metadata']['name']}: no {missing}"
-        assert labels["helm.sh/chart"] == "image-prefetcher-0.1.0"
+        assert labels["helm.sh/chart"] == "image-prefetcher-0.2.0"
         assert labels["app.kubernetes.io/version"] == package_version()
         assert labels["app.kubernetes.io/instance"] == RELEASE
     if which == "release_all":
@@ -139,7 +161,7 @@ def test_config_toml_passes_prefetcher_config_check(which: str, tmp_path: Path,
     deployment = rel.get("Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["args"] == ["operator", "--config", "/etc/prefetcher/config.toml"]
+    assert container["args"][:3] == ["operator", "--config", "/etc/prefetcher/config.toml"]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
     assert mount["mountPath"] == "/etc/prefetcher" and "subPath" not in mount
     sources = next(v for v in pod["volumes"] if v["name"] == "config")["projected"]["sources"]
@@ -187,6 +209,14 @@ def test_registry_hosts_are_mounted_in_the_containerd_layout(release_all: Releas
 # ------------------------------------------------------------------------------ the agent
 
 
+RUNTIME_HOST_PATHS = {
+    "/run/containerd", "/var/lib/containerd", "/etc/containerd", "/run/k3s/containerd",
+    "/var/lib/rancher/k3s/agent/containerd", "/var/lib/rancher/rke2/agent/containerd",
+    "/var/lib/rancher/k3s/agent/etc/containerd", "/var/lib/rancher/rke2/agent/etc/containerd",
+    "/var/snap/microk8s/common/run", "/var/snap/microk8s/common/var/lib/containerd", "/run/crio",
+}
+
+
 def test_agent_daemonset_defaults(release: Release) -> None:
     ds = release.agent_daemonset
     assert ds["kind"] == "DaemonSet"
@@ -196,7 +226,6 @@ def test_agent_daemonset_defaults(release: Release) -> None:
                                       "rollingUpdate": {"maxUnavailable": "10%"}}
     pod = spec["template"]["spec"]
     assert pod["tolerations"] == [{"operator": "Exists"}]
-    assert pod["priorityClassName"] == "system-node-critical"
     assert pod["serviceAccountName"] == f"{RELEASE}-image-prefetcher-agent"
     assert pod["automountServiceAccountToken"] is True
     assert pod["securityContext"]["runAsUser"] == 0
@@ -221,25 +250,83 @@ def test_agent_daemonset_defaults(release: Release) -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    assert host_paths(pod) == {"/var/lib/prefetcher": ("/var/lib/prefetcher",
-                                                       "DirectoryOrCreate")}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/etc/prefetcher"].get("readOnly") is True
     assert {"/run/prefetcher", "/tmp"} <= set(mounts)  # writable with a read-only root
 
 
-def test_agent_in_containerd_mode_mounts_containerd_at_the_same_paths(
-        release_all: Release) -> None:
+def test_agents_schedule_on_every_linux_node_of_a_managed_cluster(release: Release) -> None:
+    """No system-node-critical outside kube-system (GKE rejects it without a quota, and the
+    DaemonSet then never gets a pod); Linux nodes only; never virtual nodes."""
+    pod = release.agent_daemonset["spec"]["template"]["spec"]
+    assert "priorityClassName" not in pod
+    assert release.all("ResourceQuota") == []
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    [term] = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    excluded = {e["key"]: (e["operator"], e["values"]) for e in term["matchExpressions"]}
+    assert excluded == {"type": ("NotIn", ["virtual-kubelet"]),
+                        "eks.amazonaws.com/compute-type": ("NotIn", ["fargate"])}
+
+
+def test_in_kube_system_the_agents_are_node_critical(tmp_path: Path) -> None:
+    [rel] = list(install(tmp_path, namespace="kube-system"))
+    pod = rel.agent_daemonset["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert "agent.priorityClassQuota" not in rel.record["info"]["notes"]
+
+
+def test_default_store_is_the_nodes_runtime(release: Release, tmp_path: Path) -> None:
+    """#13: with default values the agent detects the node's runtime (snapshotter auto) and
+    has the host directories every detected mode needs, mounted as directories (a runtime
+    restart re-creates its socket inside them) at the same paths."""
+    cfg = config_check(release.config_toml, tmp_path)
+    assert cfg["images"]["snapshotter"] == "auto"
+    pod = release.agent_daemonset["spec"]["template"]["spec"]
+    paths = host_paths(pod)
+    assert set(paths) == RUNTIME_HOST_PATHS | {"/var/lib/prefetcher"}
+    assert all(path == mount and kind == "DirectoryOrCreate"
+               for mount, (path, kind) in paths.items())
+    assert not any(p.endswith(".sock") for p in paths)
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    read_only = {path for path, m in mounts.items() if m.get("readOnly")}
+    assert read_only == {"/etc/prefetcher", "/etc/containerd",
+                         "/var/lib/rancher/k3s/agent/etc/containerd",
+                         "/var/lib/rancher/rke2/agent/etc/containerd"}
+    assert not mounts["/var/lib/containerd"].get("readOnly")
+    assert "into each node's container runtime" in release.record["info"]["notes"]
+
+
+def test_private_store_mounts_no_runtime_directory(tmp_path: Path) -> None:
+    [rel] = list(install(tmp_path, {"agent": {"store": "private"}}))
+    cfg = config_check(rel.config_toml, tmp_path)
+    assert cfg["images"]["snapshotter"] == "overlayfs"
+    pod = rel.agent_daemonset["spec"]["template"]["spec"]
+    assert host_paths(pod) == {"/var/lib/prefetcher": ("/var/lib/prefetcher",
+                                                       "DirectoryOrCreate")}
+    assert "agents' own store" in rel.record["info"]["notes"]
+
+
+def test_private_store_with_containerd_is_refused(tmp_path: Path) -> None:
+    values = {"agent": {"store": "private"}, "config": {"images": {"snapshotter": "containerd"}}}
+    with pytest.raises(helm.HelmFailed, match="agent.store is private but"):
+        list(install(tmp_path, values))
+
+
+def test_runtime_host_paths_follow_the_values(release_all: Release) -> None:
     pod = release_all.agent_daemonset["spec"]["template"]["spec"]
     assert host_paths(pod) == {
         "/mnt/prefetcher": ("/mnt/prefetcher", "DirectoryOrCreate"),
-        "/run/k3s/containerd/containerd.sock": ("/run/k3s/containerd/containerd.sock",
-                                                "Socket"),
+        "/run/k3s/containerd": ("/run/k3s/containerd", "DirectoryOrCreate"),
         "/var/lib/rancher/k3s/agent/containerd": ("/var/lib/rancher/k3s/agent/containerd",
-                                                  "Directory"),
+                                                  "DirectoryOrCreate"),
+        "/var/lib/rancher/k3s/agent/etc/containerd": (
+            "/var/lib/rancher/k3s/agent/etc/containerd", "DirectoryOrCreate"),
+        "/etc/pki": ("/etc/pki", "Directory"),  # agent.extraVolumes
     }
-    mounts = pod["containers"][0]["volumeMounts"]
-    assert not any(m.get("readOnly") for m in mounts if m["name"].startswith("containerd"))
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/var/lib/rancher/k3s/agent/etc/containerd"]["readOnly"] is True
+    assert not mounts["/run/k3s/containerd"].get("readOnly")
 
 
 def test_agent_privileged_only_when_asked(release_all: Release) -> None:
@@ -249,10 +336,51 @@ def test_agent_privileged_only_when_asked(release_all: Release) -> None:
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu",
                                    "effect": "NoSchedule"}]
     assert pod["terminationGracePeriodSeconds"] == 60
-    image = pod["containers"][0]["image"]
-    assert image == ("registry.example.com/mirror/image-prefetcher@sha256:"
-                     "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "system-node-critical"
+
+
+def test_platform_values_reach_both_components(release_all: Release) -> None:
+    """global.imageRegistry, image by digest, extra args/env/volumes, registry CA and client
+    certificate Secrets, pod labels and annotations: on the operator and on the agents."""
+    deployment = release_all.get("Deployment")["spec"]["template"]
+    agent = release_all.agent_daemonset["spec"]["template"]
+    for template, component in ((deployment, "operator"), (agent, "agent")):
+        pod = template["spec"]
+        [container] = pod["containers"]
+        assert container["image"] == (
+            "registry.example.com/mirror/image-prefetcher/image-prefetcher@sha256:"
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+        assert container["args"] == [component, "--config", "/etc/prefetcher/config.toml",
+                                     "--verbose"]
+        assert env_of(container)[f"EXTRA_{component.upper()}"]["value"] == "1"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        for secret in ("registry-ca", "registry-client"):
+            mount = mounts[f"/etc/prefetcher/certs/{secret}"]
+            assert mount["readOnly"] is True
+            assert volumes[mount["name"]]["secret"] == {"secretName": secret}
+        assert mounts["/extra" if component == "operator" else "/etc/pki"]
+        assert template["metadata"]["annotations"]["example.com/owner"] == "platform"
+        assert template["metadata"]["labels"]["example.com/tier"] in ("control", "node")
+
+
+def test_a_repository_with_a_registry_host_is_used_as_it_is(tmp_path: Path) -> None:
+    """Values written for chart 0.1 (the registry inside image.repository) still work."""
+    [rel] = list(install(tmp_path, {
+        "image": {"repository": "my.registry:5000/team/image-prefetcher", "tag": "1.2"},
+        "agent": {"priorityClassName": "system-node-critical"}}))
+    pod = rel.agent_daemonset["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "my.registry:5000/team/image-prefetcher:1.2"
+    # A critical priority class outside kube-system without the quota: the notes say so.
+    assert "agent.priorityClassQuota=true to ship one" in rel.record["info"]["notes"]
+
+
+def test_priority_class_quota_admits_the_agents_priority_class(release_all: Release) -> None:
+    quota = release_all.get("ResourceQuota")
+    assert quota["metadata"]["namespace"] == NAMESPACE
+    assert quota["spec"]["scopeSelector"] == {"matchExpressions": [{
+        "scopeName": "PriorityClass", "operator": "In", "values": ["system-node-critical"]}]}
 
 
 def test_config_change_rolls_the_agents(tmp_path: Path) -> None:
@@ -265,10 +393,13 @@ def test_config_change_rolls_the_agents(tmp_path: Path) -> None:
         workdir = tmp_path / str(len(list(tmp_path.iterdir())))
         workdir.mkdir()
         [rel] = list(install(workdir, values))
+        annotations = rel.agent_daemonset["metadata"]["annotations"]
         return str(rel.agent_daemonset["spec"]["template"]["metadata"]["annotations"]
-                   ["checksum/config"])
+                   ["checksum/config"]) + annotations["prefetcher.dev/template-hash"]
 
-    assert checksum(base) != checksum(changed)
+    one, other = checksum(base), checksum(changed)
+    assert one[:64] != other[:64] and one[64:] != other[64:]
+    assert checksum(base) == one  # the hash the operator compares is stable
 
 
 # ------------------------------------------------------------------------------ the operator
@@ -351,15 +482,17 @@ def test_upgrade_and_uninstall(tmp_path: Path) -> None:
         helm.serve_builtin_apis(cluster)
         install_, upgrade, uninstall = helm.run([
             {"action": "install", "release": RELEASE},
-            {"action": "upgrade", "release": RELEASE,
-             "values": {"config": {"images": {"snapshotter": "containerd"}}}},
+            {"action": "upgrade", "release": RELEASE, "values": {"agent": {"store": "private"}}},
             {"action": "uninstall", "release": RELEASE},
         ], kubeconfig=cluster.kubeconfig_path, namespace=NAMESPACE)
         assert upgrade["result"]["version"] == 2
-        assert "name: containerd-socket" not in install_["result"]["manifest"]
-        assert "name: containerd-socket" in upgrade["result"]["manifest"]
+        assert "path: /run/containerd" in install_["result"]["manifest"]
+        assert "path: /run/containerd" not in upgrade["result"]["manifest"]
+        [ds] = [o for o in helm.manifest(upgrade["result"]) if o["kind"] == "DaemonSet"]
+        assert ds["metadata"]["annotations"]["prefetcher.dev/template-revision"] == "2"
         assert uninstall["result"]["release"]["info"]["status"] == "uninstalled"
         assert cluster.list("v1", "configmaps", NAMESPACE) == []
         assert cluster.list("apps/v1", "deployments", NAMESPACE) == []
+        assert cluster.list("apps/v1", "daemonsets", NAMESPACE) == []
         assert cluster.list("kopf.dev/v1", "clusterkopfpeerings") == []
         assert len(cluster.list("apiextensions.k8s.io/v1", "customresourcedefinitions")) == 3

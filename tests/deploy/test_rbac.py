@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from agent.operator import roles, secrets
 from tests.kube.cluster import Cluster
 
 from . import rbac
@@ -38,6 +39,8 @@ OPERATOR_SA = f"{RELEASE}-image-prefetcher-operator"
 AGENT_SA = f"{RELEASE}-image-prefetcher-agent"
 AGENT_DS = f"{RELEASE}-image-prefetcher-agent"
 AGENT_DS_CONFIG = f"{RELEASE}-image-prefetcher-agent-daemonset"
+AGENT_SECRETS_ROLE = f"{RELEASE}-image-prefetcher-agent-pull-secrets"
+COPY = secrets.copy_name("team", "regcred")
 JSON = dict[str, Any]
 
 
@@ -129,13 +132,44 @@ def operator_flow(installed: Release, tmp_path_factory: pytest.TempPathFactory) 
                 or []) == 1 for n in ("rbac-a", "rbac-b")), message="dispatched")
         cluster.wait_for(lambda: len(copies(cluster)) == 1, message="secret copied")
 
-        # The agents' DaemonSet: created, then restored after an edit.
-        ds = cluster.wait_for(lambda: cluster.get("apps/v1", "daemonsets", AGENT_DS, NAMESPACE))
-        ds["spec"]["template"]["spec"]["priorityClassName"] = "edited"
+        # The agents may read the copy, by name, and nothing else; the Role comes back when
+        # deleted.
+        def secrets_role() -> JSON | None:
+            return cluster.get("rbac.authorization.k8s.io/v1", "roles", AGENT_SECRETS_ROLE,
+                               NAMESPACE)
+
+        copy_name = copies(cluster)[0]["metadata"]["name"]
+        role = cluster.wait_for(lambda: secrets_role(), message="agents' Role created")
+        widened = secrets_role()
+        widened["rules"][0]["resourceNames"].append("sh.helm.release.v1.ipf.v1")
+        cluster.put("rbac.authorization.k8s.io/v1", "roles", widened)
+        cluster.wait_for(lambda: secrets_role()["rules"] == role["rules"],
+                         message="agents' Role narrowed back")
+        cluster.kubectl("delete", "role", AGENT_SECRETS_ROLE, "-n", NAMESPACE)
+        restored = cluster.wait_for(lambda: secrets_role(), message="agents' Role restored")
+
+        # The agents' DaemonSet (Helm's): restored after an edit, recreated after a delete.
+        def live_ds() -> JSON | None:
+            return cluster.get("apps/v1", "daemonsets", AGENT_DS, NAMESPACE)
+
+        ds = live_ds()
+        assert ds is not None
+        helm_made = ds
+        ds["spec"]["template"]["spec"]["nodeSelector"] = {"edited": "by-hand"}
         cluster.put("apps/v1", "daemonsets", ds)
-        cluster.wait_for(lambda: cluster.get("apps/v1", "daemonsets", AGENT_DS, NAMESPACE)[
-            "spec"]["template"]["spec"]["priorityClassName"] == "system-node-critical",
-            message="DaemonSet restored")
+        cluster.wait_for(lambda: live_ds()["spec"]["template"]["spec"]["nodeSelector"] ==
+                         {"kubernetes.io/os": "linux"}, message="DaemonSet restored")
+        cluster.kubectl("delete", "daemonset", AGENT_DS, "-n", NAMESPACE)
+        recreated = cluster.wait_for(lambda: (live_ds() or {}).get("metadata", {}).get(
+            "ownerReferences") and live_ds(), message="DaemonSet recreated")
+        # The DaemonSet controller (not emulated) cannot create agent pods on either node.
+        recreated["status"] = {"desiredNumberScheduled": 2, "currentNumberScheduled": 0,
+                               "numberUnavailable": 2, "numberReady": 0,
+                               "observedGeneration": recreated["metadata"].get("generation")}
+        cluster.put("apps/v1", "daemonsets", recreated)
+        missing = cluster.wait_for(lambda: [
+            e for e in cluster.list("v1", "events", NAMESPACE)
+            if e.get("reason") == "AgentPodsMissing"], message="AgentPodsMissing event")
 
         # The source secret changes: the copy follows.
         source = cluster.get("v1", "secrets", "regcred", "team")
@@ -166,7 +200,9 @@ def operator_flow(installed: Release, tmp_path_factory: pytest.TempPathFactory) 
                          is None, message="DaemonSet garbage-collected with its owner")
         cluster.wait_for(lambda: "not keeping the DaemonSet" in log.read_text())
         return {"health": health.status, "daemonset": daemonset_live, "owner": owner,
-                "log": log,
+                "log": log, "helm_made": helm_made, "missing": missing,
+                "secrets_role": role, "secrets_role_restored": restored,
+                "copy_name": copy_name,
                 "after_uninstall": cluster.get("apps/v1", "daemonsets", AGENT_DS, NAMESPACE)}
     finally:
         if process.poll() is None:
@@ -219,21 +255,37 @@ def test_operator_reads_other_namespaces_only_for_source_secrets_and_events(
     assert outside <= {("get", "secrets"), ("create", "events")}, outside
 
 
-def test_the_operator_creates_the_agents_from_the_chart_manifest(
+def test_the_operator_recreates_the_agents_as_the_chart_rendered_them(
         operator_flow: JSON, installed: Release) -> None:
-    live = operator_flow["daemonset"]
-    assert live["metadata"]["labels"]["app.kubernetes.io/managed-by"] == \
-        "image-prefetcher-operator"
-    assert "prefetcher.dev/template-hash" in live["metadata"]["annotations"]
+    """A DaemonSet deleted by hand comes back as Helm made it, with Helm's ownership marks
+    (the next helm upgrade adopts it), the chart's labels and the same hash."""
+    live, helm_made = operator_flow["daemonset"], operator_flow["helm_made"]
     rendered = installed.agent_daemonset
-    assert live["spec"]["template"]["spec"]["containers"] == \
-        rendered["spec"]["template"]["spec"]["containers"]
-    assert live["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
+    assert live["metadata"]["labels"] == rendered["metadata"]["labels"]
+    assert live["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    for key in ("meta.helm.sh/release-name", "prefetcher.dev/template-hash",
+                "prefetcher.dev/template-revision"):
+        assert live["metadata"]["annotations"][key] == helm_made["metadata"]["annotations"][key]
+    assert live["spec"]["template"] == rendered["spec"]["template"]
     assert live["metadata"]["namespace"] == NAMESPACE
+
+
+def test_agent_pods_the_daemonset_cannot_create_are_an_event(operator_flow: JSON) -> None:
+    [event] = operator_flow["missing"]
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["kind"] == "DaemonSet"
+    assert event["involvedObject"]["name"] == AGENT_DS
+    assert "2 of 2 nodes have no agent pod" in event["message"]
+    assert "FailedCreate" in event["message"]
+    assert "agent DaemonSet: 2 of 2 nodes have no agent pod" in \
+        operator_flow["log"].read_text()
 
 
 def test_helm_uninstall_takes_the_operator_made_daemonset_along(
         operator_flow: JSON, installed: Release) -> None:
+    """Helm deletes its own DaemonSet; one the operator recreated (e.g. while the operator
+    was still stopping during the uninstall) goes with the ConfigMap holding its copy."""
+    assert "ownerReferences" not in operator_flow["helm_made"]["metadata"]
     owner = operator_flow["owner"]
     assert operator_flow["daemonset"]["metadata"]["ownerReferences"] == [{
         "apiVersion": "v1", "kind": "ConfigMap", "name": AGENT_DS_CONFIG,
@@ -253,7 +305,7 @@ AGENT_CONTRACT = [
     rbac.Request("watch", "prefetcher.dev", "nodeimagesets",
                  field_selector=f"metadata.name={NODE}"),
     rbac.Request("patch", "prefetcher.dev", "nodeimagesets", "status", name=NODE),
-    rbac.Request("get", "", "secrets", namespace=NAMESPACE, name="ipf-0123456789-regcred"),
+    rbac.Request("get", "", "secrets", namespace=NAMESPACE, name=COPY),
     rbac.Request("create", "", "events", namespace="default"),
 ]
 # What an agent must never be able to do.
@@ -263,6 +315,10 @@ AGENT_FORBIDDEN = [
     rbac.Request("create", "prefetcher.dev", "nodeimagesets", name=NODE),
     rbac.Request("delete", "prefetcher.dev", "nodeimagesets", name=NODE),
     rbac.Request("list", "", "secrets", namespace=NAMESPACE),
+    rbac.Request("get", "", "secrets", namespace=NAMESPACE, name="sh.helm.release.v1.ipf.v1"),
+    rbac.Request("get", "", "secrets", namespace=NAMESPACE, name="ipf-0123456789-other"),
+    rbac.Request("update", "rbac.authorization.k8s.io", "roles", namespace=NAMESPACE,
+                 name=AGENT_SECRETS_ROLE),
     rbac.Request("get", "", "secrets", namespace="team", name="regcred"),
     rbac.Request("get", "", "nodes", name=NODE),
     rbac.Request("patch", "prefetcher.dev", "imageprefetches", "status", namespace="team"),
@@ -270,8 +326,16 @@ AGENT_FORBIDDEN = [
 ]
 
 
-def test_agent_rbac_is_exactly_its_contract(installed: Release) -> None:
-    granted = rbac.grants(rbac_objects(installed), NAMESPACE, AGENT_SA)
+def test_agent_rbac_is_exactly_its_contract(installed: Release, operator_flow: JSON) -> None:
+    """The chart's rules plus the Role the operator keeps: the agents may get the pull-secret
+    copies by name, and no other Secret of the release namespace (Helm's release records
+    included)."""
+    role = operator_flow["secrets_role"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+                              "resourceNames": [COPY]}]
+    assert operator_flow["copy_name"] == COPY
+    assert operator_flow["secrets_role_restored"]["rules"] == role["rules"]
+    granted = rbac.grants([*rbac_objects(installed), role], NAMESPACE, AGENT_SA)
     assert not rbac.denied(AGENT_CONTRACT, granted)
     assert not rbac.unused(AGENT_CONTRACT, granted)
     allowed = [str(r) for r in AGENT_FORBIDDEN if r not in rbac.denied([r], granted)]
@@ -284,3 +348,11 @@ def test_agent_service_account_is_the_daemonsets(installed: Release) -> None:
     operator_pod = installed.get("Deployment")["spec"]["template"]["spec"]
     assert operator_pod["serviceAccountName"] == OPERATOR_SA
 
+
+
+def test_without_copies_the_agents_role_has_no_rule() -> None:
+    """An empty resourceNames list would grant every Secret: no copy means no rule."""
+    assert roles.rules([]) == []
+    assert roles.granted({"rules": []}) == frozenset()
+    edited = {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]}
+    assert roles.granted(edited) is None  # every Secret: rewritten at the next check

@@ -11,7 +11,7 @@ config.toml, read by both `prefetcher operator` and `prefetcher agent`
 version = 2
 
 [images]
-snapshotter = {{ $i.snapshotter | toJson }}
+snapshotter = {{ include "image-prefetcher.snapshotter" . | toJson }}
 max_concurrent_downloads = {{ int64 $i.maxConcurrentDownloads }}
 node_max_concurrent_downloads = {{ int64 $i.nodeMaxConcurrentDownloads }}
 image_pull_progress_timeout = {{ toString $i.imagePullProgressTimeout | toJson }}
@@ -58,6 +58,7 @@ resync_interval = {{ toString $op.resyncInterval | toJson }}
 agent_heartbeat_timeout = {{ toString $op.agentHeartbeatTimeout | toJson }}
 agent_daemonset = {{ printf "%s/agent-daemonset.yaml" (include "image-prefetcher.configDir" .) | toJson }}
 agent_daemonset_owner = {{ include "image-prefetcher.agentDaemonSetConfigName" . | toJson }}
+agent_secrets_role = {{ include "image-prefetcher.agentSecretsRoleName" . | toJson }}
 daemonset_check_interval = {{ toString $op.daemonsetCheckInterval | toJson }}
 resolve_digests = {{ $op.resolveDigests }}
 resolve_timeout = {{ toString $op.resolveTimeout | toJson }}

@@ -74,6 +74,10 @@ Names of the objects.
 {{ include "image-prefetcher.fullname" . }}-agent-daemonset
 {{- end }}
 
+{{- define "image-prefetcher.agentSecretsRoleName" -}}
+{{ include "image-prefetcher.fullname" . }}-agent-pull-secrets
+{{- end }}
+
 {{- define "image-prefetcher.registryHostsName" -}}
 {{ include "image-prefetcher.fullname" . }}-registry-hosts
 {{- end }}
@@ -99,13 +103,78 @@ Names of the objects.
 {{- end }}
 
 {{/*
-The image reference: repository, then @digest if set, else :tag (default appVersion).
+The image reference: [global.imageRegistry or image.registry/]repository, then @digest if
+set, else :tag (default appVersion). A repository that already starts with a registry host
+(a first component with "." or ":", or "localhost", as Docker parses references) is used
+as it is.
 */}}
 {{- define "image-prefetcher.image" -}}
+{{- $registry := default .Values.image.registry (.Values.global).imageRegistry }}
+{{- $parts := splitList "/" .Values.image.repository }}
+{{- $first := first $parts }}
+{{- $hasHost := and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $repository := .Values.image.repository }}
+{{- if and $registry (not $hasHost) }}{{ $repository = printf "%s/%s" (trimSuffix "/" $registry) .Values.image.repository }}{{ end }}
 {{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The agents' priority class: agent.priorityClassName, else system-node-critical when the
+release namespace is kube-system (the only namespace where every platform admits it without
+a ResourceQuota), else none (as cilium's chart does).
+*/}}
+{{- define "image-prefetcher.agentPriorityClassName" -}}
+{{- if .Values.agent.priorityClassName }}
+{{- .Values.agent.priorityClassName }}
+{{- else if eq .Release.Namespace "kube-system" }}
+{{- "system-node-critical" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The snapshotter written into config.toml: config.images.snapshotter, except that
+agent.store "private" turns "auto" into the agent's own store (overlayfs).
+*/}}
+{{- define "image-prefetcher.snapshotter" -}}
+{{- $s := .Values.config.images.snapshotter }}
+{{- if eq .Values.agent.store "private" }}
+{{- if eq $s "containerd" }}
+{{- fail "agent.store is private but config.images.snapshotter is containerd: set one of them" }}
+{{- end }}
+{{- if eq $s "auto" }}overlayfs{{ else }}{{ $s }}{{ end }}
+{{- else }}
+{{- $s }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the agent writes into the node's runtime (its host directories are mounted).
+*/}}
+{{- define "image-prefetcher.runtimeStore" -}}
+{{- if not (has (include "image-prefetcher.snapshotter" .) (list "overlayfs" "naive")) }}true{{ end }}
+{{- end }}
+
+{{/*
+Volumes and mounts of the Secrets holding registry CAs and client certificates
+(config.images.registry.certSecrets), for both containers.
+*/}}
+{{- define "image-prefetcher.certVolumes" -}}
+{{- range .Values.config.images.registry.certSecrets }}
+- name: {{ printf "certs-%s" . | trunc 63 | trimSuffix "-" }}
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "image-prefetcher.certMounts" -}}
+{{- range .Values.config.images.registry.certSecrets }}
+- name: {{ printf "certs-%s" . | trunc 63 | trimSuffix "-" }}
+  mountPath: {{ include "image-prefetcher.certsDir" $ }}/{{ . }}
+  readOnly: true
 {{- end }}
 {{- end }}
 
@@ -118,6 +187,10 @@ Paths inside the containers.
 
 {{- define "image-prefetcher.registryHostsDir" -}}
 /etc/prefetcher/certs.d
+{{- end }}
+
+{{- define "image-prefetcher.certsDir" -}}
+/etc/prefetcher/certs
 {{- end }}
 
 {{/*
