@@ -211,7 +211,8 @@ def test_operator_and_agent_write_only_json_lines_when_asked_tracebacks_included
 ) -> None:
     """The real processes, ``runtime.log_format = json``, against an API server answering
     NodeImageSet reads with an HTML error page: both fail their start-up handler with a
-    traceback (kopf retries), and every line either wrote is one JSON object."""
+    traceback (kopf retries), and every line either wrote is one JSON object. The operator
+    runs at ``log_level = warning``: none of kopf's info lines."""
     api = "prefetcher.dev/v1alpha1"
     with Cluster(tmp_path) as cluster:
         cluster.install_crds()
@@ -227,23 +228,27 @@ def test_operator_and_agent_write_only_json_lines_when_asked_tracebacks_included
             "PREFETCHER_RUNTIME__ROOT": str(tmp_path / "root"),
             "NODE_NAME": "node-a",
         }
+        levels = {"operator": "warning", "agent": "info"}
         kube = ["--kubeconfig", str(cluster.kubeconfig_path)]
-        processes = [Process([PREFETCHER, command, *kube], tmp_path / f"{command}.log", env)
-                     for command in ("operator", "agent")]
+        processes = {
+            command: Process([PREFETCHER, command, *kube], tmp_path / f"{command}.log",
+                             env | {"PREFETCHER_RUNTIME__LOG_LEVEL": level})
+            for command, level in levels.items()}
         try:
-            for process in processes:
+            for process in processes.values():
                 process.start()
-            for process in processes:
+            for process in processes.values():
                 process.wait_for_output("failed with an exception", timeout=30)
         finally:
-            codes = [process.stop() for process in processes]
+            codes = [process.stop() for process in processes.values()]
     assert codes == [0, 0]
-    for process in processes:
-        output = process.output()
-        records = [json.loads(line) for line in output.splitlines()]
-        assert len(records) >= 3, output
-        failed = [r for r in records if "failed with an exception" in r["message"]]
-        assert failed and failed[0]["level"] == "error"
+    records = {command: [json.loads(line) for line in process.output().splitlines()]
+               for command, process in processes.items()}
+    for lines_of in records.values():
+        failed = [r for r in lines_of if "failed with an exception" in r["message"]]
+        assert failed and failed[0]["level"] == "error", lines_of
         assert failed[0]["exception"].startswith("Traceback (most recent call last):")
         assert "JSONDecodeError" in failed[0]["exception"]
-        assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+        assert all({"time", "level", "logger", "message"} <= r.keys() for r in lines_of)
+    assert {r["level"] for r in records["operator"]} <= {"warning", "error", "critical"}
+    assert "info" in {r["level"] for r in records["agent"]}  # "agent starting"
