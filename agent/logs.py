@@ -26,15 +26,17 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TextIO
 
 from opentelemetry import trace
 
+from agent import config
 from agent.images.progress import events
 
 __all__ = [
@@ -43,7 +45,9 @@ __all__ = [
     "PullTally",
     "TextFormatter",
     "TraceContextFilter",
+    "requested_format",
     "setup",
+    "startup_error",
     "tee",
 ]
 
@@ -223,6 +227,40 @@ def _route_process_errors() -> None:
     threading.excepthook = thread_excepthook
     sys.unraisablehook = unraisablehook
     logging.captureWarnings(True)
+
+
+def requested_format(config_path: str | None = None,
+                     environ: Mapping[str, str] | None = None) -> str:
+    """``runtime.log_format`` as ``$PREFETCHER_RUNTIME__LOG_FORMAT`` or the config file asks
+    for it, read without validating anything else (for when the settings do not validate):
+    ``json`` or ``text``. The file is ``config_path``, else ``$PREFETCHER_CONFIG``, else
+    ``/etc/prefetcher/config.toml``; version 1's ``[agent] log_json = true`` counts too."""
+    env = os.environ if environ is None else environ
+    asked: Any = env.get(f"{config.ENV_PREFIX}RUNTIME__LOG_FORMAT")
+    if asked is None:
+        path = config_path or env.get(config.CONFIG_ENV_VAR) or config.DEFAULT_CONFIG_PATH
+        try:
+            data = config.read_file(path, raw=True) if str(path) != "-" else {}
+        except config.ConfigError:
+            data = {}
+        runtime, v1 = data.get("runtime"), data.get("agent")
+        if isinstance(runtime, dict):
+            asked = runtime.get("log_format")
+        if asked is None and isinstance(v1, dict) and v1.get("log_json") is True:
+            asked = "json"
+    return "json" if str(asked).strip().lower() == "json" else "text"
+
+
+def startup_error(command: str, message: str, fmt: str) -> None:
+    """The one line saying why ``prefetcher COMMAND`` cannot start (before :func:`setup`),
+    on stderr: a JSON record for ``fmt`` ``json`` (e.g. :func:`requested_format` when
+    the settings themselves are invalid), else ``prefetcher COMMAND: message``."""
+    if fmt == "json":
+        record = logging.LogRecord(f"agent.cli.{command}", logging.ERROR, __file__, 0,
+                                   "prefetcher %s: %s", (command, message), None)
+        print(JsonFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"prefetcher {command}: {message}", file=sys.stderr)
 
 
 def tee(*callbacks: Callable[[Any], None] | None) -> Callable[[Any], None]:

@@ -252,3 +252,46 @@ def test_operator_and_agent_write_only_json_lines_when_asked_tracebacks_included
         assert all({"time", "level", "logger", "message"} <= r.keys() for r in lines_of)
     assert {r["level"] for r in records["operator"]} <= {"warning", "error", "critical"}
     assert "info" in {r["level"] for r in records["agent"]}  # "agent starting"
+
+
+@pytest.mark.parametrize(
+    ("config_text", "env", "expected"),
+    [
+        ('[runtime]\nlog_format = "JSON"\nlog_level = "loud"\n', {}, "json"),
+        ('[runtime]\nlog_format = "json"\n', {"PREFETCHER_RUNTIME__LOG_FORMAT": "text"}, "text"),
+        ("[agent]\nlog_json = true\n", {}, "json"),  # a version 1 file
+        ("not toml [", {"PREFETCHER_RUNTIME__LOG_FORMAT": "json"}, "json"),
+        ("not toml [", {}, "text"),
+    ],
+)
+def test_the_requested_format_is_read_even_from_invalid_settings(
+    tmp_path: Path, config_text: str, env: dict[str, str], expected: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(config_text)
+    assert logs.requested_format(str(path), env) == expected
+
+
+def test_invalid_settings_are_one_json_line_when_json_was_asked_for(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[runtime]\nlog_format = "json"\nlog_level = "loud"\n')
+    env = {"PATH": "/usr/bin:/bin"}
+    for command in ("operator", "agent"):
+        out = subprocess.run([PREFETCHER, command, "--config", str(config)],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 2
+        (line,) = [json.loads(text) for text in out.stderr.splitlines()]
+        assert line["level"] == "error" and line["logger"] == f"agent.cli.{command}"
+        assert line["message"].startswith(f"prefetcher {command}: invalid configuration: "
+                                          'runtime.log_level = "loud"')
+    # Valid settings but no node: the agent says so in the format asked for.
+    config.write_text('[runtime]\nlog_format = "json"\n')
+    out = subprocess.run([PREFETCHER, "agent", "--config", str(config)], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert json.loads(out.stderr)["message"].startswith("prefetcher agent: no node name")
+    # Text stays the plain line it was.
+    config.write_text('[runtime]\nlog_level = "loud"\n')
+    out = subprocess.run([PREFETCHER, "operator", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.stderr.startswith("prefetcher operator: invalid configuration: ")
