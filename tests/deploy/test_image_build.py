@@ -267,7 +267,8 @@ def test_the_operator_runs_with_the_charts_security_context_against_the_api(
     config.mkdir()
     (config / "config.toml").write_text(chart.config_toml)
     (config / "agent-daemonset.yaml").write_text(yaml.safe_dump(chart.agent_daemonset))
-    config_dir = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "config")
+    args = container["args"]
+    config_dir = Path(args[args.index("--config") + 1]).parent  # where the chart mounts it
     health_port = registries.free_port()
     name = f"prefetcher-operator-test-{os.getpid()}"
     options = [
@@ -282,7 +283,7 @@ def test_the_operator_runs_with_the_charts_security_context_against_the_api(
     log = tmp_path / "operator.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            ["podman", "run", "--rm", *rlimits(), *options, image, *container["args"],
+            ["podman", "run", "--rm", *rlimits(), *options, image, *args,
              "--kubeconfig", "/run/kubeconfig"], stdout=out, stderr=subprocess.STDOUT)
     try:
         # kubelet's liveness probe: the chart's health port answers.
