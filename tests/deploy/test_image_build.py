@@ -300,6 +300,7 @@ def test_the_operator_runs_with_the_charts_security_context_against_the_api(
         nis = cluster.wait_for(
             lambda: cluster.get("prefetcher.dev/v1alpha1", "nodeimagesets", "node-a"),
             timeout=30, message="the operator wrote node-a's NodeImageSet")
+        assert nis is not None
         assert [e["image"] for e in nis["spec"]["images"]] == ["registry.example/web:1"]
     finally:
         subprocess.run(["podman", "stop", "--time", "20", name], capture_output=True,
