@@ -4,7 +4,14 @@
 ``runtime.log_format``). Every record gets ``trace_id`` and ``span_id`` from the current
 OpenTelemetry span ("" outside a recording span), so a log line can be found from a trace
 and back. Fields passed with ``extra={...}`` become JSON keys, or ``key=value`` pairs in
-text.
+text. kopf's per-object records carry the object as ``object`` (``{"kind", "namespace",
+"name", "uid"}`` in JSON, ``object=namespace/name`` in text), as kopf's own JSON logs do.
+
+Everything the process would otherwise print on stderr by itself goes through the same
+handler, so that with ``json`` every line is one JSON object: an uncaught exception
+(``sys.excepthook``, ``threading.excepthook``), an "Exception ignored in" one
+(``sys.unraisablehook``), ``warnings.warn`` and a record that cannot be formatted. A
+traceback is the ``exception`` field (``stack`` for ``stack_info``), never extra lines.
 
 :class:`PullLogger` is an ``on_event`` observer that writes one line when a pull starts
 and one when it finishes (bytes, duration, throughput, stalls…). The service emits those
@@ -19,13 +26,17 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any, TextIO
 
 from opentelemetry import trace
 
+from agent import config
 from agent.images.progress import events
 
 __all__ = [
@@ -34,16 +45,23 @@ __all__ = [
     "PullTally",
     "TextFormatter",
     "TraceContextFilter",
+    "requested_format",
     "setup",
+    "startup_error",
     "tee",
 ]
 
 PULL_LOGGER = "agent.pull"
+#: The logger of uncaught exceptions, warnings and unformattable records.
+PROCESS_LOGGER = "agent.process"
 
-#: Attributes every LogRecord has; anything else on a record came from ``extra``.
+#: Attributes every LogRecord has; anything else on a record came from ``extra``. kopf's
+#: object loggers add ``settings`` (the whole OperatorSettings) and ``k8s_skip`` (whether
+#: to post an Event): neither is a field; ``k8s_ref`` becomes ``object``.
 _STANDARD = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
-    | {"message", "asctime", "trace_id", "span_id", "taskName"}
+    | {"message", "asctime", "trace_id", "span_id", "taskName",
+       "settings", "k8s_skip", "k8s_ref"}
 )
 _HANDLER_MARK = "_prefetcher_handler"
 
@@ -66,6 +84,14 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
+def _object(record: logging.LogRecord) -> dict[str, str]:
+    """The Kubernetes object a kopf per-object record is about (empty values dropped)."""
+    ref = getattr(record, "k8s_ref", None)
+    if not isinstance(ref, dict):
+        return {}
+    return {k: str(v) for k, v in ref.items() if v and k in ("kind", "namespace", "name", "uid")}
+
+
 def _timestamp(record: logging.LogRecord) -> str:
     when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -86,10 +112,17 @@ class JsonFormatter(logging.Formatter):
         if trace_id:
             data["trace_id"] = trace_id
             data["span_id"] = getattr(record, "span_id", "")
+        obj = _object(record)
+        if obj:
+            data["object"] = obj
         for key, value in _extras(record).items():
             data.setdefault(key, value)
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            data["exception"] = record.exc_text
+        if record.stack_info:
+            data["stack"] = self.formatStack(record.stack_info)
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
@@ -101,6 +134,9 @@ class TextFormatter(logging.Formatter):
             f"{_timestamp(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
         ]
         fields = _extras(record)
+        obj = _object(record)
+        if obj:
+            fields["object"] = "/".join(obj[k] for k in ("namespace", "name") if k in obj)
         trace_id = getattr(record, "trace_id", "")
         if trace_id:
             fields["trace_id"] = trace_id
@@ -109,6 +145,8 @@ class TextFormatter(logging.Formatter):
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
         return line
 
 
@@ -119,15 +157,37 @@ def _text_value(value: Any) -> str:
     return text
 
 
+class _Handler(logging.StreamHandler):
+    """A stream handler whose own failures are one more line in the same format."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not logging.raiseExceptions:
+            return
+        failure = logging.LogRecord(
+            PROCESS_LOGGER, logging.ERROR, __file__, 0,
+            "could not format a log record of %s (%s:%s): %r",
+            (record.name, record.pathname, record.lineno, record.msg), sys.exc_info(),
+        )
+        try:
+            self.stream.write(self.format(failure) + self.terminator)
+            self.flush()
+        except Exception:  # noqa: BLE001 - nothing is left to report it with
+            pass
+
+
 def setup(
     level: str = "info", fmt: str = "text", *, stream: TextIO | None = None
 ) -> logging.Handler:
     """Log ``level`` and above from every logger to ``stream`` (stderr) as ``fmt``
-    (``text`` or ``json``). Calling it again replaces the handler it installed before."""
+    (``text`` or ``json``), uncaught exceptions and warnings included (see the module's
+    docstring). Calling it again replaces the handler it installed before."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
         root.removeHandler(old)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    # kopf.configure() installs a text handler of its own; ours replaces it.
+    for other in [h for h in root.handlers if type(h).__name__ == "_KopfStreamHandler"]:
+        root.removeHandler(other)
+    handler = _Handler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TraceContextFilter())
     setattr(handler, _HANDLER_MARK, True)
@@ -136,7 +196,71 @@ def setup(
     # Libraries that are chatty at INFO (and whose lines carry URLs) stay at WARNING.
     for name in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    _route_process_errors()
     return handler
+
+
+def _route_process_errors() -> None:
+    """Uncaught exceptions, unraisable ones and warnings become records of
+    :data:`PROCESS_LOGGER` (formatted by the handler) instead of raw stderr text."""
+    log = logging.getLogger(PROCESS_LOGGER)
+
+    def excepthook(kind: type[BaseException], value: BaseException,
+                   tb: TracebackType | None) -> None:
+        log.critical("uncaught exception: %s", value or kind.__name__,
+                     exc_info=(kind, value, tb))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        log.error("uncaught exception in thread %s: %s", name,
+                  args.exc_value or args.exc_type.__name__,
+                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))  # type: ignore[arg-type]
+
+    def unraisablehook(args: Any) -> None:
+        exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+        log.warning("%s: %r", args.err_msg or "Exception ignored in", args.object,
+                    exc_info=exc_info if args.exc_type is not None else None)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
+    sys.unraisablehook = unraisablehook
+    logging.captureWarnings(True)
+
+
+def requested_format(config_path: str | None = None,
+                     environ: Mapping[str, str] | None = None) -> str:
+    """``runtime.log_format`` as ``$PREFETCHER_RUNTIME__LOG_FORMAT`` or the config file asks
+    for it, read without validating anything else (for when the settings do not validate):
+    ``json`` or ``text``. The file is ``config_path``, else ``$PREFETCHER_CONFIG``, else
+    ``/etc/prefetcher/config.toml``; version 1's ``[agent] log_json = true`` counts too."""
+    env = os.environ if environ is None else environ
+    asked: Any = env.get(f"{config.ENV_PREFIX}RUNTIME__LOG_FORMAT")
+    if asked is None:
+        path = config_path or env.get(config.CONFIG_ENV_VAR) or config.DEFAULT_CONFIG_PATH
+        try:
+            data = config.read_file(path, raw=True) if str(path) != "-" else {}
+        except config.ConfigError:
+            data = {}
+        runtime, v1 = data.get("runtime"), data.get("agent")
+        if isinstance(runtime, dict):
+            asked = runtime.get("log_format")
+        if asked is None and isinstance(v1, dict) and v1.get("log_json") is True:
+            asked = "json"
+    return "json" if str(asked).strip().lower() == "json" else "text"
+
+
+def startup_error(command: str, message: str, fmt: str) -> None:
+    """The one line saying why ``prefetcher COMMAND`` cannot start (before :func:`setup`),
+    on stderr: a JSON record for ``fmt`` ``json`` (e.g. :func:`requested_format` when
+    the settings themselves are invalid), else ``prefetcher COMMAND: message``."""
+    if fmt == "json":
+        record = logging.LogRecord(f"agent.cli.{command}", logging.ERROR, __file__, 0,
+                                   "prefetcher %s: %s", (command, message), None)
+        print(JsonFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"prefetcher {command}: {message}", file=sys.stderr)
 
 
 def tee(*callbacks: Callable[[Any], None] | None) -> Callable[[Any], None]:

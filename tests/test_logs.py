@@ -5,9 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import kmock
 import pytest
 from fixtures import images
 from fixtures.registries import Registry
@@ -18,6 +23,8 @@ from agent.images import descriptors, errors, service
 from agent.images.progress import events
 from agent.images.registry import client, hosts
 from tests.images.pulling import FAST_RETRY
+from tests.kube.cluster import Cluster
+from tests.kube.processes import PREFETCHER, Process
 
 AMD64 = descriptors.Platform("linux", "amd64")
 
@@ -27,12 +34,15 @@ def stream() -> Iterator[io.StringIO]:
     """Logging set up into a buffer; the root logger restored afterwards."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning)
     buffer = io.StringIO()
     yield buffer
     for h in list(root.handlers):
         if h not in handlers:
             root.removeHandler(h)
     root.setLevel(level)
+    logging.captureWarnings(False)
+    sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning = hooks
 
 
 def lines(buffer: io.StringIO) -> list[dict]:
@@ -131,3 +141,157 @@ def test_a_stalled_pull_logs_a_failure_summary(stream: io.StringIO) -> None:
     assert failed["bytes_downloaded"] == 400 and failed["stalls"] == 2
     assert failed["stall_cancellations"] == 1 and failed["duration_seconds"] == 4.0
     assert failed["throughput_bytes_per_second"] == 100
+
+
+def test_kopf_object_records_name_the_object_and_not_kopfs_settings(
+    stream: io.StringIO,
+) -> None:
+    import kopf
+
+    logs.setup("info", "json", stream=stream)
+    body = kopf.Body({"apiVersion": "prefetcher.dev/v1alpha1", "kind": "ImagePrefetch",
+                      "metadata": {"name": "web", "namespace": "team", "uid": "u-1"}})
+    kopf.ObjectLogger(body=body, settings=kopf.OperatorSettings()).info("Handler succeeded.")
+
+    (line,) = lines(stream)
+    assert line["message"] == "Handler succeeded." and line["logger"] == "kopf.objects"
+    assert line["object"] == {"kind": "ImagePrefetch", "namespace": "team", "name": "web",
+                              "uid": "u-1"}
+    assert not {"settings", "k8s_ref", "k8s_skip"} & line.keys()
+
+
+CRASHING = """
+import logging, sys, threading, warnings
+from agent import logs
+logs.setup("info", sys.argv[1])
+warnings.warn("deprecated knob")
+logging.getLogger("agent.test").info("%d items", "not a number")
+thread = threading.Thread(target=lambda: 1 / 0, name="worker")
+thread.start(); thread.join()
+class Leaky:
+    def __del__(self):
+        raise RuntimeError("in __del__")
+Leaky()
+raise ValueError("boom\\nsecond line")
+"""
+
+
+def test_in_json_uncaught_exceptions_warnings_and_bad_records_are_json_lines() -> None:
+    out = subprocess.run([sys.executable, "-c", CRASHING, "json"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    records = [json.loads(line) for line in out.stderr.splitlines()]
+    by_message = {r["message"].split(":")[0]: r for r in records}
+    assert len(records) == 5, out.stderr
+    unformattable = next(r for r in records if "could not format" in r["message"])
+    assert "%d items" in unformattable["message"] and "TypeError" in unformattable["exception"]
+    warned = next(r for r in records if r["logger"] == "py.warnings")
+    assert "deprecated knob" in warned["message"] and warned["level"] == "warning"
+    thread = by_message["uncaught exception in thread worker"]
+    assert thread["level"] == "error" and "ZeroDivisionError" in thread["exception"]
+    ignored = next(r for r in records if "Leaky.__del__" in r["message"])
+    assert "RuntimeError: in __del__" in ignored["exception"]
+    crash = by_message["uncaught exception"]
+    assert crash["level"] == "critical" and crash["logger"] == "agent.process"
+    assert crash["exception"].startswith("Traceback (most recent call last):")
+    assert crash["exception"].endswith("ValueError: boom\nsecond line")
+
+
+def test_in_text_an_uncaught_exception_keeps_its_readable_traceback() -> None:
+    out = subprocess.run([sys.executable, "-c", CRASHING, "text"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert " CRITICAL agent.process: uncaught exception: boom" in out.stderr
+    assert "Traceback (most recent call last):" in out.stderr
+    assert out.stderr.rstrip().endswith("ValueError: boom\nsecond line")
+
+
+def test_operator_and_agent_write_only_json_lines_when_asked_tracebacks_included(
+    tmp_path: Path,
+) -> None:
+    """The real processes, ``runtime.log_format = json``, against an API server answering
+    NodeImageSet reads with an HTML error page: both fail their start-up handler with a
+    traceback (kopf retries), and every line either wrote is one JSON object. The operator
+    runs at ``log_level = warning``: none of kopf's info lines."""
+    api = "prefetcher.dev/v1alpha1"
+    with Cluster(tmp_path) as cluster:
+        cluster.install_crds()
+        cluster.put("v1", "namespaces", {"metadata": {"name": "prefetcher-system"}})
+        cluster.add_node("node-a")
+        assert cluster.api is not None
+        cluster.api["get", kmock.resource(f"{api}/nodeimagesets")] << b"<html>502</html>"
+        env = cluster.env() | {
+            "PREFETCHER_RUNTIME__LOG_FORMAT": "json",
+            "PREFETCHER_RUNTIME__HEALTH_ADDRESS": "",
+            "PREFETCHER_RUNTIME__METRICS_ADDRESS": "",
+            "PREFETCHER_OPERATOR__STANDALONE": "true",
+            "PREFETCHER_RUNTIME__ROOT": str(tmp_path / "root"),
+            "NODE_NAME": "node-a",
+        }
+        levels = {"operator": "warning", "agent": "info"}
+        kube = ["--kubeconfig", str(cluster.kubeconfig_path)]
+        processes = {
+            command: Process([PREFETCHER, command, *kube], tmp_path / f"{command}.log",
+                             env | {"PREFETCHER_RUNTIME__LOG_LEVEL": level})
+            for command, level in levels.items()}
+        try:
+            for process in processes.values():
+                process.start()
+            for process in processes.values():
+                process.wait_for_output("failed with an exception", timeout=30)
+        finally:
+            codes = [process.stop() for process in processes.values()]
+    assert codes == [0, 0]
+    records = {command: [json.loads(line) for line in process.output().splitlines()]
+               for command, process in processes.items()}
+    for lines_of in records.values():
+        failed = [r for r in lines_of if "failed with an exception" in r["message"]]
+        assert failed and failed[0]["level"] == "error", lines_of
+        assert failed[0]["exception"].startswith("Traceback (most recent call last):")
+        assert "JSONDecodeError" in failed[0]["exception"]
+        assert all({"time", "level", "logger", "message"} <= r.keys() for r in lines_of)
+    assert {r["level"] for r in records["operator"]} <= {"warning", "error", "critical"}
+    assert "info" in {r["level"] for r in records["agent"]}  # "agent starting"
+
+
+@pytest.mark.parametrize(
+    ("config_text", "env", "expected"),
+    [
+        ('[runtime]\nlog_format = "JSON"\nlog_level = "loud"\n', {}, "json"),
+        ('[runtime]\nlog_format = "json"\n', {"PREFETCHER_RUNTIME__LOG_FORMAT": "text"}, "text"),
+        ("[agent]\nlog_json = true\n", {}, "json"),  # a version 1 file
+        ("not toml [", {"PREFETCHER_RUNTIME__LOG_FORMAT": "json"}, "json"),
+        ("not toml [", {}, "text"),
+    ],
+)
+def test_the_requested_format_is_read_even_from_invalid_settings(
+    tmp_path: Path, config_text: str, env: dict[str, str], expected: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(config_text)
+    assert logs.requested_format(str(path), env) == expected
+
+
+def test_invalid_settings_are_one_json_line_when_json_was_asked_for(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[runtime]\nlog_format = "json"\nlog_level = "loud"\n')
+    env = {"PATH": "/usr/bin:/bin"}
+    for command in ("operator", "agent"):
+        out = subprocess.run([PREFETCHER, command, "--config", str(config)],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 2
+        (line,) = [json.loads(text) for text in out.stderr.splitlines()]
+        assert line["level"] == "error" and line["logger"] == f"agent.cli.{command}"
+        assert line["message"].startswith(f"prefetcher {command}: invalid configuration: "
+                                          'runtime.log_level = "loud"')
+    # Valid settings but no node: the agent says so in the format asked for.
+    config.write_text('[runtime]\nlog_format = "json"\n')
+    out = subprocess.run([PREFETCHER, "agent", "--config", str(config)], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert json.loads(out.stderr)["message"].startswith("prefetcher agent: no node name")
+    # Text stays the plain line it was.
+    config.write_text('[runtime]\nlog_level = "loud"\n')
+    out = subprocess.run([PREFETCHER, "operator", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.stderr.startswith("prefetcher operator: invalid configuration: ")

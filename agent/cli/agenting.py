@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from agent import config
+from agent import config, logs
 
 
 def register(subparsers: Any) -> None:
@@ -50,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args.config, overrides(args))
     except config.ConfigError as e:
-        print(f"prefetcher agent: {e}", file=sys.stderr)
+        logs.startup_error("agent", str(e), logs.requested_format(args.config))
         return 2
     if not settings.runtime.node_name:
-        print("prefetcher agent: no node name: pass --node or set NODE_NAME (the chart sets"
-              " it from the Downward API's spec.nodeName)", file=sys.stderr)
+        logs.startup_error("agent", "no node name: pass --node or set NODE_NAME (the chart"
+                           " sets it from the Downward API's spec.nodeName)",
+                           settings.runtime.log_format)
         return 2
     from agent.cli import pulling
     from agent.node import main  # kopf is imported only when the agent runs

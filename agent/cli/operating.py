@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from agent import config
+from agent import config, logs
 
 
 def register(subparsers: Any) -> None:
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args.config, overrides(args))
     except config.ConfigError as e:
-        print(f"prefetcher operator: {e}", file=sys.stderr)
+        logs.startup_error("operator", str(e), logs.requested_format(args.config))
         return 2
     from agent.operator import main  # kopf is imported only when the operator runs
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from agent import config, metrics, telemetry
+from agent import config, logs, metrics, telemetry
 from agent.operator import handlers, kubeapi, reconciling, throttling
 
 logger = logging.getLogger("agent.operator")
@@ -25,8 +25,8 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
     """Run the operator until it is stopped (SIGINT/SIGTERM)."""
     op = settings.operator
     rt = settings.runtime
-    kopf.configure(verbose=verbose or rt.log_level == "debug", debug=False)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    # runtime.log_format/log_level for every line, kopf's included (not kopf.configure()).
+    logs.setup("debug" if verbose else rt.log_level, rt.log_format)
     connection = kubeapi.load_connection(rt.kubeconfig, rt.kube_context)
 
     @kopf.on.login()

