@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from agent import config, logs, metrics, telemetry
+from agent import config, logs, metrics, runtimes, telemetry
 from agent.images import service
 from agent.images.registry import client as registry_client
 from agent.images.registry import credentials as image_credentials
@@ -80,7 +80,15 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
         return registry_client.RegistryClient(registry_hosts, keychain)
 
     anonymous = make_registry(image_credentials.Keychain.empty())
-    svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options)
+    backend = await asyncio.to_thread(runtimes.open_backend, settings)
+    logger.info(f"images go to {backend.info.describe()}",
+                extra={"node": rt.node_name, "runtime": backend.info.to_json()})
+    try:
+        svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options,
+                                      backend=backend)
+    except BaseException:
+        backend.close()
+        raise
     try:
         probes.store_open = True
         collector = collecting.Collector(

@@ -142,7 +142,7 @@ class Puller:
         name = reconciling.normalise(entry.reference)
         images = await asyncio.to_thread(self.svc.list_images)
         found = next((i for i in images if i.record.name == name), None)
-        needs_unpack = self.svc.snapshotter is not None or self.svc.containerd is not None
+        needs_unpack = self.svc.backend.unpacks
         if found is None or (needs_unpack and not found.unpacked):
             return False
         record = found.record
