@@ -144,8 +144,9 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
     img = settings.images
     ref = references.parse(args.reference)
     platform = platforms.parse(args.platform) if args.platform else None
+    runtime = runtimes.open_runtime(settings, unpack=not args.no_unpack)
     registry_hosts = hosts.RegistryHosts(
-        args.hosts_dir or img.registry.config_path or None,
+        args.hosts_dir or runtime.hosts_dir,
         plain_http=args.plain_http,
         skip_verify=args.skip_verify,
         headers=dict(img.registry.headers),
@@ -154,9 +155,8 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
     keychain = credentials.default_keychain(args.auth_file, os.environ)
     options = service_options(settings)
     root = Path(settings.runtime.root)
-    backend = runtimes.open_backend(settings, unpack=not args.no_unpack)
     async with registry_client.RegistryClient(registry_hosts, keychain) as registry:
-        svc = service.ImageService(root, registry, options, backend=backend)
+        svc = service.ImageService(root, registry, options, backend=runtime.backend)
         try:
             return await svc.pull(ref, platform=platform, on_event=on_event)
         finally:

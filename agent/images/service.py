@@ -423,8 +423,13 @@ class ImageService:
                             ref, top, manifest_desc, manifest, config, progress, blobs_in,
                             fetches, timeout, pinned, labels,
                         )
+                        if fetches:
+                            group.create_task(
+                                _phase_after(fetches, progress, events.Phase.UNPACKING)
+                            )
+                        else:
+                            progress.set_phase(events.Phase.UNPACKING)
                         unpacked_chain = group.create_task(self.backend.unpack(job))
-                        group.create_task(_phase_after(fetches, progress, events.Phase.UNPACKING))
             except BaseExceptionGroup as eg:
                 raise _first_error(eg) from None
             finally:

@@ -72,7 +72,12 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
     agent_metrics = metrics.AgentMetrics()
     metrics_server = metrics.serve(rt.metrics_address, agent_metrics.registry)
     client = kubeapi.Client(connection)
-    registry_hosts = hosts.RegistryHosts(img.registry.config_path or None,
+    runtime = await asyncio.to_thread(runtimes.open_runtime, settings, default="auto")
+    backend = runtime.backend
+    logger.info(f"images go to {backend.info.describe()}",
+                extra={"node": rt.node_name, "runtime": backend.info.to_json(),
+                       "hosts_dir": runtime.hosts_dir})
+    registry_hosts = hosts.RegistryHosts(runtime.hosts_dir,
                                          headers=dict(img.registry.headers),
                                          mirrors=img.registry.mirrors)
 
@@ -80,9 +85,6 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
         return registry_client.RegistryClient(registry_hosts, keychain)
 
     anonymous = make_registry(image_credentials.Keychain.empty())
-    backend = await asyncio.to_thread(runtimes.open_backend, settings)
-    logger.info(f"images go to {backend.info.describe()}",
-                extra={"node": rt.node_name, "runtime": backend.info.to_json()})
     try:
         svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options,
                                       backend=backend)

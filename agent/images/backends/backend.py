@@ -64,7 +64,7 @@ class RuntimeInfo:
     namespace: str = ""
     byte_progress: bool = True
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, str | bool]:
         return {
             "mode": self.mode,
             "runtime": self.runtime,
