@@ -183,9 +183,17 @@ class ImageService:
 
     async def remove(self, reference: str | references.Reference) -> gc.Result:
         """Drop the image's record, then collect what nothing else needs (``ctr rm --sync``)."""
-        name = str(_parse(reference))
-        await asyncio.to_thread(self.records.delete, name)
+        await self.forget(reference)
         return await self.gc()
+
+    async def forget(self, reference: str | references.Reference) -> None:
+        """Drop the image's record and release it to the backend's runtime (unpinned, left
+        to its own GC). Raises :class:`NotFound`."""
+        name = str(_parse(reference))
+        record = await asyncio.to_thread(self.records.get, name)
+        await asyncio.to_thread(self.records.delete, name)
+        with contextlib.suppress(errors.ImageError):
+            await asyncio.to_thread(self.backend.release, record)
 
     async def gc(self) -> gc.Result:
         """Remove blobs and snapshots no image record, mount or in-flight pull needs.

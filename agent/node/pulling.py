@@ -193,7 +193,9 @@ class Puller:
                             on_event=logs.tee(on_event, recorder, pull_log),
                             progress_timeout=entry.progress_timeout,
                             labels=labels,
-                            pinned=entry.pinned,
+                            # Kept from kubelet's image GC while a prefetch wants it (the
+                            # collector unpins it when none does any more).
+                            pinned=True,
                             registry=registry,
                         )
                     except asyncio.CancelledError:

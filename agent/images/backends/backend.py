@@ -156,6 +156,11 @@ class Backend(Protocol):
         """Whether ``record``'s image is unpacked here (blocking)."""
         ...
 
+    def release(self, record: records.ImageRecord) -> None:
+        """The prefetcher no longer wants ``record``'s image (its record is gone): leave it
+        to the runtime's own garbage collection (containerd: drop the pin)."""
+        ...
+
     def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:
         """Mount the image read-only at ``target``, or explain why this backend cannot."""
         ...

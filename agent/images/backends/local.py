@@ -102,6 +102,9 @@ class LocalBackend:
             self._snapshotter, record.chain_id
         )
 
+    def release(self, record: records.ImageRecord) -> None:
+        """Nothing to do: the service's garbage collection removes what no record needs."""
+
     def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:
         if self._snapshotter is None or not chains.is_committed(
             self._snapshotter, record.chain_id

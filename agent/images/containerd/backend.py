@@ -193,6 +193,15 @@ class ContainerdBackend:
         except errors.ImageError:
             return False
 
+    def release(self, record: records.ImageRecord) -> None:
+        """Unpin the image's CRI records: kubelet's image GC may remove it from now on."""
+        ref = references.parse(record.name)
+        for name in images_mod.cri_names(ref, record.digest, record.config_digest):
+            with contextlib.suppress(errors.NotFound):
+                image = self.images.get(name)
+                if image.labels.get(images_mod.LABEL_PINNED):
+                    self.images.put(name, image.target, {images_mod.LABEL_PINNED: ""})
+
     def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:
         raise errors.NotFound(
             f"{record.name} lives in containerd's snapshotter here; mount it with"

@@ -149,6 +149,9 @@ class CriBackend:
         )
         return response.image if response.HasField("image") and response.image.id else None
 
+    def release(self, record: records.ImageRecord) -> None:
+        """Nothing to do: the runtime keeps the image until kubelet's image GC removes it."""
+
     def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:
         raise errors.NotFound(
             f"{record.name} lives in the node's runtime ({self.runtime_name or 'CRI'}) here;"
