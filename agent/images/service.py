@@ -387,7 +387,10 @@ class ImageService:
         )
 
         progress.set_phase(events.Phase.DOWNLOADING)
-        progress.add_blobs([manifest.config, *manifest.layers])
+        # A runtime that pulls the layers itself reports no bytes of them: count none, rather
+        # than show them done before they are (the phase message says so).
+        counted = manifest.layers if self.backend.info.byte_progress or not unpack else []
+        progress.add_blobs([manifest.config, *counted])
         per_pull = asyncio.Semaphore(max(1, self.options.max_concurrent_downloads))
         with tracing.span(SPAN_PREFIX, "fetch", {tracing.IMAGE_REF: str(ref)}):
             # The config first: its diff IDs name the snapshot chain, which says which layers
@@ -411,7 +414,7 @@ class ImageService:
                     self.backend.layers_to_fetch, manifest, config.diff_ids
                 )
                 wanted = {str(d.digest) for d in needed}
-                for layer in manifest.layers:
+                for layer in counted:
                     if str(layer.digest) not in wanted and not self.content.exists(layer.digest):
                         progress.blob_present(layer)  # unpacked already: nothing to fetch
             blobs_in = arriving.ArrivingBlobs(self.content, [d.digest for d in needed])

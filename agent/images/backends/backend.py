@@ -31,12 +31,13 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.images import descriptors, digests, records, references
 from agent.images.content import store
 
 if TYPE_CHECKING:
+    from agent.images.content import local
     from agent.images.progress import tracker
     from agent.images.registry import client as registry_client
     from agent.images.snapshots import snapshotter as snapshotter_api
@@ -106,7 +107,7 @@ class Unpacking:
     config: descriptors.ImageConfig
     blobs: store.BlobProvider
     fetched: Callable[[], Awaitable[None]]
-    content: Any  # agent.images.content.local.LocalStore (delete after a copy elsewhere)
+    content: local.LocalStore
     layer_unpacked: Callable[[digests.Digest], None]
     progress: tracker.PullProgress
     registry: registry_client.RegistryClient

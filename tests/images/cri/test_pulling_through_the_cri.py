@@ -70,6 +70,9 @@ async def test_a_private_image_is_pulled_by_the_runtime_with_the_pull_secrets_cr
     phases = [(e.phase, e.message) for e in seen if isinstance(e, events.PhaseChanged)]
     assert (events.Phase.UNPACKING, cri.NO_BYTE_PROGRESS) in phases
     assert phases[-1][0] is events.Phase.READY
+    # No layer bytes are claimed: only the config, which the service fetched itself.
+    assert seen[-1].snapshot.layers_total == 0
+    assert seen[-1].snapshot.bytes_total == seen[-1].snapshot.bytes_done == len(image.config.data)
     assert runtime.info.byte_progress is False
     assert runtime.info.runtime == "containerd"
 
