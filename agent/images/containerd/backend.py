@@ -156,8 +156,9 @@ class ContainerdBackend:
         ]
 
     async def unpack(self, job: backend_api.Unpacking) -> str:
-        """Import the image once every fetch is over, then drop the local layer copies."""
-        await job.fetched()
+        """Import the image while its layers download: each layer is applied (and copied
+        into containerd's content store) from its ingest as the bytes arrive, verified
+        before its snapshot or blob is committed; then the local layer copies are dropped."""
 
         def on_layer(event: unpacker_mod.UnpackEvent) -> None:  # from worker threads
             if event.kind in ("done", "skipped"):
@@ -166,7 +167,7 @@ class ContainerdBackend:
         attrs = {tracing.IMAGE_REF: str(job.ref)}
         with tracing.span(tracing.SERVICE_SPANS, "import_containerd", attrs):
             imported = await self.import_image(
-                job.content,
+                job.blobs,
                 job.ref,
                 job.target,
                 job.manifest,
