@@ -238,7 +238,8 @@ class RegistrySettings(BaseModel):
 
 
 class ContainerdSettings(BaseModel):
-    """The node's containerd, used when images.snapshotter = "containerd"."""
+    """The node's containerd, used when images.snapshotter = "containerd" (and tried first by
+    "auto" when address is set)."""
 
     model_config = _STRICT
 
@@ -268,18 +269,36 @@ class ContainerdSettings(BaseModel):
     )
 
 
+class CriSettings(BaseModel):
+    """A CRI runtime (CRI-O, …) the agent asks to pull, used when images.snapshotter = "cri"
+    (and tried by "auto" when no containerd answers)."""
+
+    model_config = _STRICT
+
+    address: str = Field(
+        default="",
+        description=(
+            "Path of the runtime's CRI socket (mounted from the host). Default '' : with "
+            "snapshotter 'auto' the usual places are tried (/var/run/crio/crio.sock, "
+            "/run/crio/crio.sock, /var/run/cri-dockerd.sock); with 'cri' it must be set."
+        ),
+    )
+
+
 class ImagesSettings(BaseModel):
     """The image service, with containerd's io.containerd.cri.v1.images names where they exist."""
 
     model_config = _STRICT
 
-    snapshotter: Literal["overlayfs", "naive", "containerd", "auto"] = Field(
+    snapshotter: Literal["auto", "overlayfs", "naive", "containerd", "cri"] = Field(
         default="overlayfs",
         description=(
-            "Where unpacked layers go: 'overlayfs' (the built-in store under runtime.root), "
-            "'naive' (copying snapshots, for hosts without overlayfs; slow, for tests), or "
-            "'containerd' (the node's containerd, see [images.containerd]), or 'auto' (the "
-            "node's runtime, detected at start). Default 'overlayfs'."
+            "Where unpacked layers go: 'auto' (the node's runtime, found at start: its "
+            "containerd, else any CRI runtime), 'containerd' (the node's containerd, see "
+            "[images.containerd]), 'cri' (a CRI runtime pulls, see [images.cri]), "
+            "'overlayfs' (the prefetcher's own store under runtime.root, which kubelet never "
+            "reads) or 'naive' (copying snapshots; slow, for tests). Default: 'auto' for the "
+            "agent, 'overlayfs' for the CLI."
         ),
     )
     max_concurrent_downloads: int = Field(
@@ -367,7 +386,11 @@ class ImagesSettings(BaseModel):
     )
     containerd: ContainerdSettings = Field(
         default_factory=ContainerdSettings,
-        description="The node's containerd, used by snapshotter = 'containerd'.",
+        description="The node's containerd, used by snapshotter = 'containerd' or 'auto'.",
+    )
+    cri: CriSettings = Field(
+        default_factory=CriSettings,
+        description="A CRI runtime's socket, used by snapshotter = 'cri' or 'auto'.",
     )
 
 

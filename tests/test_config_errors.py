@@ -35,7 +35,7 @@ def test_bad_choice_lists_the_allowed_values(tmp_path: Path) -> None:
     message = error_from_file(tmp_path, '[images]\nsnapshotter = "btrfs"\n')
     assert message == (
         'invalid configuration: images.snapshotter = "btrfs" (from file C): '
-        "Input should be 'overlayfs', 'naive', 'containerd' or 'auto'"
+        "Input should be 'auto', 'overlayfs', 'naive', 'containerd' or 'cri'"
     )
 
 

@@ -19,7 +19,7 @@ from fixtures.registries import Registry
 from opentelemetry.sdk.trace import TracerProvider
 
 from agent import logs
-from agent.images import descriptors, errors, service
+from agent.images import backends, descriptors, errors, service
 from agent.images.progress import events
 from agent.images.registry import client, hosts
 from tests.images.pulling import FAST_RETRY
@@ -96,7 +96,8 @@ async def test_a_pull_logs_one_start_and_one_summary_line(
     logs.setup("info", "json", stream=stream)
 
     async with client.RegistryClient(hosts.RegistryHosts(None), None, retry=FAST_RETRY) as rc:
-        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(snapshotter=""))
+        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(),
+                                    backend=backends.LocalBackend(None))
         try:
             result = await svc.pull(
                 ref, platform=AMD64, on_event=logs.PullLogger(fields={"node": "node-a"})

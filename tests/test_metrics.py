@@ -13,7 +13,7 @@ from fixtures.registries import Registry
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import metrics
-from agent.images import descriptors, errors, service
+from agent.images import backends, descriptors, errors, service
 from agent.images.progress import events
 from agent.images.registry import client, hosts
 from tests.images.pulling import FAST_RETRY
@@ -54,7 +54,8 @@ async def recorded_pull(
     """Pull as the agent will: the recorder inside ``on_event``, finished by the result."""
     seen: list[events.ProgressEvent] = []
     async with client.RegistryClient(hosts.RegistryHosts(None), None, retry=FAST_RETRY) as rc:
-        svc = service.ImageService(root, rc, service.ServiceOptions(snapshotter="", **options))  # type: ignore[arg-type]
+        svc = service.ImageService(root, rc, service.ServiceOptions(**options),
+                                   backend=backends.LocalBackend(None))  # type: ignore[arg-type]
         try:
             with m.pulls.recording(reference) as recorder:
                 result = await svc.pull(
@@ -133,7 +134,8 @@ async def test_store_usage_is_reported_from_the_callback(
     images.push(registry, "metrics/store", "1", image)
     m = metrics.AgentMetrics()
     async with client.RegistryClient(hosts.RegistryHosts(None), None, retry=FAST_RETRY) as rc:
-        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(snapshotter="naive"))
+        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(),
+                                    backend=backends.open_store(tmp_root, "naive"))
         try:
             await svc.pull(f"{registry.host}/metrics/store:1", platform=AMD64)
             stats = metrics.measure_store(svc)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from agent import config, logs, telemetry
+from agent import config, logs, runtimes, telemetry
 from agent.cli import rendering
 from agent.images import durations, errors, platforms, references, service
 from agent.images.registry import client as registry_client
@@ -145,8 +144,9 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
     img = settings.images
     ref = references.parse(args.reference)
     platform = platforms.parse(args.platform) if args.platform else None
+    runtime = runtimes.open_runtime(settings, unpack=not args.no_unpack)
     registry_hosts = hosts.RegistryHosts(
-        args.hosts_dir or img.registry.config_path or None,
+        args.hosts_dir or runtime.hosts_dir,
         plain_http=args.plain_http,
         skip_verify=args.skip_verify,
         headers=dict(img.registry.headers),
@@ -154,11 +154,9 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
     )
     keychain = credentials.default_keychain(args.auth_file, os.environ)
     options = service_options(settings)
-    if args.no_unpack:
-        options = dataclasses.replace(options, snapshotter="")
     root = Path(settings.runtime.root)
     async with registry_client.RegistryClient(registry_hosts, keychain) as registry:
-        svc = service.ImageService(root, registry, options)
+        svc = service.ImageService(root, registry, options, backend=runtime.backend)
         try:
             return await svc.pull(ref, platform=platform, on_event=on_event)
         finally:
@@ -174,13 +172,9 @@ def service_options(settings: Any) -> service.ServiceOptions:
         progress_timeout=img.image_pull_progress_timeout,
         min_bytes_per_second=img.image_pull_min_bytes_per_second,
         sync_fs=img.image_pull_with_sync_fs,
-        snapshotter=img.snapshotter,
         max_layer_uncompressed_bytes=img.max_layer_uncompressed_bytes,
         max_image_uncompressed_bytes=img.max_image_uncompressed_bytes,
         discard_unpacked_layers=img.discard_unpacked_layers,
-        containerd_address=img.containerd.address,
-        containerd_namespace=img.containerd.namespace,
-        containerd_snapshotter=img.containerd.snapshotter,
     )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent import config
+from agent import config, runtimes
 from agent.cli import pulling
 from agent.images import errors, service
 from agent.images.registry import client as registry_client
@@ -65,7 +65,7 @@ def opened(args: argparse.Namespace) -> Iterator[service.ImageService]:
         raise errors.NotFound(f"no image store at {root} (pull an image there first, or --root)")
     options = pulling.service_options(settings)
     registry = registry_client.RegistryClient(hosts.RegistryHosts(None))
-    svc = service.ImageService(root, registry, options)
+    svc = service.ImageService(root, registry, options, backend=runtimes.open_backend(settings))
     try:
         yield svc
     finally:

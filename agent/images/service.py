@@ -13,6 +13,13 @@
    ``syncfs``-ing each before it is committed when configured;
 4. **record** the image (name → digest, platform manifest, config, top chain ID).
 
+The service is the pipeline; the pieces live in modules named after them: the
+:class:`~agent.images.fetching.Fetcher` (downloads and resumes), the
+:class:`~agent.images.leases.Leases` GC leases of the pulls in flight, the
+:class:`~agent.images.arriving.ArrivingBlobs` an unpack reads while the pull downloads, and
+the :class:`~agent.images.backends.Backend` the edge chose — where the layers are unpacked
+and what "unpacked" means (the local store, the node's containerd, a CRI runtime).
+
 Progress goes to the caller's ``on_event`` through a :class:`PullProgress`; a
 :class:`StallWatchdog` cancels a pull that makes no byte progress for the progress timeout
 with :class:`~agent.images.errors.PullStalled`. A request whose socket goes silent on its own
@@ -27,41 +34,38 @@ import contextvars
 import dataclasses
 import fcntl
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any
 
 from agent.images import (
+    arriving,
     descriptors,
     digests,
-    durations,
     errors,
+    fetching,
     gc,
-    locks,
+    leases,
     mediatypes,
     platforms,
     records,
     references,
     tracing,
 )
+from agent.images.backends import backend as backend_api
+from agent.images.backends import local as local_backend
 from agent.images.content import local
-from agent.images.content import store as content_store
 from agent.images.progress import events, stall, tracker
 from agent.images.registry import client as registry_client
 
 if TYPE_CHECKING:
-    from agent.images.containerd import backend as containerd_backend
     from agent.images.snapshots import snapshotter as snapshotter_api
 
 EventCallback = Callable[[events.ProgressEvent], None]
 
-SPAN_PREFIX = "agent.images.service"
-
-#: Resumes of one blob after a broken (not silent) connection before the pull fails.
-MAX_BLOB_RESUMES = 5
+SPAN_PREFIX = tracing.SERVICE_SPANS
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,6 @@ class ServiceOptions:
     progress_timeout: float = 300.0
     min_bytes_per_second: float = 0.0
     sync_fs: bool = False
-    #: "overlayfs", "naive", "containerd" (unpack into the node's containerd), or ""
-    #: (content only, no unpack)
-    snapshotter: str = "overlayfs"
     max_layer_uncompressed_bytes: int = 32 * 1024**3
     #: refuse an image whose layers unpacked by one pull decompress to more than this in
     #: total (0: no cap); what the failed pull committed is removed unless something uses it
@@ -112,17 +113,15 @@ class ServiceOptions:
     unpack_concurrency: int = 2
     #: delete layer blobs once their snapshots are committed (containerd's option)
     discard_unpacked_layers: bool = False
-    #: with ``snapshotter="containerd"``: the node's containerd, where images are imported
-    containerd_address: str = "/run/containerd/containerd.sock"
-    containerd_namespace: str = "k8s.io"
-    containerd_snapshotter: str = "overlayfs"
 
 
 class ImageService:
     """Pulls images into a store root. Create one per process; close it when done.
 
-    Layout of ``root``: ``content/`` (:class:`LocalStore`), ``snapshots/`` (the
-    snapshotter), ``images.db`` (:class:`ImageRecords`).
+    Layout of ``root``: ``content/`` (:class:`LocalStore`), ``images.db``
+    (:class:`ImageRecords`), and what the backend keeps there (the local store's
+    ``snapshots/``). ``backend`` (default: the local store with overlayfs) is where the
+    layers are unpacked; the service owns it from now on and closes it.
     """
 
     def __init__(
@@ -131,43 +130,34 @@ class ImageService:
         registry: registry_client.RegistryClient,
         options: ServiceOptions | None = None,
         *,
-        snapshotter: snapshotter_api.Snapshotter | None = None,
+        backend: backend_api.Backend | None = None,
     ):
         self.root = Path(root)
         self.options = options or ServiceOptions()
         self.registry = registry
         self.root.mkdir(parents=True, exist_ok=True)
+        self.backend: backend_api.Backend = (
+            backend if backend is not None else local_backend.open_store(self.root, "overlayfs")
+        )
         self._lock_fd = _open_shared_lock(self.root / "lock")
-        # What in-flight pulls hold (blob digests, chain IDs): GC keeps it. A pull adds a name
-        # *before* it looks for or stores that content, and GC checks under the same lock at
-        # the moment it deletes, so a delete and a lease never interleave.
-        self._leases: dict[int, set[str]] = {}
-        self._lease_lock = threading.Lock()
+        self.leases = leases.Leases()
         self.content = local.LocalStore(self.root / "content")
         self.records = records.ImageRecords(self.root / "images.db")
-        self.containerd: containerd_backend.ContainerdBackend | None = None
-        if self.options.snapshotter == "containerd":
-            from agent.images.containerd import backend as containerd_backend
-
-            # containerd owns the snapshots: never give them to the local GC or cleanup().
-            self.containerd = containerd_backend.ContainerdBackend(
-                self.options.containerd_address,
-                self.options.containerd_namespace,
-                self.options.containerd_snapshotter,
-                max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
-                max_image_uncompressed_bytes=self.options.max_image_uncompressed_bytes,
-            )
-            self.containerd.start()
-        self.snapshotter = snapshotter if snapshotter is not None else self._make_snapshotter()
+        self.fetcher = fetching.Fetcher(
+            self.content, self._registry, self.options.node_max_concurrent_downloads
+        )
         self._clean_leftovers()
-        self._blob_locks = locks.KeyedLock()
-        self._node_downloads = asyncio.Semaphore(max(1, self.options.node_max_concurrent_downloads))
+
+    @property
+    def snapshotter(self) -> snapshotter_api.Snapshotter | None:
+        """The snapshots in this store (the local backend's), which GC manages."""
+        return self.backend.store_snapshotter
 
     def _clean_leftovers(self) -> None:
         """Sweep what killed processes left: active snapshots of dead owners, half-built
-        snapshot directories, ingests whose blob was published. Only when no other process
-        has the store open (the lock can be held exclusively): a live agent's unpack in
-        progress looks like a leftover from outside."""
+        snapshot directories, ingests whose blob was published, a backend's leftovers. Only
+        when no other process has the store open (the lock can be held exclusively): a live
+        agent's unpack in progress looks like a leftover from outside."""
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,34 +165,13 @@ class ImageService:
             return
         try:
             self.content.clean_finished_ingests()
-            if self.snapshotter is not None:
-                self.snapshotter.cleanup()
+            self.backend.cleanup()
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
-    def _make_snapshotter(self) -> snapshotter_api.Snapshotter | None:
-        name = self.options.snapshotter
-        if not name or name == "containerd":
-            return None
-        if name == "overlayfs":
-            from agent.images.snapshots import overlay
-
-            # syncfs is the unpacker's job (after each layer's files, before its commit).
-            return overlay.OverlaySnapshotter(self.root / "snapshots")
-        if name == "naive":
-            from agent.images.snapshots import naive
-
-            return naive.NaiveSnapshotter(self.root / "snapshots-naive")
-        raise errors.ImageError(
-            f"unknown snapshotter {name!r}: expected 'overlayfs', 'naive' or 'containerd'"
-        )
-
     def close(self) -> None:
         self.records.close()
-        if self.snapshotter is not None:
-            self.snapshotter.close()
-        if self.containerd is not None:
-            self.containerd.close()
+        self.backend.close()
         os.close(self._lock_fd)
 
     # Images on this node.
@@ -217,9 +186,17 @@ class ImageService:
 
     async def remove(self, reference: str | references.Reference) -> gc.Result:
         """Drop the image's record, then collect what nothing else needs (``ctr rm --sync``)."""
-        name = str(_parse(reference))
-        await asyncio.to_thread(self.records.delete, name)
+        await self.forget(reference)
         return await self.gc()
+
+    async def forget(self, reference: str | references.Reference) -> None:
+        """Drop the image's record and release it to the backend's runtime (unpinned, left
+        to its own GC). Raises :class:`NotFound`."""
+        name = str(_parse(reference))
+        record = await asyncio.to_thread(self.records.get, name)
+        await asyncio.to_thread(self.records.delete, name)
+        with contextlib.suppress(errors.ImageError):
+            await asyncio.to_thread(self.backend.release, record)
 
     async def gc(self) -> gc.Result:
         """Remove blobs and snapshots no image record, mount or in-flight pull needs.
@@ -243,8 +220,8 @@ class ImageService:
                     self.content,
                     self.snapshotter,
                     list(self.records),
-                    leased=self._is_leased,
-                    lease_lock=self._lease_lock,
+                    leased=self.leases.is_leased,
+                    lease_lock=self.leases.lock,
                     discard_unpacked_layers=self.options.discard_unpacked_layers,
                 )
         finally:
@@ -252,86 +229,19 @@ class ImageService:
 
     def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
         """Mount the image's root filesystem read-only at ``target`` (a view snapshot)."""
-        record = self.image(reference)
-        if self.containerd is not None:
-            raise errors.NotFound(
-                f"{record.name} lives in containerd's snapshotter here; mount it with"
-                f" `ctr -n {self.options.containerd_namespace} image mount {record.name} DIR`"
-            )
-        if self.snapshotter is None or not self._chain_ready(record.chain_id):
-            raise errors.NotFound(
-                f"{record.name} is not unpacked on this node; pull it without --no-unpack"
-            )
-        from agent.images.snapshots import snapshotter as snapshots
-
-        key = _mount_key(target)
-        mounts = self.snapshotter.view(key, record.chain_id, {"prefetcher.dev/mount": key})
-        try:
-            snapshots.mount_all(mounts, target)
-        except BaseException:
-            self.snapshotter.remove(key)
-            raise
+        self.backend.mount(self.image(reference), target)
 
     def unmount(self, target: str | os.PathLike[str]) -> None:
         """Unmount ``target`` and drop its view snapshot."""
-        from agent.images.snapshots import snapshotter as snapshots
-
-        if self.snapshotter is None:
-            raise errors.NotFound("this store has no snapshotter")
-        key = _mount_key(target)
-        try:
-            self.snapshotter.stat(key)
-        except errors.NotFound as e:
-            raise errors.NotFound(f"{target} is not a prefetcher mount of {self.root}") from e
-        snapshots.unmount(target)
-        self.snapshotter.remove(key)
+        self.backend.unmount(target)
 
     def _unpacked(self, record: records.ImageRecord) -> bool:
-        """Whether the image's whole snapshot chain is committed (here or in containerd)."""
-        if self.containerd is None:
-            return self._chain_ready(record.chain_id)
-        if not record.chain_id:
-            return False
-        try:
-            config = descriptors.ImageConfig.parse(self.content.read_blob(record.config_digest))
-            return self.containerd.unpacked_depth(config.diff_ids) == len(config.diff_ids)
-        except errors.ImageError:
-            return False
+        """Whether the image is unpacked where the backend puts images."""
+        return self.backend.is_unpacked(record, self.content)
 
     def _registry(self) -> registry_client.RegistryClient:
         """The client of the pull in progress: its own (see ``pull(registry=)``) or ours."""
         return _PULL_REGISTRY.get() or self.registry
-
-    def _chain_ready(self, chain_id: str) -> bool:
-        if not chain_id or self.snapshotter is None:
-            return False
-        try:
-            return self.snapshotter.stat(chain_id).kind.name == "COMMITTED"
-        except errors.NotFound:
-            return False
-
-    @contextlib.contextmanager
-    def _lease(self) -> Iterator[set[str]]:
-        """A set of blob digests and chain IDs that GC must keep while the block runs."""
-        held: set[str] = set()
-        token = id(held)
-        with self._lease_lock:
-            self._leases[token] = held
-        try:
-            yield held
-        finally:
-            with self._lease_lock:
-                del self._leases[token]
-
-    def _hold(self, lease: set[str], *names: object) -> None:
-        """Add ``names`` to ``lease``: call it before looking for or storing them."""
-        with self._lease_lock:
-            lease.update(str(n) for n in names)
-
-    def _is_leased(self, name: str, *, besides: set[str] | None = None) -> bool:
-        """Whether an in-flight pull (other than ``besides``) holds ``name``. Call with
-        ``_lease_lock`` held."""
-        return any(name in held for held in self._leases.values() if held is not besides)
 
     # Pull.
 
@@ -349,7 +259,7 @@ class ImageService:
     ) -> PullResult:
         """Pull ``reference`` for ``platform`` (default: this host's). See the module doc.
 
-        ``pinned`` (containerd backend) labels the image so kubelet's image GC keeps it.
+        ``pinned`` (the node runtime's backends) pins the image against kubelet's image GC.
         ``registry`` replaces the service's client for this pull only: the node agent passes
         one holding just the credentials of the pull secrets this image was dispatched with.
 
@@ -439,7 +349,7 @@ class ImageService:
         labels: dict[str, str],
         pinned: bool,
     ) -> PullResult:
-        with self._lease() as lease:
+        with self.leases.held() as lease:
             try:
                 return await self._pull(
                     ref, want, progress, timeout, unpack, labels, lease, pinned
@@ -450,7 +360,7 @@ class ImageService:
                 await asyncio.to_thread(self._drop_unused, lease)
                 raise
 
-    def _drop_unused(self, lease: set[str]) -> None:
+    def _drop_unused(self, lease: leases.Lease) -> None:
         """Remove the blobs and snapshots ``lease`` names that no image record and no other
         pull uses; skipped while another process has the store open (GC does it later)."""
         try:
@@ -463,8 +373,8 @@ class ImageService:
                 self.content,
                 self.snapshotter,
                 list(self.records),
-                leased=lambda name: self._is_leased(name, besides=lease),
-                lease_lock=self._lease_lock,
+                leased=lambda name: self.leases.is_leased(name, besides=lease),
+                lease_lock=self.leases.lock,
                 only=set(lease),
             )
         finally:
@@ -478,7 +388,7 @@ class ImageService:
         timeout: float,
         unpack: bool,
         labels: dict[str, str],
-        lease: set[str],
+        lease: leases.Lease,
         pinned: bool = False,
     ) -> PullResult:
         progress.set_phase(events.Phase.RESOLVING)
@@ -501,15 +411,22 @@ class ImageService:
                 " neither an image manifest nor an index"
             )
         manifest = descriptors.Manifest.parse(manifest_data, manifest_desc.media_type)
-        self._hold(lease, manifest.config.digest, *(layer.digest for layer in manifest.layers))
+        self.leases.hold(
+            lease, manifest.config.digest, *(layer.digest for layer in manifest.layers)
+        )
 
         progress.set_phase(events.Phase.DOWNLOADING)
-        progress.add_blobs([manifest.config, *manifest.layers])
+        # A runtime that pulls the layers itself reports no bytes of them: count none, rather
+        # than show them done before they are (the phase message says so).
+        counted = manifest.layers if self.backend.info.byte_progress or not unpack else []
+        progress.add_blobs([manifest.config, *counted])
         per_pull = asyncio.Semaphore(max(1, self.options.max_concurrent_downloads))
         with tracing.span(SPAN_PREFIX, "fetch", {tracing.IMAGE_REF: str(ref)}):
             # The config first: its diff IDs name the snapshot chain, which says which layers
             # are needed at all (a layer whose chain is committed needs no download).
-            downloaded = await self._fetch_blob(ref, manifest.config, progress, per_pull, timeout)
+            downloaded = await self.fetcher.fetch_blob(
+                ref, manifest.config, progress, per_pull, timeout
+            )
             config = descriptors.ImageConfig.parse(
                 self.content.read_blob(manifest.config.digest)
             )
@@ -518,48 +435,48 @@ class ImageService:
                     f"{ref}: the manifest lists {len(manifest.layers)} layers but the config"
                     f" {manifest.config.digest} has {len(config.diff_ids)} diff IDs"
                 )
-            self._hold(lease, *digests.chain_ids(config.diff_ids))
-            unpacking = unpack and self.snapshotter is not None and bool(manifest.layers)
+            self.leases.hold(lease, *digests.chain_ids(config.diff_ids))
+            unpacking = unpack and self.backend.unpacks and bool(manifest.layers)
             needed = list(manifest.layers)
-            if unpack and self.containerd is not None:
-                needed = await asyncio.to_thread(
-                    self._containerd_needs, manifest, config.diff_ids, progress
-                )
             if unpacking:
-                unpacked = await asyncio.to_thread(self._unpacked_depth, config.diff_ids)
-                for layer in manifest.layers[:unpacked]:
-                    if not self.content.exists(layer.digest):
-                        progress.blob_present(layer)  # its snapshot is there: nothing to fetch
-                needed = list(manifest.layers[unpacked:])
-            arriving = _ArrivingBlobs(self.content, [d.digest for d in needed])
+                needed = await asyncio.to_thread(
+                    self.backend.layers_to_fetch, manifest, config.diff_ids
+                )
+                wanted = {str(d.digest) for d in needed}
+                for layer in counted:
+                    if str(layer.digest) not in wanted and not self.content.exists(layer.digest):
+                        progress.blob_present(layer)  # unpacked already: nothing to fetch
+            blobs_in = arriving.ArrivingBlobs(self.content, [d.digest for d in needed])
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest
                     fetches = [
                         group.create_task(
                             self._fetch_and_announce(ref, desc, progress, per_pull, timeout,
-                                                     arriving)
+                                                     blobs_in)
                         )
                         for desc in _unique(needed)
                     ]
                     # Unpacking starts now and takes each layer as soon as its blob is in.
                     unpacked_chain = None
                     if unpacking:
-                        unpacked_chain = group.create_task(
-                            self._unpack(manifest, config, progress, arriving)
+                        job = self._unpacking(
+                            ref, top, manifest_desc, manifest, config, progress, blobs_in,
+                            timeout, pinned, labels,
                         )
-                        group.create_task(_phase_after(fetches, progress, events.Phase.UNPACKING))
+                        if fetches:
+                            group.create_task(
+                                _phase_after(fetches, progress, events.Phase.UNPACKING)
+                            )
+                        else:
+                            progress.set_phase(events.Phase.UNPACKING)
+                        unpacked_chain = group.create_task(self.backend.unpack(job))
             except BaseExceptionGroup as eg:
                 raise _first_error(eg) from None
             finally:
-                arriving.close()
+                blobs_in.close()
             downloaded += sum(t.result() for t in fetches)
         blobs += [manifest.config.digest, *(layer.digest for layer in manifest.layers)]
         chain_id = str(unpacked_chain.result()) if unpacked_chain is not None else ""
-        if unpack and self.containerd is not None:
-            progress.set_phase(events.Phase.UNPACKING)
-            chain_id = await self._import_into_containerd(
-                ref, top, manifest_desc, manifest, config, progress, pinned
-            )
 
         progress.set_phase(events.Phase.COMMITTING)
         platform_text = str(config.platform) if config.platform.os else str(want)
@@ -576,7 +493,7 @@ class ImageService:
             labels=labels,
         )
         await asyncio.to_thread(self.records.put, record)
-        if chain_id and self.options.discard_unpacked_layers:
+        if chain_id and self.options.discard_unpacked_layers and self.snapshotter is not None:
             await asyncio.to_thread(self._discard_layers, record, manifest, lease)
         return PullResult(
             reference=str(ref),
@@ -595,15 +512,57 @@ class ImageService:
             retries=0,
         )
 
+    def _unpacking(
+        self,
+        ref: references.Reference,
+        top: descriptors.Descriptor,
+        manifest_desc: descriptors.Descriptor,
+        manifest: descriptors.Manifest,
+        config: descriptors.ImageConfig,
+        progress: tracker.PullProgress,
+        blobs: arriving.ArrivingBlobs,
+        timeout: float,
+        pinned: bool,
+        labels: dict[str, str],
+    ) -> backend_api.Unpacking:
+        loop = asyncio.get_running_loop()
+
+        def layer_unpacked(digest: digests.Digest) -> None:  # from any thread
+            loop.call_soon_threadsafe(progress.layer_unpacked, digest)
+
+        def layer_written(digest: digests.Digest, uncompressed: int) -> None:  # any thread
+            loop.call_soon_threadsafe(progress.layer_written, digest, uncompressed)
+
+        return backend_api.Unpacking(
+            ref=ref,
+            target=top,
+            manifest_desc=manifest_desc,
+            manifest=manifest,
+            config=config,
+            blobs=blobs,
+            content=self.content,
+            layer_unpacked=layer_unpacked,
+            layer_written=layer_written,
+            progress=progress,
+            registry=self._registry(),
+            progress_timeout=timeout,
+            pinned=pinned,
+            sync_fs=self.options.sync_fs,
+            max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
+            max_image_uncompressed_bytes=self.options.max_image_uncompressed_bytes,
+            concurrency=self.options.unpack_concurrency,
+            labels=labels,
+        )
+
     def _discard_layers(
-        self, record: records.ImageRecord, manifest: descriptors.Manifest, lease: set[str]
+        self, record: records.ImageRecord, manifest: descriptors.Manifest, lease: leases.Lease
     ) -> None:
         """Delete this image's layer blobs unless an image that is not unpacked, or another
         pull in flight, needs them."""
         needed = {str(b) for r in self.records if not r.chain_id for b in r.blobs}
         for layer in manifest.layers:
-            with self._lease_lock:
-                if str(layer.digest) in needed or self._is_leased(
+            with self.leases.lock:
+                if str(layer.digest) in needed or self.leases.is_leased(
                     str(layer.digest), besides=lease
                 ):
                     continue
@@ -611,7 +570,7 @@ class ImageService:
                     self.content.delete(layer.digest)
 
     async def _resolve(
-        self, ref: references.Reference, progress: tracker.PullProgress, lease: set[str]
+        self, ref: references.Reference, progress: tracker.PullProgress, lease: leases.Lease
     ) -> tuple[descriptors.Descriptor, bytes]:
         """The top descriptor and its bytes, from the store when the digest is known there.
 
@@ -625,16 +584,16 @@ class ImageService:
         with progress.request(None):
             head = await self._registry().resolve(ref)
         if head is not None:
-            self._hold(lease, head.digest)
+            self.leases.hold(lease, head.digest)
         if head is not None and self.content.exists(head.digest):
             data = self.content.read_blob(head.digest)
             media_type = descriptors.media_type_of(data, head.media_type)
             return dataclasses.replace(head, media_type=media_type, size=len(data)), data
         with progress.request(None):
             desc, data = await self._registry().fetch_manifest(ref)
-        self._hold(lease, desc.digest)
+        self.leases.hold(lease, desc.digest)
         # (If the tag moved between HEAD and GET, the GET's verified bytes win.)
-        await self._store_small(desc, data)
+        await self.fetcher.store_small(desc, data)
         return desc, data
 
     async def _manifest_by_digest(
@@ -642,15 +601,15 @@ class ImageService:
         ref: references.Reference,
         desc: descriptors.Descriptor,
         progress: tracker.PullProgress,
-        lease: set[str],
+        lease: leases.Lease,
     ) -> tuple[descriptors.Descriptor, bytes]:
-        self._hold(lease, desc.digest)
+        self.leases.hold(lease, desc.digest)
         if self.content.exists(desc.digest):
             data = self.content.read_blob(desc.digest)
         else:
             with progress.request(None):
                 fetched, data = await self._registry().fetch_manifest(ref, str(desc.digest))
-            await self._store_small(fetched, data)
+            await self.fetcher.store_small(fetched, data)
         media_type = descriptors.media_type_of(data, desc.media_type)
         if desc.size and desc.size != len(data):
             raise errors.SizeMismatch(
@@ -659,147 +618,6 @@ class ImageService:
             )
         return dataclasses.replace(desc, media_type=media_type, size=len(data)), data
 
-    async def _store_small(self, desc: descriptors.Descriptor, data: bytes) -> None:
-        async with self._blob_locks.hold(str(desc.digest)):
-            if self.content.exists(desc.digest):
-                return
-            writer = self.content.writer(str(desc.digest), total=len(data))
-            try:
-                writer.truncate(0)
-                writer.write(data)
-                await asyncio.to_thread(writer.commit, len(data), desc.digest)
-            except errors.AlreadyExists:
-                pass
-            finally:
-                writer.close()
-
-    async def _fetch_blob(
-        self,
-        ref: references.Reference,
-        desc: descriptors.Descriptor,
-        progress: tracker.PullProgress,
-        per_pull: asyncio.Semaphore,
-        progress_timeout: float,
-        on_writer: Callable[[descriptors.Descriptor, local.LocalWriter], None] | None = None,
-    ) -> int:
-        """Download one blob into the store unless it is there. Returns bytes downloaded.
-
-        ``on_writer`` is called with the ingest's writer before the first byte is written
-        (the unpack follows the ingest from there, see :class:`_ArrivingBlobs`)."""
-        key = str(desc.digest)
-        if self.content.exists(desc.digest):
-            progress.blob_present(desc)
-            return 0
-        async with self._blob_locks.hold(key):
-            if self.content.exists(desc.digest):
-                progress.blob_present(desc)
-                return 0
-            async with per_pull, self._node_downloads:
-                attrs: dict[str, str | int] = {
-                    tracing.LAYER_DIGEST: key,
-                    tracing.LAYER_SIZE: desc.size,
-                    tracing.LAYER_MEDIA_TYPE: desc.media_type,
-                }
-                with tracing.span(SPAN_PREFIX, "fetch_blob", attrs) as span:
-                    got = await self._download(
-                        ref, desc, progress, progress_timeout, on_writer
-                    )
-                    span.set_attribute("blob.bytes_downloaded", got)
-                    return got
-
-    async def _download(
-        self,
-        ref: references.Reference,
-        desc: descriptors.Descriptor,
-        progress: tracker.PullProgress,
-        progress_timeout: float,
-        on_writer: Callable[[descriptors.Descriptor, local.LocalWriter], None] | None = None,
-    ) -> int:
-        writer = await self._open_writer(desc)
-        if self.content.exists(desc.digest):
-            # Another process held the ingest and published the blob while we waited.
-            writer.abort()
-            progress.blob_present(desc)
-            return 0
-        if on_writer is not None:
-            on_writer(desc, writer)
-        policy = stall.RetryPolicy.for_stall_timeout(progress_timeout)
-        downloaded = 0
-        stalls = 0
-        resumes = 0
-        refetched = False
-        try:
-            if writer.offset > desc.size:
-                writer.truncate(0)
-            while writer.offset < desc.size or desc.size == 0:
-                offset = writer.offset
-                progress.request_started(desc.digest, offset=offset)
-                try:
-                    async with self._registry().open_blob(
-                        ref, desc, offset=offset, read_timeout=policy.read_timeout
-                    ) as body:
-                        if body.offset != offset:  # the server ignored Range: start over
-                            writer.truncate(body.offset)
-                            progress.request_finished(desc.digest)
-                            progress.request_started(desc.digest, offset=body.offset)
-                        async for chunk in body.chunks():
-                            if writer.offset + len(chunk) > desc.size:
-                                raise errors.SizeMismatch(
-                                    f"blob {desc.digest} of {ref.name}: the registry sent more"
-                                    f" than the {desc.size} bytes the manifest states"
-                                )
-                            writer.write(chunk)
-                            downloaded += len(chunk)
-                            progress.bytes_read(desc.digest, len(chunk))
-                except registry_client.RequestStalled as e:
-                    stalls += 1
-                    if stalls > policy.max_request_stalls:
-                        message = (
-                            f"blob {desc.digest} of {ref.name} stalled {stalls} times"
-                            f" (no data for {durations.format(policy.read_timeout or 0)} each"
-                            " time)"
-                        )
-                        progress.stalled(desc.digest, message, fatal=True)
-                        raise errors.PullStalled(message) from e
-                    progress.retry(desc.digest, stalls, str(e), stalled=True)
-                    await asyncio.sleep(policy.backoff(stalls))
-                    continue
-                except errors.Unavailable as e:
-                    resumes += 1
-                    if resumes > MAX_BLOB_RESUMES:
-                        raise
-                    progress.retry(desc.digest, resumes, str(e), stalled=False)
-                    await asyncio.sleep(policy.backoff(resumes))
-                    continue
-                finally:
-                    progress.request_finished(desc.digest)
-                if desc.size == 0 or writer.offset >= desc.size:
-                    if refetched or writer.digest() == desc.digest:
-                        break  # verified, or the second copy is bad too: commit() says so
-                    # Corrupt once (a flaky proxy or CDN): discard and fetch it once more.
-                    refetched = True
-                    progress.retry(desc.digest, 1, f"the bytes hashed to {writer.digest()}",
-                                   stalled=False)
-                    writer.truncate(0)
-                    continue
-                # EOF before the stated size: resume from where it stopped.
-                resumes += 1
-                if resumes > MAX_BLOB_RESUMES:
-                    raise errors.SizeMismatch(
-                        f"blob {desc.digest} of {ref.name}: the registry keeps ending the body"
-                        f" at {writer.offset} of {desc.size} bytes"
-                    )
-                progress.retry(desc.digest, resumes, "short body", stalled=False)
-            with contextlib.suppress(errors.AlreadyExists):
-                await asyncio.to_thread(writer.commit, desc.size, desc.digest)
-            progress.blob_done(desc.digest)
-            return downloaded
-        except BaseException:
-            writer.close()  # keeps the ingest for a resume; verification failures removed it
-            raise
-        finally:
-            tracing.set_attributes({"blob.retries": stalls + resumes, "blob.stalls": stalls})
-
     async def _fetch_and_announce(
         self,
         ref: references.Reference,
@@ -807,130 +625,16 @@ class ImageService:
         progress: tracker.PullProgress,
         per_pull: asyncio.Semaphore,
         progress_timeout: float,
-        arriving: _ArrivingBlobs,
+        blobs: arriving.ArrivingBlobs,
     ) -> int:
         try:
-            return await self._fetch_blob(
-                ref, desc, progress, per_pull, progress_timeout, arriving.downloading
+            return await self.fetcher.fetch_blob(
+                ref, desc, progress, per_pull, progress_timeout, blobs.downloading
             )
         finally:
             # Committed, or never will be in this pull: either way an unpack waiting for
             # it must not wait any more (it would hold up the task group's cancellation).
-            arriving.arrived(desc.digest)
-
-    def _containerd_needs(
-        self,
-        manifest: descriptors.Manifest,
-        diff_ids: Sequence[digests.Digest],
-        progress: tracker.PullProgress,
-    ) -> list[descriptors.Descriptor]:
-        """Layers to download for the containerd backend: not unpacked there, not its content."""
-        assert self.containerd is not None
-        depth = self.containerd.unpacked_depth(diff_ids)
-        needed = []
-        for i, layer in enumerate(manifest.layers):
-            if i < depth or self.containerd.has_blob(layer.digest):
-                if not self.content.exists(layer.digest):
-                    progress.blob_present(layer)
-                continue
-            needed.append(layer)
-        return needed
-
-    async def _import_into_containerd(
-        self,
-        ref: references.Reference,
-        top: descriptors.Descriptor,
-        manifest_desc: descriptors.Descriptor,
-        manifest: descriptors.Manifest,
-        config: descriptors.ImageConfig,
-        progress: tracker.PullProgress,
-        pinned: bool,
-    ) -> str:
-        assert self.containerd is not None
-        on_layer = _unpack_events_to(progress)
-
-        with tracing.span(SPAN_PREFIX, "import_containerd", {tracing.IMAGE_REF: str(ref)}):
-            imported = await self.containerd.import_image(
-                self.content,
-                ref,
-                top,
-                manifest,
-                manifest.config,
-                config.diff_ids,
-                manifest_desc=manifest_desc,
-                pinned=pinned,
-                sync_fs=self.options.sync_fs,
-                on_layer=on_layer,
-            )
-        # containerd holds the layers now; the local copies would only duplicate them.
-        for layer in manifest.layers:
-            with contextlib.suppress(errors.NotFound):
-                self.content.delete(layer.digest)
-        return str(imported.chain_id)
-
-    def _unpacked_depth(self, diff_ids: Sequence[digests.Digest]) -> int:
-        """How many bottom layers of this image already have committed snapshots."""
-        if self.snapshotter is None:
-            return 0
-        chain = digests.chain_ids(diff_ids)
-        for depth in range(len(chain), 0, -1):
-            try:
-                info = self.snapshotter.stat(str(chain[depth - 1]))
-            except errors.NotFound:
-                continue
-            if info.kind.name == "COMMITTED":
-                return depth
-        return 0
-
-    async def _open_writer(self, desc: descriptors.Descriptor) -> local.LocalWriter:
-        """Open the ingest for ``desc``; wait while another process writes it."""
-        delay = 0.05
-        while True:
-            try:
-                return self.content.writer(str(desc.digest), total=desc.size)
-            except errors.Unavailable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _unpack(
-        self,
-        manifest: descriptors.Manifest,
-        config: descriptors.ImageConfig,
-        progress: tracker.PullProgress,
-        blobs: content_store.BlobProvider,
-    ) -> digests.Digest:
-        from agent.images.unpack import unpacker as unpacker_mod
-
-        assert self.snapshotter is not None
-        on_progress = _unpack_events_to(progress)
-
-        unpacker = unpacker_mod.Unpacker(
-            blobs,
-            self.snapshotter,
-            sync_fs=self.options.sync_fs,
-            max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
-            max_image_uncompressed_bytes=self.options.max_image_uncompressed_bytes,
-            concurrency=self.options.unpack_concurrency,
-            on_progress=on_progress,
-        )
-        with tracing.span(SPAN_PREFIX, "unpack", {"image.layers": len(manifest.layers)}):
-            return await unpacker.unpack(manifest.layers, config.diff_ids)
-
-
-def _unpack_events_to(progress: tracker.PullProgress) -> Callable[[Any], None]:
-    """An unpacker's ``on_progress`` (called from worker threads) that feeds the pull's
-    progress on this event loop: bytes written (the disk budget counts them) and layers done."""
-    loop = asyncio.get_running_loop()
-
-    def on_progress(event: Any) -> None:
-        if event.kind == "progress":
-            loop.call_soon_threadsafe(
-                progress.layer_written, event.layer.digest, event.uncompressed_bytes
-            )
-        elif event.kind in ("done", "skipped"):
-            loop.call_soon_threadsafe(progress.layer_unpacked, event.layer.digest)
-
-    return on_progress
+            blobs.arrived(desc.digest)
 
 
 async def _phase_after(
@@ -941,70 +645,6 @@ async def _phase_after(
         await asyncio.wait(tasks)
     if all(not t.cancelled() and t.exception() is None for t in tasks):
         progress.set_phase(phase)
-
-
-class _ArrivingBlobs:
-    """A :class:`BlobProvider` over the content store for an unpack that runs while the
-    pull downloads: ``open_blob`` waits, in the unpacker's worker thread, until the blob's
-    download has started (or the blob is committed), so a layer is unpacked while it and
-    later layers are still downloading.
-
-    A committed blob is opened from the store. A blob still downloading is opened as a
-    :class:`~agent.images.content.local.FollowingReader` of its ingest: its bytes are not
-    verified yet, and the unpacker must :meth:`~FollowingReader.confirm` them (wait for the
-    blob's commit, compare what it read) before it commits the layer's snapshot — and redo
-    the layer from the committed blob if that fails (see ``Unpacker``).
-
-    ``arrived()`` (the fetch is over, whatever its outcome) and ``close()`` wake the waiters
-    (``close()`` also fails every feed); a blob that is not in the store then raises
-    :class:`Unavailable`."""
-
-    def __init__(self, content: local.LocalStore, expected: Sequence[digests.Digest]):
-        self._content = content
-        self._ready = {str(d): threading.Event() for d in expected}
-        self._feeds: dict[str, local.IngestFeed] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def downloading(self, desc: descriptors.Descriptor, writer: local.LocalWriter) -> None:
-        """The pull opened ``desc``'s ingest: readers may follow it from now on."""
-        key = str(desc.digest)
-        event = self._ready.get(key)
-        if event is None:
-            return
-        with self._lock:
-            if self._closed:
-                return
-            if key not in self._feeds:
-                self._feeds[key] = writer.follow(desc.size, desc.digest)
-        event.set()
-
-    def arrived(self, digest: digests.Digest) -> None:
-        """The blob's fetch is over: it is in the store, or its download failed."""
-        self._ready[str(digest)].set()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            feeds, self._feeds = list(self._feeds.values()), {}
-        for feed in feeds:
-            feed.close()
-        for event in self._ready.values():
-            event.set()
-
-    def open_blob(self, digest: digests.Digest) -> BinaryIO:
-        key = str(digest)
-        event = self._ready.get(key)
-        if event is not None:
-            event.wait()
-        if not self._content.exists(digest):
-            with self._lock:
-                feed = self._feeds.get(key)
-                if feed is not None and not feed.finished:
-                    return cast(BinaryIO, feed.reader())
-        if not self._content.exists(digest):
-            raise errors.Unavailable(f"blob {digest} did not arrive: its download failed")
-        return self._content.open_blob(digest)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -1079,10 +719,6 @@ def _parse(reference: str | references.Reference) -> references.Reference:
     return reference if isinstance(reference, references.Reference) else references.parse(
         reference
     )
-
-
-def _mount_key(target: str | os.PathLike[str]) -> str:
-    return f"mount:{os.path.realpath(target)}"
 
 
 def _open_shared_lock(path: Path) -> int:

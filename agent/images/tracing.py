@@ -101,3 +101,6 @@ def in_current_span(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             return fn(*args, **kwargs)
 
     return run
+
+#: Prefix of the image service's spans (the pipeline and the modules it drives).
+SERVICE_SPANS = "agent.images.service"

@@ -177,6 +177,8 @@ class AgentHeartbeat(TypedDict, total=False):
     heartbeatTime: str
     storeCapacityBytes: int
     storeFreeBytes: int
+    #: where the agent puts images (``agent.images.backends.RuntimeInfo.to_json()``)
+    runtime: dict[str, str | bool]
 
 
 class NodeImageSetSummary(TypedDict):

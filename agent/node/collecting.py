@@ -112,7 +112,7 @@ class Collector:
             removed: list[str] = []
             for name in names:
                 try:
-                    await asyncio.to_thread(self.svc.records.delete, name)
+                    await self.svc.forget(name)  # unpins it in the runtime, if any
                     removed.append(name)
                 except image_errors.NotFound:
                     continue

@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import kopf
 
-from agent import config, logs, metrics, telemetry
+from agent import config, logs, metrics, runtimes, telemetry
+from agent.images import errors as image_errors
 from agent.images import service
 from agent.images.registry import client as registry_client
 from agent.images.registry import credentials as image_credentials
@@ -58,6 +60,10 @@ def run(settings: config.Settings, options: service.ServiceOptions, *,
             return info
 
         asyncio.run(_main(settings, options, connection))
+    except image_errors.InvalidConfiguration as e:
+        logger.error(f"the agent cannot start: {e}", extra={"node": rt.node_name})
+        print(f"prefetcher agent: {e}", file=sys.stderr)
+        return 2
     finally:
         tel.shutdown()
     return 0
@@ -66,13 +72,19 @@ def run(settings: config.Settings, options: service.ServiceOptions, *,
 async def _main(settings: config.Settings, options: service.ServiceOptions,
                 connection: kubeapi.Connection) -> None:
     rt, img, node = settings.runtime, settings.images, settings.node
+    # First: without a runtime to put images into, nothing else is worth starting.
+    runtime = await asyncio.to_thread(runtimes.open_runtime, settings, default="auto")
+    backend = runtime.backend
+    logger.info(f"images go to {backend.info.describe()}",
+                extra={"node": rt.node_name, "runtime": backend.info.to_json(),
+                       "hosts_dir": runtime.hosts_dir})
     probes = health.Health()
     health_server = health.HealthServer(probes, rt.health_address)
     await health_server.start()
     agent_metrics = metrics.AgentMetrics()
     metrics_server = metrics.serve(rt.metrics_address, agent_metrics.registry)
     client = kubeapi.Client(connection)
-    registry_hosts = hosts.RegistryHosts(img.registry.config_path or None,
+    registry_hosts = hosts.RegistryHosts(runtime.hosts_dir,
                                          headers=dict(img.registry.headers),
                                          mirrors=img.registry.mirrors)
 
@@ -80,7 +92,12 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
         return registry_client.RegistryClient(registry_hosts, keychain)
 
     anonymous = make_registry(image_credentials.Keychain.empty())
-    svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options)
+    try:
+        svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options,
+                                      backend=backend)
+    except BaseException:
+        backend.close()
+        raise
     try:
         probes.store_open = True
         collector = collecting.Collector(

@@ -164,7 +164,7 @@ class Puller:
         name = reconciling.normalise(entry.reference)
         images = await asyncio.to_thread(self.svc.list_images)
         found = next((i for i in images if i.record.name == name), None)
-        needs_unpack = self.svc.snapshotter is not None or self.svc.containerd is not None
+        needs_unpack = self.svc.backend.unpacks
         if found is None or (needs_unpack and not found.unpacked):
             return False
         record = found.record
@@ -215,7 +215,9 @@ class Puller:
                             on_event=logs.tee(on_event, recorder, pull_log),
                             progress_timeout=entry.progress_timeout,
                             labels=labels,
-                            pinned=entry.pinned,
+                            # Kept from kubelet's image GC while a prefetch wants it (the
+                            # collector unpins it when none does any more).
+                            pinned=True,
                             registry=registry,
                         )
                     except asyncio.CancelledError:

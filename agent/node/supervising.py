@@ -239,6 +239,7 @@ class Supervisor:
             "heartbeatTime": reconciling.timestamp(),
             "storeCapacityBytes": usage.capacity,
             "storeFreeBytes": usage.free,
+            "runtime": self.puller.svc.backend.info.to_json(),
         }, urgent=first)
 
     async def collect(self) -> list[str]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.images import descriptors, service
+from agent.images import backends, descriptors, service
 from agent.images.progress import events
 from agent.images.registry import client, credentials, hosts
 
@@ -30,12 +30,14 @@ async def pull(
     svc: service.ImageService | None = None,
     **options: Any,
 ) -> service.PullResult:
-    """Pull ``reference`` into ``root``; ``options`` are ServiceOptions fields."""
-    options.setdefault("snapshotter", "")
+    """Pull ``reference`` into ``root``; ``options`` are ServiceOptions fields, and
+    ``snapshotter`` names the local store's snapshotter (default ``""``: content only)."""
+    snapshotter = options.pop("snapshotter", "")
     async with client.RegistryClient(hosts.RegistryHosts(None), keychain, retry=retry) as rc:
         own = svc is None
         if svc is None:
-            svc = service.ImageService(root, rc, service.ServiceOptions(**options))
+            svc = service.ImageService(root, rc, service.ServiceOptions(**options),
+                                       backend=backends.open_store(root, snapshotter))
         else:
             svc.registry = rc
         try:

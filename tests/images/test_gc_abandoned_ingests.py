@@ -14,6 +14,7 @@ from fixtures import images
 from fixtures.faultproxy import FaultProxy
 
 from agent.images import descriptors, gc, service
+from agent.images.backends import local as local_backend
 from agent.images.registry import client, hosts
 from tests.images.pulling import FAST_RETRY, ingests
 
@@ -42,7 +43,9 @@ async def test_gc_removes_a_cancelled_pulls_partial_download_but_not_an_active_o
         fault_proxy.stall(f"/blobs/{image.layers[0].digest}", after=100_000)
 
     async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
-        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(snapshotter=""))
+        svc = service.ImageService(
+                tmp_root, rc, backend=local_backend.open_store(tmp_root, "")
+            )
         try:
             doomed = asyncio.create_task(
                 svc.pull(f"{fault_proxy.host}/ingest/cancelled:1", platform=AMD64)

@@ -12,7 +12,7 @@ import pytest
 from fixtures import images
 from fixtures.registries import Registry
 
-from agent.images import descriptors, errors, service
+from agent.images import backends, descriptors, errors, service
 from agent.images.registry import client, hosts
 
 AMD64 = descriptors.Platform("linux", "amd64")
@@ -30,7 +30,8 @@ async def pull_with(config_path: Path, ref: str, root: Path) -> service.PullResu
     async with client.RegistryClient(
         registry_hosts, retry=client.RetryPolicy(attempts=1)
     ) as rc:
-        svc = service.ImageService(root, rc, service.ServiceOptions(snapshotter=""))
+        svc = service.ImageService(root, rc, service.ServiceOptions(),
+                                    backend=backends.LocalBackend(None))
         try:
             return await svc.pull(ref, platform=AMD64)
         finally:

@@ -12,7 +12,7 @@ from fixtures import images
 from fixtures.faultproxy import FaultProxy
 from fixtures.registries import Registry
 
-from agent.images import descriptors, errors
+from agent.images import backends, descriptors, errors
 from tests.images.pulling import ingests, keychain_for, pull, stored_blobs
 
 AMD64 = descriptors.Platform("linux", "amd64")
@@ -250,7 +250,8 @@ async def test_concurrent_pulls_download_a_shared_layer_once(
     fault_proxy.drip(f"/blobs/{base.digest}", chunk=100_000, interval=0.05)
 
     async with client.RegistryClient(hosts.RegistryHosts(None)) as rc:
-        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(snapshotter=""))
+        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(),
+                                    backend=backends.LocalBackend(None))
         try:
             ra, rb = await asyncio.gather(
                 svc.pull(f"{fault_proxy.host}/pull/share-a:1", platform=AMD64),
@@ -293,7 +294,8 @@ async def test_a_mirror_serves_first_and_the_upstream_covers_what_it_lacks(
     registry_hosts = hosts.RegistryHosts(None, mirrors={registry.host: [mirror.url]})
 
     async with client.RegistryClient(registry_hosts, retry=client.RetryPolicy(base=0.01)) as rc:
-        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(snapshotter=""))
+        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(),
+                                    backend=backends.LocalBackend(None))
         try:
             await svc.pull(f"{registry.host}/pull/mirrored:1", platform=AMD64)
         finally:
@@ -318,7 +320,8 @@ async def test_credentials_given_to_one_pull_are_not_used_by_the_next(
 
     async with client.RegistryClient(hosts.RegistryHosts(None)) as anonymous, \
             client.RegistryClient(hosts.RegistryHosts(None), keychain) as entitled:
-        svc = service.ImageService(tmp_root, anonymous, service.ServiceOptions(snapshotter=""))
+        svc = service.ImageService(tmp_root, anonymous, service.ServiceOptions(),
+                                    backend=backends.LocalBackend(None))
         try:
             ok = await svc.pull(f"{basic_registry.host}/private/per-pull:1", platform=AMD64,
                                 registry=entitled)

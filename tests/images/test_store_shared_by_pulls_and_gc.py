@@ -12,7 +12,7 @@ import pytest
 from fixtures import images
 from fixtures.faultproxy import FaultProxy
 
-from agent.images import descriptors, service
+from agent.images import backends, descriptors, service
 from agent.images.registry import client, hosts
 from tests.images.pulling import ingests, stored_blobs
 
@@ -31,7 +31,8 @@ async def test_gc_while_a_pull_fetches_its_platform_manifest_keeps_the_index(
     ref = f"{fault_proxy.host}/shared/index:1"
 
     async with client.RegistryClient(hosts.RegistryHosts(None)) as rc:
-        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(snapshotter=""))
+        svc = service.ImageService(tmp_root, rc, service.ServiceOptions(),
+                                    backend=backends.LocalBackend(None))
         try:
             pulling = asyncio.create_task(svc.pull(ref, platform=AMD64))
             while index.digest not in stored_blobs(tmp_root):

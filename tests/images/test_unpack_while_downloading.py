@@ -1,4 +1,4 @@
-"""A layer is unpacked while its blob downloads (``_ArrivingBlobs`` hands the unpacker a
+"""A layer is unpacked while its blob downloads (``ArrivingBlobs`` hands the unpacker a
 ``FollowingReader`` of the ingest), but no snapshot is committed unless the blob was
 committed (size and digest verified) and the bytes unpacked were exactly the blob's: a
 download that is restarted from zero with other bytes, or that fails, never leaves a
@@ -117,7 +117,7 @@ async def pull_from(fake: FakeRegistry, root: Path) -> service.PullResult:
         hosts.RegistryHosts(None), None, transport=httpx.MockTransport(fake.handler),
         retry=client.RetryPolicy(attempts=2, base=0.001, cap=0.001),
     ) as rc:
-        options = service.ServiceOptions(snapshotter="overlayfs", progress_timeout=2.0)
+        options = service.ServiceOptions(progress_timeout=2.0)  # overlayfs: the default
         svc = service.ImageService(root, rc, options)
         try:
             return await svc.pull(f"{HOST}/app:1", platform=AMD64)
@@ -339,7 +339,7 @@ async def test_a_failed_download_does_not_leave_the_unpack_waiting_for_other_blo
             hosts.RegistryHosts(None), None, transport=httpx.MockTransport(fake.handler),
         ) as rc:
             options = service.ServiceOptions(
-                snapshotter="overlayfs", max_concurrent_downloads=1, progress_timeout=0
+                max_concurrent_downloads=1, progress_timeout=0
             )
             svc = service.ImageService(tmp_path, rc, options)
             try:

@@ -7,11 +7,12 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 
 from agent import metrics
-from agent.images import digests, errors, records, service
+from agent.images import backends, digests, errors, records, service
 from agent.images.progress import events
 from agent.node import collecting, credentials, pulling, reconciling, reporting
 
@@ -30,8 +31,7 @@ def result(reference: str) -> service.PullResult:
 class FakeService:
     """``pull`` runs the next behaviour: an exception to raise, or an async callable."""
 
-    snapshotter = object()
-    containerd = None
+    backend = backends.LocalBackend(mock.Mock())  # unpacks: "present" needs a snapshot
 
     def __init__(self, *behaviours: Any, present: list[service.ImageStatus] | None = None):
         self.behaviours = list(behaviours)

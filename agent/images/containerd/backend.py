@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -37,13 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
-from agent.images import descriptors, digests, errors, mediatypes, references
+from agent.images import descriptors, digests, errors, mediatypes, records, references, tracing
+from agent.images.backends import backend as backend_api
 from agent.images.containerd import checks, leases
 from agent.images.containerd import client as client_mod
 from agent.images.containerd import content as content_mod
 from agent.images.containerd import images as images_mod
 from agent.images.containerd import snapshotter as snapshotter_mod
 from agent.images.content import store
+from agent.images.snapshots import chains
 from agent.images.unpack import compression
 from agent.images.unpack import unpacker as unpacker_mod
 
@@ -116,16 +119,110 @@ class ContainerdBackend:
         self.max_uncompressed_bytes = max_uncompressed_bytes
         self.max_image_uncompressed_bytes = max_image_uncompressed_bytes
         self.lease_expire = lease_expire
+        #: containerd's version, once :meth:`check` has asked
+        self.version = ""
 
     def close(self) -> None:
         if self._own_client:
             self.client.close()
+
+    # -- the image service's backend (:class:`~agent.images.backends.Backend`) ------------
+
+    @property
+    def info(self) -> backend_api.RuntimeInfo:
+        return backend_api.RuntimeInfo(
+            mode="containerd",
+            runtime="containerd",
+            version=self.version,
+            address=self.client.address,
+            snapshotter=self.snapshotter_name,
+            namespace=self.client.namespace,
+        )
+
+    @property
+    def unpacks(self) -> bool:
+        return True
+
+    @property
+    def store_snapshotter(self) -> None:
+        """containerd owns the snapshots: never give them to the local GC or cleanup."""
+        return None
+
+    def layers_to_fetch(
+        self, manifest: descriptors.Manifest, diff_ids: Sequence[digests.Digest]
+    ) -> list[descriptors.Descriptor]:
+        """Layers neither unpacked in containerd nor in its content store."""
+        depth = self.unpacked_depth(diff_ids)
+        return [
+            layer
+            for i, layer in enumerate(manifest.layers)
+            if i >= depth and not self.has_blob(layer.digest)
+        ]
+
+    async def unpack(self, job: backend_api.Unpacking) -> str:
+        """Import the image while its layers download: each layer is applied (and copied
+        into containerd's content store) from its ingest as the bytes arrive, verified
+        before its snapshot or blob is committed; then the local layer copies are dropped."""
+
+        on_layer = job.on_unpack_event
+
+        attrs = {tracing.IMAGE_REF: str(job.ref)}
+        with tracing.span(tracing.SERVICE_SPANS, "import_containerd", attrs):
+            imported = await self.import_image(
+                job.blobs,
+                job.ref,
+                job.target,
+                job.manifest,
+                job.manifest.config,
+                job.config.diff_ids,
+                manifest_desc=job.manifest_desc,
+                pinned=job.pinned,
+                sync_fs=job.sync_fs,
+                on_layer=on_layer,
+            )
+        # containerd holds the layers now; the local copies would only duplicate them.
+        for layer in job.manifest.layers:
+            with contextlib.suppress(errors.NotFound):
+                job.content.delete(layer.digest)
+        return str(imported.chain_id)
+
+    def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:
+        if not record.chain_id:
+            return False
+        try:
+            with blobs.open_blob(record.config_digest) as f:
+                config = descriptors.ImageConfig.parse(f.read())
+            return self.unpacked_depth(config.diff_ids) == len(config.diff_ids)
+        except errors.ImageError:
+            return False
+
+    def release(self, record: records.ImageRecord) -> None:
+        """Unpin the image's CRI records: kubelet's image GC may remove it from now on."""
+        ref = references.parse(record.name)
+        for name in images_mod.cri_names(ref, record.digest, record.config_digest):
+            with contextlib.suppress(errors.NotFound):
+                image = self.images.get(name)
+                if image.labels.get(images_mod.LABEL_PINNED):
+                    self.images.put(name, image.target, {images_mod.LABEL_PINNED: ""})
+
+    def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:
+        raise errors.NotFound(
+            f"{record.name} lives in containerd's snapshotter here; mount it with"
+            f" `ctr -n {self.client.namespace} image mount {record.name} DIR`"
+        )
+
+    def unmount(self, target: str | os.PathLike[str]) -> None:
+        raise errors.NotFound(
+            f"images live in containerd here; unmount with `ctr -n {self.client.namespace}"
+            f" image unmount {target}`"
+        )
 
     # -- start-up ------------------------------------------------------------------------
 
     def check(self) -> checks.Report:
         """Run the start-up checks (:mod:`.checks`); adopts the CRI's layer discarding."""
         report = checks.run(self.client, snapshotter=self.snapshotter_name)
+        self.version = report.version
         if self.copy_layers is None and report.cri:
             self.copy_layers = not report.discard_unpacked_layers
         return report
@@ -147,15 +244,7 @@ class ContainerdBackend:
     def unpacked_depth(self, diff_ids: Sequence[digests.Digest]) -> int:
         """How many bottom layers of an image containerd has committed (their blobs need
         not be downloaded unless containerd should also keep them as content)."""
-        chain = digests.chain_ids(diff_ids)
-        for depth in range(len(chain), 0, -1):
-            try:
-                info = self.snapshotter.stat(chain[depth - 1])
-            except errors.NotFound:
-                continue
-            if info.kind.name == "COMMITTED":
-                return depth
-        return 0
+        return chains.committed_depth(self.snapshotter, diff_ids)
 
     def image_status(self, reference: str) -> images_mod.CriImage | None:
         """What kubelet would learn about ``reference`` from the CRI (``None``: absent)."""

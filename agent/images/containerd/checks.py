@@ -47,12 +47,15 @@ class Report:
         cri: whether the CRI plugin answered.
         cri_snapshotter: the CRI plugin's snapshotter, or ``""`` when unknown.
         discard_unpacked_layers: the CRI plugin's setting (``False`` when unknown).
+        registry_config_path: the CRI plugin's hosts directory (``registry.config_path``,
+            the ``certs.d`` its own pulls read), or ``""`` when unset or unknown.
     """
 
     version: str = ""
     cri: bool = False
     cri_snapshotter: str = ""
     discard_unpacked_layers: bool = False
+    registry_config_path: str = ""
     findings: tuple[Finding, ...] = field(default_factory=tuple)
 
     @property
@@ -68,6 +71,20 @@ class Report:
             raise errors.InvalidConfiguration(
                 "containerd cannot take prefetched images: " + "; ".join(self.messages("error"))
             )
+
+
+def version_of(client: client_mod.Client) -> str:
+    """containerd's version at ``client.address``, or ``""`` when it does not answer."""
+    try:
+        return client.unary(
+            "/containerd.services.version.v1.Version/Version",
+            empty_pb2.Empty(),
+            version_pb2.VersionResponse,
+            timeout=5,
+            what="version",
+        ).version
+    except errors.ImageError:
+        return ""
 
 
 def run(client: client_mod.Client, *, snapshotter: str = "overlayfs") -> Report:
@@ -110,6 +127,7 @@ def run(client: client_mod.Client, *, snapshotter: str = "overlayfs") -> Report:
     cri = cri_config is not None
     cri_snapshotter = ""
     discard = False
+    config_path = ""
     if cri_config is None:
         findings.append(
             Finding(
@@ -120,6 +138,8 @@ def run(client: client_mod.Client, *, snapshotter: str = "overlayfs") -> Report:
         )
     else:
         cri_snapshotter = _first(cri_config, ("snapshotter", "Snapshotter"), str) or ""
+        registry = _first(cri_config, ("registry", "Registry"), dict) or {}
+        config_path = _first(registry, ("configPath", "config_path", "ConfigPath"), str) or ""
         discard = bool(
             _first(
                 cri_config,
@@ -151,6 +171,7 @@ def run(client: client_mod.Client, *, snapshotter: str = "overlayfs") -> Report:
         cri=cri,
         cri_snapshotter=cri_snapshotter,
         discard_unpacked_layers=discard,
+        registry_config_path=config_path,
         findings=tuple(findings),
     )
 

@@ -25,6 +25,7 @@ anything else                                              :class:`ContainerdErr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
@@ -163,6 +164,32 @@ class Client:
             return call(
                 request, metadata=self.metadata(lease), timeout=timeout or self.timeout
             )
+
+    async def unary_async(
+        self,
+        method: str,
+        request: pb_message.Message,
+        response_type: type[M],
+        *,
+        timeout: float | None = None,
+        what: str = "",
+    ) -> M:
+        """:meth:`unary` awaited: cancelling the awaiting task cancels the RPC (the server
+        sees the call cancelled). ``timeout=None``: no deadline."""
+        call: Any = self._channel.unary_unary(
+            method,
+            request_serializer=_serialize,
+            response_deserializer=response_type.FromString,
+        )
+        future = call.future(request, metadata=self.metadata(), timeout=timeout)
+        try:
+            result: M = await asyncio.get_running_loop().run_in_executor(None, future.result)
+            return result
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except grpc.RpcError as e:
+            raise error_from(e, what or _short(method), self.address) from e
 
     def unary_stream(
         self,

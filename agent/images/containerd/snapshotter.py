@@ -35,6 +35,7 @@ import secrets
 from collections.abc import Iterator, Mapping
 from typing import Final
 
+import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from agent.images import errors
@@ -103,27 +104,29 @@ class ContainerdSnapshotter:
         chain_id = _chain_id_of_key(key)
         if chain_id:
             all_labels.setdefault(LABEL_SNAPSHOT_REF, chain_id)
-        response = self._call(
-            "Prepare",
-            snapshots_pb2.PrepareSnapshotRequest(
-                snapshotter=self.name, key=key, parent=parent, labels=all_labels
-            ),
-            snapshots_pb2.PrepareSnapshotResponse,
-            key,
-        )
+        with _parent_not_committed(parent):
+            response = self._call(
+                "Prepare",
+                snapshots_pb2.PrepareSnapshotRequest(
+                    snapshotter=self.name, key=key, parent=parent, labels=all_labels
+                ),
+                snapshots_pb2.PrepareSnapshotResponse,
+                key,
+            )
         return [_mount(m) for m in response.mounts]
 
     def view(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> list[snapshots.Mount]:
-        response = self._call(
-            "View",
-            snapshots_pb2.ViewSnapshotRequest(
-                snapshotter=self.name, key=key, parent=parent, labels=dict(labels or {})
-            ),
-            snapshots_pb2.ViewSnapshotResponse,
-            key,
-        )
+        with _parent_not_committed(parent):
+            response = self._call(
+                "View",
+                snapshots_pb2.ViewSnapshotRequest(
+                    snapshotter=self.name, key=key, parent=parent, labels=dict(labels or {})
+                ),
+                snapshots_pb2.ViewSnapshotResponse,
+                key,
+            )
         return [_mount(m) for m in response.mounts]
 
     def mounts(self, key: str) -> list[snapshots.Mount]:
@@ -154,6 +157,9 @@ class ContainerdSnapshotter:
         parent: str | None = None,
     ) -> None:
         active = self.stat(key)
+        if active.kind is not snapshots.Kind.ACTIVE:
+            raise errors.NotFound(f"{key!r} is a {active.kind.name.lower()} snapshot, not an active"
+                                  " one: only active snapshots can be committed")
         if parent is not None and parent != active.parent:
             raise errors.ImageError(
                 f"containerd's {self.name} snapshotter cannot rebase {key!r} onto {parent!r}"
@@ -246,6 +252,18 @@ class ContainerdSnapshotter:
             lease=self.lease,
             what=f"snapshots.{method} {key!r} ({self.name})",
         )
+
+
+@contextlib.contextmanager
+def _parent_not_committed(parent: str) -> Iterator[None]:
+    """containerd refuses an active parent with INVALID_ARGUMENT; the protocol says
+    :class:`NotFound` (the parent is not a committed snapshot)."""
+    try:
+        yield
+    except client_mod.ContainerdError as e:
+        if e.code is grpc.StatusCode.INVALID_ARGUMENT and "is not committed" in str(e):
+            raise errors.NotFound(f"parent {parent!r} is not a committed snapshot: {e}") from e
+        raise
 
 
 def _info(info: snapshots_pb2.Info) -> snapshots.Info:

@@ -142,6 +142,11 @@ class RegistryClient:
         self._plain: set[str] = set()  # loopback hosts found to speak plain HTTP
         self._auth = auth.Authorizer(self._keychain, self._send_token_request)
 
+    @property
+    def keychain(self) -> credentials.Keychain:
+        """The credentials this client authenticates with (a CRI runtime gets them too)."""
+        return self._keychain
+
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()

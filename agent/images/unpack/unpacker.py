@@ -32,6 +32,7 @@ from typing import Final
 
 from agent.images import descriptors, digests, errors, snapshots, tracing
 from agent.images.content import store
+from agent.images.snapshots import chains
 from agent.images.unpack import archive, compression, whiteouts
 
 DEFAULT_CONCURRENCY: Final = 2
@@ -396,11 +397,7 @@ class Unpacker:
         self._emit("done", index, layer, chain_id, layer.size)
 
     def _committed(self, chain_id: digests.Digest) -> bool:
-        try:
-            info = self.snapshotter.stat(chain_id)
-        except errors.NotFound:
-            return False
-        return info.kind is snapshots.Kind.COMMITTED
+        return chains.is_committed(self.snapshotter, chain_id)
 
     def _remove(self, key: str) -> None:
         with contextlib.suppress(errors.NotFound):

@@ -63,6 +63,8 @@ disabled_plugins = [
     conf_dir = "{base}/cni/conf.d"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{base}/certs.d"
 """
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fixtures import images
 
-from agent.images import descriptors, errors, service
+from agent.images import backends, descriptors, errors, service
 from agent.images.content import local
 from agent.images.registry import client, credentials, hosts
 
@@ -89,8 +89,8 @@ async def pull_from(fake: FakeRegistry, root: Path, keychain: credentials.Keycha
         retry=client.RetryPolicy(attempts=2, base=0.001, cap=0.001),
     ) as rc:
         # A short progress timeout keeps the resume back-off (capped at a quarter of it) short.
-        options = service.ServiceOptions(snapshotter="", progress_timeout=1.0)
-        svc = service.ImageService(root, rc, options)
+        options = service.ServiceOptions(progress_timeout=1.0)
+        svc = service.ImageService(root, rc, options, backend=backends.LocalBackend(None))
         try:
             return await svc.pull(f"{HOST}/app:1", platform=AMD64)
         finally:

@@ -14,11 +14,11 @@ from . import suite
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for overlay mounts")
 
 
-@pytest.mark.parametrize("name", sorted(suite.CHECKS))
+@pytest.mark.parametrize("name", sorted(suite.CHECKS.keys() | suite.STORE_CHECKS.keys()))
 def test_overlay_snapshotter_conforms(name: str, tmp_path: Path) -> None:
     sn = snapshots.OverlaySnapshotter(tmp_path / "root")
     try:
-        suite.CHECKS[name](sn, tmp_path)
+        (suite.CHECKS | suite.STORE_CHECKS)[name](sn, tmp_path)
     finally:
         sn.close()
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(agent/images/containerd/protos/cri.proto\x12\nruntime.v1\"\x8b\x01\n\tImageSpec\x12\r\n\x05image\x18\x01 \x01(\t\x12;\n\x0b\x61nnotations\x18\x02 \x03(\x0b\x32&.runtime.v1.ImageSpec.AnnotationsEntry\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12ImageStatusRequest\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x15.runtime.v1.ImageSpec\x12\x0f\n\x07verbose\x18\x02 \x01(\x08\"\x7f\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trepo_tags\x18\x02 \x03(\t\x12\x14\n\x0crepo_digests\x18\x03 \x03(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12#\n\x04spec\x18\x07 \x01(\x0b\x32\x15.runtime.v1.ImageSpec\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\"\x9d\x01\n\x13ImageStatusResponse\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.runtime.v1.Image\x12\x37\n\x04info\x18\x02 \x03(\x0b\x32).runtime.v1.ImageStatusResponse.InfoEntry\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\rStatusRequest\x12\x0f\n\x07verbose\x18\x01 \x01(\x08\"Q\n\x10RuntimeCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"A\n\rRuntimeStatus\x12\x30\n\nconditions\x18\x01 \x03(\x0b\x32\x1c.runtime.v1.RuntimeCondition\"\x9c\x01\n\x0eStatusResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.runtime.v1.RuntimeStatus\x12\x32\n\x04info\x18\x02 \x03(\x0b\x32$.runtime.v1.StatusResponse.InfoEntry\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32`\n\x0cImageService\x12P\n\x0bImageStatus\x12\x1e.runtime.v1.ImageStatusRequest\x1a\x1f.runtime.v1.ImageStatusResponse\"\x00\x32S\n\x0eRuntimeService\x12\x41\n\x06Status\x12\x19.runtime.v1.StatusRequest\x1a\x1a.runtime.v1.StatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(agent/images/containerd/protos/cri.proto\x12\nruntime.v1\"!\n\x0eVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"n\n\x0fVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0cruntime_name\x18\x02 \x01(\t\x12\x17\n\x0fruntime_version\x18\x03 \x01(\t\x12\x1b\n\x13runtime_api_version\x18\x04 \x01(\t\"\x86\x01\n\nAuthConfig\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0c\n\x04\x61uth\x18\x03 \x01(\t\x12\x16\n\x0eserver_address\x18\x04 \x01(\t\x12\x16\n\x0eidentity_token\x18\x05 \x01(\t\x12\x16\n\x0eregistry_token\x18\x06 \x01(\t\"^\n\x10PullImageRequest\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x15.runtime.v1.ImageSpec\x12$\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x16.runtime.v1.AuthConfig\"&\n\x11PullImageResponse\x12\x11\n\timage_ref\x18\x01 \x01(\t\"\x8b\x01\n\tImageSpec\x12\r\n\x05image\x18\x01 \x01(\t\x12;\n\x0b\x61nnotations\x18\x02 \x03(\x0b\x32&.runtime.v1.ImageSpec.AnnotationsEntry\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12ImageStatusRequest\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x15.runtime.v1.ImageSpec\x12\x0f\n\x07verbose\x18\x02 \x01(\x08\"\x7f\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trepo_tags\x18\x02 \x03(\t\x12\x14\n\x0crepo_digests\x18\x03 \x03(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12#\n\x04spec\x18\x07 \x01(\x0b\x32\x15.runtime.v1.ImageSpec\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\"\x9d\x01\n\x13ImageStatusResponse\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.runtime.v1.Image\x12\x37\n\x04info\x18\x02 \x03(\x0b\x32).runtime.v1.ImageStatusResponse.InfoEntry\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\rStatusRequest\x12\x0f\n\x07verbose\x18\x01 \x01(\x08\"Q\n\x10RuntimeCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"A\n\rRuntimeStatus\x12\x30\n\nconditions\x18\x01 \x03(\x0b\x32\x1c.runtime.v1.RuntimeCondition\"\x9c\x01\n\x0eStatusResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.runtime.v1.RuntimeStatus\x12\x32\n\x04info\x18\x02 \x03(\x0b\x32$.runtime.v1.StatusResponse.InfoEntry\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xac\x01\n\x0cImageService\x12P\n\x0bImageStatus\x12\x1e.runtime.v1.ImageStatusRequest\x1a\x1f.runtime.v1.ImageStatusResponse\"\x00\x12J\n\tPullImage\x12\x1c.runtime.v1.PullImageRequest\x1a\x1d.runtime.v1.PullImageResponse\"\x00\x32\x99\x01\n\x0eRuntimeService\x12\x44\n\x07Version\x12\x1a.runtime.v1.VersionRequest\x1a\x1b.runtime.v1.VersionResponse\"\x00\x12\x41\n\x06Status\x12\x19.runtime.v1.StatusRequest\x1a\x1a.runtime.v1.StatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._serialized_options = b'8\001'
   _globals['_STATUSRESPONSE_INFOENTRY']._loaded_options = None
   _globals['_STATUSRESPONSE_INFOENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGESPEC']._serialized_start=57
-  _globals['_IMAGESPEC']._serialized_end=196
-  _globals['_IMAGESPEC_ANNOTATIONSENTRY']._serialized_start=146
-  _globals['_IMAGESPEC_ANNOTATIONSENTRY']._serialized_end=196
-  _globals['_IMAGESTATUSREQUEST']._serialized_start=198
-  _globals['_IMAGESTATUSREQUEST']._serialized_end=273
-  _globals['_IMAGE']._serialized_start=275
-  _globals['_IMAGE']._serialized_end=402
-  _globals['_IMAGESTATUSRESPONSE']._serialized_start=405
-  _globals['_IMAGESTATUSRESPONSE']._serialized_end=562
-  _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._serialized_start=519
-  _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._serialized_end=562
-  _globals['_STATUSREQUEST']._serialized_start=564
-  _globals['_STATUSREQUEST']._serialized_end=596
-  _globals['_RUNTIMECONDITION']._serialized_start=598
-  _globals['_RUNTIMECONDITION']._serialized_end=679
-  _globals['_RUNTIMESTATUS']._serialized_start=681
-  _globals['_RUNTIMESTATUS']._serialized_end=746
-  _globals['_STATUSRESPONSE']._serialized_start=749
-  _globals['_STATUSRESPONSE']._serialized_end=905
-  _globals['_STATUSRESPONSE_INFOENTRY']._serialized_start=519
-  _globals['_STATUSRESPONSE_INFOENTRY']._serialized_end=562
-  _globals['_IMAGESERVICE']._serialized_start=907
-  _globals['_IMAGESERVICE']._serialized_end=1003
-  _globals['_RUNTIMESERVICE']._serialized_start=1005
-  _globals['_RUNTIMESERVICE']._serialized_end=1088
+  _globals['_VERSIONREQUEST']._serialized_start=56
+  _globals['_VERSIONREQUEST']._serialized_end=89
+  _globals['_VERSIONRESPONSE']._serialized_start=91
+  _globals['_VERSIONRESPONSE']._serialized_end=201
+  _globals['_AUTHCONFIG']._serialized_start=204
+  _globals['_AUTHCONFIG']._serialized_end=338
+  _globals['_PULLIMAGEREQUEST']._serialized_start=340
+  _globals['_PULLIMAGEREQUEST']._serialized_end=434
+  _globals['_PULLIMAGERESPONSE']._serialized_start=436
+  _globals['_PULLIMAGERESPONSE']._serialized_end=474
+  _globals['_IMAGESPEC']._serialized_start=477
+  _globals['_IMAGESPEC']._serialized_end=616
+  _globals['_IMAGESPEC_ANNOTATIONSENTRY']._serialized_start=566
+  _globals['_IMAGESPEC_ANNOTATIONSENTRY']._serialized_end=616
+  _globals['_IMAGESTATUSREQUEST']._serialized_start=618
+  _globals['_IMAGESTATUSREQUEST']._serialized_end=693
+  _globals['_IMAGE']._serialized_start=695
+  _globals['_IMAGE']._serialized_end=822
+  _globals['_IMAGESTATUSRESPONSE']._serialized_start=825
+  _globals['_IMAGESTATUSRESPONSE']._serialized_end=982
+  _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._serialized_start=939
+  _globals['_IMAGESTATUSRESPONSE_INFOENTRY']._serialized_end=982
+  _globals['_STATUSREQUEST']._serialized_start=984
+  _globals['_STATUSREQUEST']._serialized_end=1016
+  _globals['_RUNTIMECONDITION']._serialized_start=1018
+  _globals['_RUNTIMECONDITION']._serialized_end=1099
+  _globals['_RUNTIMESTATUS']._serialized_start=1101
+  _globals['_RUNTIMESTATUS']._serialized_end=1166
+  _globals['_STATUSRESPONSE']._serialized_start=1169
+  _globals['_STATUSRESPONSE']._serialized_end=1325
+  _globals['_STATUSRESPONSE_INFOENTRY']._serialized_start=939
+  _globals['_STATUSRESPONSE_INFOENTRY']._serialized_end=982
+  _globals['_IMAGESERVICE']._serialized_start=1328
+  _globals['_IMAGESERVICE']._serialized_end=1500
+  _globals['_RUNTIMESERVICE']._serialized_start=1503
+  _globals['_RUNTIMESERVICE']._serialized_end=1656
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,181 @@
+"""The ``Backend`` protocol: where an image's unpacked layers and its record go.
+
+The image service resolves a reference, fetches what it needs into its content store and
+records the image; the backend decides which layers need fetching at all, and what
+"unpacked" means:
+
+* :class:`~agent.images.backends.local.LocalBackend` — the prefetcher's own store: the
+  layers are unpacked into a local snapshotter (overlayfs or naive) that containerd never
+  reads; without a snapshotter, content only (``--no-unpack``).
+* :class:`~agent.images.containerd.backend.ContainerdBackend` — the node's containerd:
+  layers are unpacked into containerd's snapshotter and the image is registered as the CRI
+  plugin would have registered its own pull, so kubelet starts pods without pulling.
+* :class:`~agent.images.cri.backend.CriBackend` — any CRI runtime (CRI-O, …): the runtime
+  pulls the layers itself through ``ImageService.PullImage``; no byte progress.
+
+The backend is built at the edge (the CLI, the node agent) and handed to
+:class:`~agent.images.service.ImageService`, which owns it from then on (it calls
+:meth:`Backend.cleanup` once at start, under the store's exclusive lock, and
+:meth:`Backend.close` when it closes). The service never asks which backend it has.
+
+Lifecycle of one pull, as the service drives it::
+
+    needed = backend.layers_to_fetch(manifest, config.diff_ids)   # after the config
+    # fetch `needed` into the content store, and meanwhile:
+    chain_id = await backend.unpack(Unpacking(...))               # blobs as they arrive
+    # the image record (name → digest, chain_id) goes into the service's records
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.images import descriptors, digests, records, references
+from agent.images.content import store
+
+if TYPE_CHECKING:
+    from agent.images.content import local
+    from agent.images.progress import tracker
+    from agent.images.registry import client as registry_client
+    from agent.images.snapshots import snapshotter as snapshotter_api
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What a backend puts images into, for logs and the node's status.
+
+    Attributes:
+        mode: ``"local"``, ``"containerd"`` or ``"cri"``.
+        runtime: the runtime's name (``"containerd"``, ``"cri-o"``; ``""`` for local).
+        version: the runtime's version, as it reports it.
+        address: the socket the backend talks to (``""`` for local).
+        snapshotter: the snapshotter layers are unpacked into (``""``: not unpacked).
+        namespace: containerd's namespace (``""`` elsewhere).
+        byte_progress: whether pulls report bytes as they arrive (not through the CRI).
+    """
+
+    mode: str
+    runtime: str = ""
+    version: str = ""
+    address: str = ""
+    snapshotter: str = ""
+    namespace: str = ""
+    byte_progress: bool = True
+
+    def to_json(self) -> dict[str, str | bool]:
+        return {
+            "mode": self.mode,
+            "runtime": self.runtime,
+            "version": self.version,
+            "address": self.address,
+            "snapshotter": self.snapshotter,
+            "namespace": self.namespace,
+            "byteProgress": self.byte_progress,
+        }
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        if self.mode == "local":
+            where = f"snapshotter {self.snapshotter}" if self.snapshotter else "content only"
+            return f"local store ({where})"
+        parts = [f"{self.runtime or self.mode} {self.version}".strip(), f"at {self.address}"]
+        if self.namespace:
+            parts.append(f"namespace {self.namespace}")
+        if self.snapshotter:
+            parts.append(f"snapshotter {self.snapshotter}")
+        if not self.byte_progress:
+            parts.append("no byte progress")
+        return f"{self.mode}: " + ", ".join(parts)
+
+
+@dataclass
+class Unpacking:
+    """One image for :meth:`Backend.unpack`: what the service resolved and is fetching.
+
+    ``blobs`` opens a layer as it arrives (waiting for its download to start; a reader of a
+    blob still downloading must be confirmed before what was read from it is committed, as
+    the :class:`~agent.images.unpack.unpacker.Unpacker` does); ``content`` is the service's
+    store (only committed blobs); ``layer_unpacked(digest)`` may be called from any thread.
+    """
+
+    ref: references.Reference
+    target: descriptors.Descriptor
+    manifest_desc: descriptors.Descriptor
+    manifest: descriptors.Manifest
+    config: descriptors.ImageConfig
+    blobs: store.BlobProvider
+    content: local.LocalStore
+    layer_unpacked: Callable[[digests.Digest], None]
+    #: ``(layer digest, uncompressed bytes written so far)``, from any thread (the agent's
+    #: disk budget counts what unpacking writes)
+    layer_written: Callable[[digests.Digest, int], None]
+    progress: tracker.PullProgress
+    registry: registry_client.RegistryClient
+    progress_timeout: float = 0.0
+    pinned: bool = False
+    sync_fs: bool = False
+    max_uncompressed_bytes: int = 32 * 1024**3
+    max_image_uncompressed_bytes: int = 0
+    concurrency: int = 2
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def on_unpack_event(self, event: Any) -> None:
+        """An unpacker's ``on_progress`` (called from worker threads): bytes written go to
+        :attr:`layer_written`, finished layers to :attr:`layer_unpacked`."""
+        if event.kind == "progress":
+            self.layer_written(event.layer.digest, event.uncompressed_bytes)
+        elif event.kind in ("done", "skipped"):
+            self.layer_unpacked(event.layer.digest)
+
+
+class Backend(Protocol):
+    """Where unpacked layers and the image go. See the module doc."""
+
+    @property
+    def info(self) -> RuntimeInfo:
+        """What this backend puts images into."""
+        ...
+
+    @property
+    def unpacks(self) -> bool:
+        """Whether a pull unpacks (``False``: content only, nothing to wait for)."""
+        ...
+
+    @property
+    def store_snapshotter(self) -> snapshotter_api.Snapshotter | None:
+        """Snapshots the service's garbage collector manages (``None``: none of ours)."""
+        ...
+
+    def cleanup(self) -> object:
+        """Remove what killed agent processes left (active snapshots, leases)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def layers_to_fetch(
+        self, manifest: descriptors.Manifest, diff_ids: Sequence[digests.Digest]
+    ) -> list[descriptors.Descriptor]:
+        """The layers the service must download for :meth:`unpack` (blocking)."""
+        ...
+
+    async def unpack(self, job: Unpacking) -> str:
+        """Unpack ``job``'s image; returns the top chain ID. Runs while the fetches run."""
+        ...
+
+    def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:
+        """Whether ``record``'s image is unpacked here (blocking)."""
+        ...
+
+    def release(self, record: records.ImageRecord) -> None:
+        """The prefetcher no longer wants ``record``'s image (its record is gone): leave it
+        to the runtime's own garbage collection (containerd: drop the pin)."""
+        ...
+
+    def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:
+        """Mount the image read-only at ``target``, or explain why this backend cannot."""
+        ...
+
+    def unmount(self, target: str | os.PathLike[str]) -> None: ...

@@ -1,0 +1,198 @@
+"""``Fetcher``: download blobs into the content store, resuming broken and silent requests.
+
+One blob at a time per digest (a lock per digest: a blob two pulls need at once is
+downloaded once), at most ``per_pull`` at once per pull and ``node_limit`` at once for the
+whole service. Each blob is streamed into an ingest, hashed as it arrives, resumed with
+``Range`` after a broken connection (at most :data:`MAX_BLOB_RESUMES` times) or after a
+request that went silent for the stall policy's read timeout (a recovered stall; too many
+of them fail the pull with :class:`~agent.images.errors.PullStalled`), and committed only
+once verified. Blobs already in the store are not downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from agent.images import descriptors, durations, errors, locks, references, tracing
+from agent.images.content import local
+from agent.images.progress import stall, tracker
+from agent.images.registry import client as registry_client
+
+#: Resumes of one blob after a broken (not silent) connection before the pull fails.
+MAX_BLOB_RESUMES = 5
+
+#: Called with a blob's ingest writer before its first byte is written.
+OnWriter = Callable[[descriptors.Descriptor, local.LocalWriter], None]
+
+
+class Fetcher:
+    """Downloads blobs into ``content`` with the client ``registry()`` returns.
+
+    Args:
+        content: the store blobs are committed into.
+        registry: returns the registry client of the pull in progress.
+        node_limit: downloads at once across every pull of the service.
+    """
+
+    def __init__(
+        self,
+        content: local.LocalStore,
+        registry: Callable[[], registry_client.RegistryClient],
+        node_limit: int,
+    ):
+        self.content = content
+        self._registry = registry
+        self._blob_locks = locks.KeyedLock()
+        self._node_downloads = asyncio.Semaphore(max(1, node_limit))
+
+    async def fetch_blob(
+        self,
+        ref: references.Reference,
+        desc: descriptors.Descriptor,
+        progress: tracker.PullProgress,
+        per_pull: asyncio.Semaphore,
+        progress_timeout: float,
+        on_writer: OnWriter | None = None,
+    ) -> int:
+        """Download one blob into the store unless it is there. Returns bytes downloaded.
+
+        ``on_writer`` is called with the ingest's writer before the first byte is written
+        (an unpack follows the ingest from there, see :mod:`agent.images.arriving`)."""
+        key = str(desc.digest)
+        if self.content.exists(desc.digest):
+            progress.blob_present(desc)
+            return 0
+        async with self._blob_locks.hold(key):
+            if self.content.exists(desc.digest):
+                progress.blob_present(desc)
+                return 0
+            async with per_pull, self._node_downloads:
+                attrs: dict[str, str | int] = {
+                    tracing.LAYER_DIGEST: key,
+                    tracing.LAYER_SIZE: desc.size,
+                    tracing.LAYER_MEDIA_TYPE: desc.media_type,
+                }
+                with tracing.span(tracing.SERVICE_SPANS, "fetch_blob", attrs) as span:
+                    got = await self._download(ref, desc, progress, progress_timeout, on_writer)
+                    span.set_attribute("blob.bytes_downloaded", got)
+                    return got
+
+    async def store_small(self, desc: descriptors.Descriptor, data: bytes) -> None:
+        """Commit ``data`` (a manifest or index already read and verified) as ``desc``."""
+        async with self._blob_locks.hold(str(desc.digest)):
+            if self.content.exists(desc.digest):
+                return
+            writer = self.content.writer(str(desc.digest), total=len(data))
+            try:
+                writer.truncate(0)
+                writer.write(data)
+                await asyncio.to_thread(writer.commit, len(data), desc.digest)
+            except errors.AlreadyExists:
+                pass
+            finally:
+                writer.close()
+
+    async def _download(
+        self,
+        ref: references.Reference,
+        desc: descriptors.Descriptor,
+        progress: tracker.PullProgress,
+        progress_timeout: float,
+        on_writer: OnWriter | None,
+    ) -> int:
+        writer = await self._open_writer(desc)
+        if self.content.exists(desc.digest):
+            # Another process held the ingest and published the blob while we waited.
+            writer.abort()
+            progress.blob_present(desc)
+            return 0
+        if on_writer is not None:
+            on_writer(desc, writer)
+        policy = stall.RetryPolicy.for_stall_timeout(progress_timeout)
+        downloaded = 0
+        stalls = 0
+        resumes = 0
+        refetched = False
+        try:
+            if writer.offset > desc.size:
+                writer.truncate(0)
+            while writer.offset < desc.size or desc.size == 0:
+                offset = writer.offset
+                progress.request_started(desc.digest, offset=offset)
+                try:
+                    async with self._registry().open_blob(
+                        ref, desc, offset=offset, read_timeout=policy.read_timeout
+                    ) as body:
+                        if body.offset != offset:  # the server ignored Range: start over
+                            writer.truncate(body.offset)
+                            progress.request_finished(desc.digest)
+                            progress.request_started(desc.digest, offset=body.offset)
+                        async for chunk in body.chunks():
+                            if writer.offset + len(chunk) > desc.size:
+                                raise errors.SizeMismatch(
+                                    f"blob {desc.digest} of {ref.name}: the registry sent more"
+                                    f" than the {desc.size} bytes the manifest states"
+                                )
+                            writer.write(chunk)
+                            downloaded += len(chunk)
+                            progress.bytes_read(desc.digest, len(chunk))
+                except registry_client.RequestStalled as e:
+                    stalls += 1
+                    if stalls > policy.max_request_stalls:
+                        message = (
+                            f"blob {desc.digest} of {ref.name} stalled {stalls} times"
+                            f" (no data for {durations.format(policy.read_timeout or 0)} each"
+                            " time)"
+                        )
+                        progress.stalled(desc.digest, message, fatal=True)
+                        raise errors.PullStalled(message) from e
+                    progress.retry(desc.digest, stalls, str(e), stalled=True)
+                    await asyncio.sleep(policy.backoff(stalls))
+                    continue
+                except errors.Unavailable as e:
+                    resumes += 1
+                    if resumes > MAX_BLOB_RESUMES:
+                        raise
+                    progress.retry(desc.digest, resumes, str(e), stalled=False)
+                    await asyncio.sleep(policy.backoff(resumes))
+                    continue
+                finally:
+                    progress.request_finished(desc.digest)
+                if desc.size == 0 or writer.offset >= desc.size:
+                    if refetched or writer.digest() == desc.digest:
+                        break  # verified, or the second copy is bad too: commit() says so
+                    # Corrupt once (a flaky proxy or CDN): discard and fetch it once more.
+                    refetched = True
+                    progress.retry(desc.digest, 1, f"the bytes hashed to {writer.digest()}",
+                                   stalled=False)
+                    writer.truncate(0)
+                    continue
+                # EOF before the stated size: resume from where it stopped.
+                resumes += 1
+                if resumes > MAX_BLOB_RESUMES:
+                    raise errors.SizeMismatch(
+                        f"blob {desc.digest} of {ref.name}: the registry keeps ending the body"
+                        f" at {writer.offset} of {desc.size} bytes"
+                    )
+                progress.retry(desc.digest, resumes, "short body", stalled=False)
+            with contextlib.suppress(errors.AlreadyExists):
+                await asyncio.to_thread(writer.commit, desc.size, desc.digest)
+            progress.blob_done(desc.digest)
+            return downloaded
+        except BaseException:
+            writer.close()  # keeps the ingest for a resume; verification failures removed it
+            raise
+        finally:
+            tracing.set_attributes({"blob.retries": stalls + resumes, "blob.stalls": stalls})
+
+    async def _open_writer(self, desc: descriptors.Descriptor) -> local.LocalWriter:
+        """Open the ingest for ``desc``; wait while another process writes it."""
+        delay = 0.05
+        while True:
+            try:
+                return self.content.writer(str(desc.digest), total=desc.size)
+            except errors.Unavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)

@@ -1,0 +1,234 @@
+"""Settings → the image service's backend: where the node's prefetched images go.
+
+The edge (the CLI, the node agent) chooses the backend here and hands it to
+:class:`~agent.images.service.ImageService`; the service never looks at the setting.
+
+``images.snapshotter``:
+
+* ``auto`` (the agent's default) — the node's own runtime, found at start: the first
+  containerd that answers on :data:`CONTAINERD_SOCKETS` (``images.containerd.address``
+  first when set), in namespace ``k8s.io`` with its CRI plugin's snapshotter; else the
+  first CRI runtime that answers on :data:`CRI_SOCKETS` (``images.cri.address`` first when
+  set); else a start-up error naming every path looked at;
+* ``containerd`` — the node's containerd at ``images.containerd.address``;
+* ``cri`` — the CRI runtime at ``images.cri.address``;
+* ``overlayfs`` / ``naive`` (the CLI's default) — the prefetcher's own store.
+
+In containerd modes the registry hosts directory is the node's own (the CRI plugin's
+``registry.config_path``, as the running containerd reports it, else as its config file
+says, else ``images.registry.config_path``, else :data:`DEFAULT_HOSTS_DIR`), so mirrors,
+CAs and ``skip_verify`` match kubelet's own pulls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from agent import config
+from agent.images import backends, errors
+from agent.images.backends import backend as backend_api
+
+logger = logging.getLogger("agent.runtimes")
+
+#: Where containerd's socket is on common distributions, in the order tried.
+CONTAINERD_SOCKETS: Final = (
+    "/run/containerd/containerd.sock",  # containerd's default (kubeadm, EKS, GKE, AKS, kind)
+    "/run/k3s/containerd/containerd.sock",  # k3s, rke2
+    "/var/snap/microk8s/common/run/containerd.sock",  # microk8s
+)
+#: Where other CRI runtimes' sockets are, in the order tried.
+CRI_SOCKETS: Final = (
+    "/var/run/crio/crio.sock",
+    "/run/crio/crio.sock",
+    "/var/run/cri-dockerd.sock",
+    "/run/cri-dockerd.sock",
+)
+#: containerd config files that may name the CRI plugin's hosts directory.
+CONTAINERD_CONFIGS: Final = (
+    "/etc/containerd/config.toml",
+    "/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+    "/var/lib/rancher/rke2/agent/etc/containerd/config.toml",
+    "/var/snap/microk8s/current/args/containerd.toml",
+)
+#: containerd's documented hosts directory.
+DEFAULT_HOSTS_DIR: Final = "/etc/containerd/certs.d"
+#: The containerd namespace the CRI plugin (and so kubelet) uses.
+CRI_NAMESPACE: Final = "k8s.io"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The backend chosen, and the registry hosts directory pulls should use."""
+
+    backend: backend_api.Backend
+    #: ``None``: no hosts directory (upstream registries only)
+    hosts_dir: str | None
+
+
+def open_runtime(
+    settings: config.Settings, *, default: str = "overlayfs", unpack: bool = True
+) -> Runtime:
+    """The backend ``settings`` ask for, started and checked. ``default`` is what an unset
+    ``images.snapshotter`` means (the agent passes ``"auto"``); ``unpack=False``: content
+    only, in the prefetcher's store.
+
+    Raises:
+        InvalidConfiguration: the configured runtime is missing or misconfigured, or
+            ``auto`` found none.
+    """
+    img = settings.images
+    mode = img.snapshotter if "snapshotter" in img.model_fields_set else default
+    local_hosts = img.registry.config_path or None
+    if not unpack:
+        return Runtime(backends.LocalBackend(None), local_hosts)
+    if mode == "auto":
+        return _detect(settings)
+    if mode == "containerd":
+        return _containerd(settings, img.containerd.address, img.containerd.namespace)
+    if mode == "cri":
+        if not img.cri.address:
+            raise errors.InvalidConfiguration(
+                'images.snapshotter = "cri" needs images.cri.address (the runtime\'s CRI'
+                " socket, e.g. /var/run/crio/crio.sock)"
+            )
+        return Runtime(_cri(img.cri.address), local_hosts)
+    return Runtime(backends.open_store(Path(settings.runtime.root), mode), local_hosts)
+
+
+def open_backend(settings: config.Settings, *, unpack: bool = True) -> backend_api.Backend:
+    """:func:`open_runtime`'s backend (for commands that make no registry requests)."""
+    return open_runtime(settings, unpack=unpack).backend
+
+
+def _detect(settings: config.Settings) -> Runtime:
+    img = settings.images
+    containerd_paths = _candidates(
+        img.containerd.address if "address" in img.containerd.model_fields_set else "",
+        CONTAINERD_SOCKETS,
+    )
+    cri_paths = _candidates(img.cri.address, CRI_SOCKETS)
+    looked: list[str] = []
+    for path in containerd_paths:
+        if not _is_socket(path):
+            looked.append(f"{path} (no socket)")
+            continue
+        if not _speaks_containerd(path):
+            looked.append(f"{path} (not containerd)")
+            cri_paths = [path, *cri_paths]  # some other runtime: try it through the CRI
+            continue
+        runtime = _containerd(settings, path, CRI_NAMESPACE, follow_cri=True)
+        logger.info(f"snapshotter auto: containerd at {path}")
+        return runtime
+    for path in dict.fromkeys(cri_paths):
+        if not _is_socket(path):
+            looked.append(f"{path} (no socket)")
+            continue
+        try:
+            backend = _cri(path)
+        except errors.InvalidConfiguration as e:
+            looked.append(f"{path} ({e})")
+            continue
+        logger.info(f"snapshotter auto: CRI runtime at {path}")
+        return Runtime(backend, img.registry.config_path or None)
+    raise errors.InvalidConfiguration(
+        'images.snapshotter = "auto" found no container runtime on this node; looked for'
+        f" containerd and CRI sockets at: {'; '.join(looked)}. Mount the runtime's socket"
+        " into the agent, name it in images.containerd.address or images.cri.address, or"
+        ' set images.snapshotter = "overlayfs" for the prefetcher\'s own store'
+    )
+
+
+def _containerd(
+    settings: config.Settings, address: str, namespace: str, *, follow_cri: bool = False
+) -> Runtime:
+    """containerd at ``address``; ``follow_cri``: unpack into its CRI plugin's snapshotter
+    whatever ``images.containerd.snapshotter`` says."""
+    from agent.images.containerd import backend as containerd_backend
+
+    img = settings.images
+    backend = containerd_backend.ContainerdBackend(
+        address,
+        namespace,
+        img.containerd.snapshotter,
+        max_uncompressed_bytes=img.max_layer_uncompressed_bytes,
+        max_image_uncompressed_bytes=img.max_image_uncompressed_bytes,
+    )
+    try:
+        report = backend.check()
+        if follow_cri and report.cri_snapshotter and (
+            report.cri_snapshotter != backend.snapshotter_name
+        ):
+            backend.close()
+            backend = containerd_backend.ContainerdBackend(
+                address,
+                namespace,
+                report.cri_snapshotter,
+                max_uncompressed_bytes=img.max_layer_uncompressed_bytes,
+                max_image_uncompressed_bytes=img.max_image_uncompressed_bytes,
+            )
+            report = backend.check()
+        report.raise_for_errors()
+    except BaseException:
+        backend.close()
+        raise
+    hosts_dir = (
+        report.registry_config_path
+        or _config_path_from_files(CONTAINERD_CONFIGS)
+        or img.registry.config_path
+        or DEFAULT_HOSTS_DIR
+    )
+    return Runtime(backend, hosts_dir)
+
+
+def _cri(address: str) -> backend_api.Backend:
+    from agent.images.cri import backend as cri_backend
+
+    backend = cri_backend.CriBackend(address)
+    try:
+        backend.check()
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+def _candidates(configured: str, defaults: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys([*([configured] if configured else []), *defaults]))
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _speaks_containerd(path: str) -> bool:
+    """Whether containerd's own Version service answers at ``path``."""
+    from agent.images.containerd import checks
+    from agent.images.containerd import client as client_mod
+
+    with client_mod.Client(path, CRI_NAMESPACE) as client:
+        return bool(checks.version_of(client))
+
+
+def _config_path_from_files(paths: Iterable[str]) -> str:
+    """The CRI plugin's ``registry.config_path`` from the first readable config file."""
+    for path in paths:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        plugins = data.get("plugins", {})
+        for name in ("io.containerd.grpc.v1.cri", "cri"):
+            found = plugins.get(name, {}).get("registry", {}).get("config_path")
+            if isinstance(found, str) and found:
+                return found
+    return ""
