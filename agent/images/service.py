@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, cast
 
 from agent.images import (
     descriptors,
@@ -247,7 +247,11 @@ class ImageService:
             await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_SH)
 
     def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
-        """Mount the image's root filesystem read-only at ``target`` (a view snapshot)."""
+        """Mount the image's root filesystem read-only at ``target`` (a view snapshot).
+
+        The mount is ``ro,nosuid,nodev``: it is there to be inspected, so an image's setuid
+        binaries and device nodes give nobody the host's privileges or devices.
+        """
         record = self.image(reference)
         if self.containerd is not None:
             raise errors.NotFound(
@@ -263,7 +267,7 @@ class ImageService:
         key = _mount_key(target)
         mounts = self.snapshotter.view(key, record.chain_id, {"prefetcher.dev/mount": key})
         try:
-            snapshots.mount_all(mounts, target)
+            snapshots.mount_all([m.with_options(*_INSPECT_OPTIONS) for m in mounts], target)
         except BaseException:
             self.snapshotter.remove(key)
             raise
@@ -1032,6 +1036,10 @@ def _parse(reference: str | references.Reference) -> references.Reference:
     return reference if isinstance(reference, references.Reference) else references.parse(
         reference
     )
+
+
+#: Mount options of ``prefetcher mount``: an image is inspected, never run, from there.
+_INSPECT_OPTIONS: Final = ("ro", "nosuid", "nodev")
 
 
 def _mount_key(target: str | os.PathLike[str]) -> str:
