@@ -3,7 +3,7 @@
 containerd's side is ``containerd-apply`` (``tests/oracle/containerd-apply/main.go``): its
 ``archive.Apply`` with the overlay whiteout conversion, as containerd's overlayfs snapshotter
 applies a layer into a fresh upper directory. Ours is the applier the unpacker calls for an
-overlay snapshot (:func:`agent.images.unpack.archive.apply` with
+overlay snapshot (:func:`agent.images.unpack.apply` with
 :data:`~agent.images.unpack.whiteouts.OVERLAY`). Both run as root into fresh directories, and
 the outcome is what a user would see: accepted or refused, and the tree.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.images import errors
-from agent.images.unpack import archive, whiteouts
+from agent.images import errors, unpack
+from agent.images.unpack import whiteouts
 from tests.images.unpack import trees
 
 GO_SOURCE = Path(__file__).parent / "containerd-apply"
@@ -93,7 +93,7 @@ def ours(tar: bytes, root: Path) -> Outcome:
     any other exception is a bug and propagates."""
     root.mkdir()
     try:
-        archive.apply(io.BytesIO(tar), root, whiteouts=whiteouts.OVERLAY, name="layer")
+        unpack.apply(io.BytesIO(tar), root, whiteouts=whiteouts.OVERLAY, name="layer")
     except errors.ImageError as e:
         return Outcome(f"{type(e).__name__}: {e}")
     return Outcome("", describe(root))

@@ -150,6 +150,13 @@ def ordinary() -> dict[str, list[bytes]]:
             .add(L.Entry(b"b", L.HARDLINK, mode=0o4777, uid=5, gid=6, mtime=1, linkname=b"a"))
             .tar()
         ],
+        "hardlink-to-itself": [L.Layer().file("a", b"x").hardlink("./a", "a").tar()],
+        "hardlink-replaces-the-directory-holding-its-target": [
+            L.Layer().file("a/a", b"x").dir("a").hardlink("a", "a/a").tar()
+        ],
+        "whiteout-of-an-entry-of-the-same-layer": [
+            L.Layer().dir("c/a/c").whiteout("c/a/c").tar()
+        ],
         "whiteout-and-recreate-in-one-layer": [
             L.Layer().whiteout("d").dir("d").file("d/new", b"n").tar()
         ],

@@ -106,6 +106,20 @@ READER_BUGS: dict[str, str] = {
         "found by this suite (not in issue #15): containerd applies a hardlink header's"
         " owner, mode and mtime to the shared inode; we keep the target's"
     ),
+    "hardlink-to-itself": (
+        "found by test_fuzz (not in issue #15): containerd removes 'a' before linking 'a' to"
+        " it and refuses the layer; we accept it"
+    ),
+    "hardlink-replaces-the-directory-holding-its-target": (
+        "found by test_fuzz (not in issue #15): containerd removes directory 'a', finds no"
+        " 'a/a' to link and refuses the layer; our applier fails with EBADF, an internal"
+        " error the agent would retry, not UnsafeLayer"
+    ),
+    "whiteout-of-an-entry-of-the-same-layer": (
+        "found by test_fuzz (not in issue #15): containerd's mknod of the whiteout fails"
+        " with EEXIST and the layer is refused (OCI: a whiteout applies to lower layers"
+        " only); we replace this layer's own entry by the whiteout and accept it"
+    ),
 }
 
 CANARY = Path("/nonexistent-canary")  # hostile layers' names only; rebuilt per test
