@@ -1,11 +1,13 @@
-"""Apply one layer both ways: with containerd's own code (the reference) and with ours.
+"""Apply layers both ways: with containerd's own code (the reference) and with ours.
 
 containerd's side is ``containerd-apply`` (``tests/oracle/containerd-apply/main.go``): its
-``archive.Apply`` with the overlay whiteout conversion, as containerd's overlayfs snapshotter
-applies a layer into a fresh upper directory. Ours is the applier the unpacker calls for an
-overlay snapshot (:func:`agent.images.unpack.apply` with
-:data:`~agent.images.unpack.whiteouts.OVERLAY`). Both run as root into fresh directories, and
-the outcome is what a user would see: accepted or refused, and the tree.
+``archive.Apply`` with the overlay whiteout conversion, as containerd's diff applier applies
+a layer into an overlay snapshot's upper directory (``diff/apply/apply_linux.go``; with the
+lower layers' directories as ``WithParents`` in :func:`containerd_stack`). Ours is the
+applier the unpacker calls for an overlay snapshot (:func:`agent.images.unpack.apply` with
+:data:`~agent.images.unpack.whiteouts.OVERLAY`), or for a stack the unpacker itself. Both run
+as root into fresh directories, and the outcome is what a user would see: accepted or
+refused, and the tree.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.images import errors, unpack
+from fixtures import layers as L
+
+from agent.images import digests, errors, snapshots, unpack
 from agent.images.unpack import whiteouts
 from tests.images.unpack import trees
 
@@ -76,11 +81,13 @@ def describe(root: Path) -> dict[str, Any]:
     return tree
 
 
-def containerd(tool: Path, tar: bytes, root: Path) -> Outcome:
-    """Apply ``tar`` to ``root`` (created here) with containerd's ``archive.Apply``."""
+def containerd(tool: Path, tar: bytes, root: Path, parents: Sequence[Path] = ()) -> Outcome:
+    """Apply ``tar`` to ``root`` (created here) with containerd's ``archive.Apply``, the
+    lower layers' directories ``parents`` nearest first."""
     root.mkdir()
     proc = subprocess.run(
-        [str(tool), "apply", str(root)], input=tar, capture_output=True, timeout=120
+        [str(tool), "apply", str(root), *map(str, parents)],
+        input=tar, capture_output=True, timeout=120,
     )
     if proc.returncode != 0:
         return Outcome(proc.stderr.decode(errors="replace").strip() or f"exit {proc.returncode}")
@@ -97,6 +104,57 @@ def ours(tar: bytes, root: Path) -> Outcome:
     except errors.ImageError as e:
         return Outcome(f"{type(e).__name__}: {e}")
     return Outcome("", describe(root))
+
+
+@dataclass
+class Stack:
+    """An image's layers applied one above the other: each layer's own directory (bottom
+    first), and the error of the first layer refused."""
+
+    layers: list[Path]
+    error: str = ""
+
+
+def containerd_stack(tool: Path, tars: Sequence[bytes], root: Path) -> Stack:
+    """Apply ``tars`` (bottom first) as containerd's overlayfs snapshotter and diff applier
+    do: each into its own directory, with the layers below as parents. The bottom layer is
+    applied the same way (containerd applies it through a bind mount, with whiteouts
+    removed rather than converted: the merged view is the same)."""
+    root.mkdir()
+    dirs: list[Path] = []
+    for i, tar in enumerate(tars):
+        out = containerd(tool, tar, root / str(i), parents=dirs[::-1])
+        if not out.accepted:
+            return Stack(dirs, f"layer {i}: {out.error}")
+        dirs.append(root / str(i))
+    return Stack(dirs)
+
+
+def our_stack(tars: Sequence[bytes], root: Path) -> tuple[Stack, snapshots.Snapshotter]:
+    """Unpack ``tars`` (bottom first) with our unpacker into an overlay snapshotter at
+    ``root``; returns the stack and the snapshotter (close it)."""
+    img = L.image(list(tars))
+    sn = snapshots.OverlaySnapshotter(root)
+    u = unpack.Unpacker(L.MemoryProvider(img.blobs), sn)  # type: ignore[arg-type]
+    try:
+        u.unpack_blocking(L.descriptors_of(img), L.diff_ids_of(img))
+    except errors.ImageError as e:
+        return Stack([], f"{type(e).__name__}: {e}"), sn
+    dirs = []
+    for i, chain_id in enumerate(digests.chain_ids(L.diff_ids_of(img))):
+        (m,) = sn.view(f"oracle-layer-{i}", chain_id)
+        own = m.source if m.type == "bind" else (m.option("lowerdir") or "").split(":")[0]
+        dirs.append(Path(own))
+        sn.remove(f"oracle-layer-{i}")
+    return Stack(dirs), sn
+
+
+def merged_mount(layers: Sequence[Path], target: Path) -> snapshots.Mount:
+    """The read-only mount of ``layers`` (bottom first) stacked, as a container sees them."""
+    if len(layers) == 1:
+        return snapshots.Mount("bind", str(layers[0]), ("ro", "rbind"))
+    lowers = ":".join(str(p) for p in reversed(layers))
+    return snapshots.Mount("overlay", "overlay", ("ro", f"lowerdir={lowers}"))
 
 
 def go_headers(tool: Path, tar: bytes) -> list[dict[str, Any]]:

@@ -226,3 +226,42 @@ def issue_15() -> dict[str, list[bytes]]:
 def hostile(canary: Path) -> dict[str, list[bytes]]:
     """``tests/images/unpack``'s hostile layers (against ``canary``, outside the root)."""
     return {f"hostile-{k}": v for k, v in hostile_layers(canary).items()}
+
+
+def stacked() -> dict[str, list[bytes]]:
+    """Images of several layers, where the lower layers matter: parent directories a layer
+    creates implicitly, whiteouts and opaque directories over lower content, replacements
+    of lower entries, and symlinks in lower layers."""
+    base = (
+        L.Layer()
+        .dir("srv", mode=0o750, uid=7, gid=7, xattrs={"user.lower": b"1"})
+        .file("srv/old", b"old")
+        .dir("d")
+        .file("d/x", b"x")
+        .file("d/y", b"y")
+        .file("a", b"a")
+        .dir("usr/bin")
+        .symlink("bin", "usr/bin")
+        .tar()
+    )
+    return {
+        "implicit-parents-take-lower-metadata": [
+            base, L.Layer().file("srv/www/index.html", b"<html>").tar()
+        ],
+        "whiteouts-of-lower-entries": [base, L.Layer().whiteout("a").whiteout("d").tar()],
+        "opaque-over-lower": [base, L.Layer().opaque("d").file("d/z", b"z").tar()],
+        "directory-replaced-by-a-file": [base, L.Layer().file("d", b"now a file").tar()],
+        "file-replaced-by-a-directory": [base, L.Layer().dir("a").file("a/in", b"i").tar()],
+        "entry-below-a-lower-symlink": [base, L.Layer().file("bin/sh", b"sh").tar()],
+        "three-layers": [
+            base,
+            L.Layer().file("d/x", b"x2").whiteout("srv/old").tar(),
+            L.Layer().dir("srv", mode=0o700).opaque("d").file("d/w", b"w").tar(),
+        ],
+        "opaque-at-layer-root-over-lower": [
+            base, L.Layer().add(L.Entry(b".wh..wh..opq")).file("new", b"n").tar()
+        ],
+        "whiteout-and-recreate-over-lower": [
+            base, L.Layer().whiteout("d").dir("d").file("d/new", b"n").tar()
+        ],
+    }

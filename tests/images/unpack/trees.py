@@ -30,7 +30,12 @@ def describe(
         for name in names:
             path = os.path.normpath(os.path.join(dirpath, name))
             rel = os.path.relpath(path, root)
-            st = os.lstat(path)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                # Overlayfs lists a whiteout in a directory with nothing below it, and a
+                # lookup of it finds nothing: it is no entry of the merged view.
+                continue
             entry: dict[str, Any] = {
                 "type": stat.S_IFMT(st.st_mode),
                 "mode": oct(stat.S_IMODE(st.st_mode)),

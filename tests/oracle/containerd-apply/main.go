@@ -8,9 +8,12 @@
 //
 // Usage:
 //
-//	containerd-apply apply DIR < layer   apply a layer (compressed or not) to DIR as
-//	                                     containerd's overlayfs snapshotter does; on a
-//	                                     rejected layer print the error, exit 1
+//	containerd-apply apply DIR [PARENT...] < layer
+//	                                     apply a layer (compressed or not) to DIR as
+//	                                     containerd's overlayfs snapshotter does, with the
+//	                                     lower layers' directories PARENT... (nearest
+//	                                     first) for the parent directories it creates; on
+//	                                     a rejected layer print the error, exit 1
 //	containerd-apply list < layer        print Go archive/tar's headers as a JSON array
 //	                                     (the last element is {"error": ...} on a reader
 //	                                     error)
@@ -49,14 +52,18 @@ type entry struct {
 	Error     string            `json:"error,omitempty"`
 }
 
-func apply(dir string) error {
+func apply(dir string, parents []string) error {
 	r, err := compression.DecompressStream(os.Stdin)
 	if err != nil {
 		return err
 	}
 	defer r.Close()
-	_, err = archive.Apply(context.Background(), dir, r,
-		archive.WithConvertWhiteout(archive.OverlayConvertWhiteout))
+	// As containerd's diff applier does for an overlay mount (diff/apply/apply_linux.go).
+	opts := []archive.ApplyOpt{archive.WithConvertWhiteout(archive.OverlayConvertWhiteout)}
+	if len(parents) > 0 {
+		opts = append(opts, archive.WithParents(parents))
+	}
+	_, err = archive.Apply(context.Background(), dir, r, opts...)
 	return err
 }
 
@@ -109,12 +116,12 @@ func list() error {
 func main() {
 	var err error
 	switch {
-	case len(os.Args) == 3 && os.Args[1] == "apply":
-		err = apply(os.Args[2])
+	case len(os.Args) >= 3 && os.Args[1] == "apply":
+		err = apply(os.Args[2], os.Args[3:])
 	case len(os.Args) == 2 && os.Args[1] == "list":
 		err = list()
 	default:
-		fmt.Fprintln(os.Stderr, "usage: containerd-apply apply DIR < layer | containerd-apply list < layer")
+		fmt.Fprintln(os.Stderr, "usage: containerd-apply apply DIR [PARENT...] < layer | containerd-apply list < layer")
 		os.Exit(2)
 	}
 	if err != nil {
