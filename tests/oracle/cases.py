@@ -14,6 +14,8 @@ from tests.images.unpack.test_hostile_layers_are_refused import hostile_layers
 
 from . import rawtar as R
 
+MTIME_DIR, MTIME_FILE = L.MTIME, 1_600_000_000
+
 #: A regular file header that, read as data by one reader, is an entry for the other.
 HIDDEN = R.entry(b"hidden", b"surprise\n", mode=0o4755)
 
@@ -153,6 +155,18 @@ def ordinary() -> dict[str, list[bytes]]:
         "hardlink-to-itself": [L.Layer().file("a", b"x").hardlink("./a", "a").tar()],
         "hardlink-replaces-the-directory-holding-its-target": [
             L.Layer().file("a/a", b"x").dir("a").hardlink("a", "a/a").tar()
+        ],
+        "negative-pax-mtime": [
+            L.Layer().add(L.Entry(b"a", pax={b"mtime": b"-86400.5"})).tar()
+        ],
+        "directory-replaced-by-a-dangling-symlink": [
+            L.Layer().dir("a").symlink("a", "nowhere").tar()
+        ],
+        "directory-replaced-by-a-symlink-to-itself": [
+            L.Layer().dir("a").symlink("a", "a").tar()
+        ],
+        "directory-replaced-by-a-file": [
+            L.Layer().dir("d").file("d/x", b"x").file("d", b"f", mtime=MTIME_FILE).tar()
         ],
         "whiteout-of-an-entry-of-the-same-layer": [
             L.Layer().dir("c/a/c").whiteout("c/a/c").tar()
