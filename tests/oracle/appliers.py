@@ -149,12 +149,53 @@ def our_stack(tars: Sequence[bytes], root: Path) -> tuple[Stack, snapshots.Snaps
     return Stack(dirs), sn
 
 
-def merged_mount(layers: Sequence[Path], target: Path) -> snapshots.Mount:
-    """The read-only mount of ``layers`` (bottom first) stacked, as a container sees them."""
+def merged_view(layers: Sequence[Path], target: Path) -> dict[str, Any]:
+    """The tree a container sees of ``layers`` (bottom first) stacked: mounted read-only
+    at ``target`` (created here), described, unmounted."""
     if len(layers) == 1:
-        return snapshots.Mount("bind", str(layers[0]), ("ro", "rbind"))
-    lowers = ":".join(str(p) for p in reversed(layers))
-    return snapshots.Mount("overlay", "overlay", ("ro", f"lowerdir={lowers}"))
+        mount = snapshots.Mount("bind", str(layers[0]), ("ro", "rbind"))
+    else:
+        lowers = ":".join(str(p) for p in reversed(layers))
+        mount = snapshots.Mount("overlay", "overlay", ("ro", f"lowerdir={lowers}"))
+    target.mkdir()
+    mount.mount(target)
+    try:
+        return trees.describe(target, with_root=True)
+    finally:
+        snapshots.unmount(target)
+
+
+@dataclass
+class Stacks:
+    """An image unpacked both ways: the verdicts, the differences of each upper layer's
+    own directory (the bottom one differs on purpose: containerd removes its whiteouts, we
+    convert them; the merged views are the same), and the merged views."""
+
+    theirs_error: str
+    ours_error: str
+    layer_diffs: dict[int, list[str]] = field(default_factory=dict)
+    merged_theirs: dict[str, Any] = field(default_factory=dict)
+    merged_ours: dict[str, Any] = field(default_factory=dict)
+
+
+def compare_stacks(tool: Path, tars: Sequence[bytes], tmp: Path) -> Stacks:
+    """Unpack ``tars`` with containerd's applier and with our unpacker under ``tmp``."""
+    theirs = containerd_stack(tool, tars, tmp / "containerd")
+    mine, sn = our_stack(tars, tmp / "ours")
+    try:
+        out = Stacks(theirs.error, mine.error)
+        if not mine.error:
+            out.merged_ours = merged_view(mine.layers, tmp / "merged-ours")
+        if theirs.error or mine.error:
+            return out
+        for i in range(1, len(tars)):
+            diff = trees.diff(describe(theirs.layers[i]), describe(mine.layers[i]))
+            if diff:
+                out.layer_diffs[i] = diff
+        out.merged_theirs = merged_view(theirs.layers, tmp / "merged-containerd")
+        return out
+    finally:
+        sn.close()
 
 
 def go_headers(tool: Path, tar: bytes) -> list[dict[str, Any]]:

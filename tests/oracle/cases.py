@@ -272,6 +272,9 @@ def stacked() -> dict[str, list[bytes]]:
             L.Layer().file("d/x", b"x2").whiteout("srv/old").tar(),
             L.Layer().dir("srv", mode=0o700).opaque("d").file("d/w", b"w").tar(),
         ],
+        "lower-file-replaced-by-a-directory-with-implicit-subdirectories": [
+            base, L.Layer().dir("a").file("a/b/c", b"c").tar()
+        ],
         "opaque-at-layer-root-over-lower": [
             base, L.Layer().add(L.Entry(b".wh..wh..opq")).file("new", b"n").tar()
         ],

@@ -9,12 +9,12 @@ read-only as overlays and compared.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from agent.images import snapshots
 from tests.images.unpack import trees
 
 from . import appliers, cases
@@ -32,6 +32,17 @@ BEYOND_CONTAINERD: dict[str, tuple[Callable[[set[str]], set[str]], str]] = {
         lambda theirs: theirs - {"d/x", "d/y"},
         "issue #15 beyond containerd: a directory removed by a whiteout and re-created in"
         " the same layer must not show lower content (it needs the opaque xattr)",
+    ),
+}
+
+#: Where containerd refuses an image by a bug of its own and we unpack it: containerd's
+#: error, why, and the paths our merged view shows.
+CONTAINERD_REFUSES: dict[str, tuple[str, str, set[str]]] = {
+    "lower-file-replaced-by-a-directory-with-implicit-subdirectories": (
+        r"layer 1: lstat .*/a/b: not a directory",
+        "containerd bug (found by test_fuzz): WithParents' mkparent looks for 'a/b' in the"
+        " lower layers, where 'a' is a file, and takes ENOTDIR for an error",
+        {"a", "a/b", "a/b/c"},
     ),
 }
 
@@ -53,15 +64,6 @@ def _params() -> list[object]:
     return out
 
 
-def _mounted(mount: snapshots.Mount, target: Path) -> dict[str, object]:
-    target.mkdir()
-    mount.mount(target)
-    try:
-        return trees.describe(target, with_root=True)
-    finally:
-        snapshots.unmount(target)
-
-
 @pytest.mark.parametrize("case", _params())
 def test_an_image_unpacks_and_mounts_as_containerd_would(
     case: str, containerd_apply: Path, tmp_path: Path
@@ -71,28 +73,19 @@ def test_an_image_unpacks_and_mounts_as_containerd_would(
     (canary / "secret").write_bytes(b"do not touch")
     before = trees.describe(canary)
     tars = _all_cases(canary)[case]
-    theirs = appliers.containerd_stack(containerd_apply, tars, tmp_path / "containerd")
-    mine, sn = appliers.our_stack(tars, tmp_path / "ours")
-    try:
-        assert bool(mine.error) == bool(theirs.error), (theirs.error, mine.error)
-        if mine.error:
-            return
-        # Each upper layer's own directory (the bottom one differs on purpose: containerd
-        # removes its whiteouts, we convert them; the merged view below is the same).
-        for i in range(1, len(tars)):
-            ours_i = appliers.describe(mine.layers[i])
-            theirs_i = appliers.describe(theirs.layers[i])
-            assert trees.diff(theirs_i, ours_i) == [], f"layer {i}"
-        merged_theirs = _mounted(appliers.merged_mount(theirs.layers, tmp_path / "m1"),
-                                 tmp_path / "m1")
-        merged_ours = _mounted(appliers.merged_mount(mine.layers, tmp_path / "m2"),
-                               tmp_path / "m2")
-        if case in BEYOND_CONTAINERD:
-            expected, _ = BEYOND_CONTAINERD[case]
-            paths_theirs = set(merged_theirs) - {".", "hardlinks"}
-            assert set(merged_ours) - {".", "hardlinks"} == expected(paths_theirs)
-        else:
-            assert trees.diff(merged_theirs, merged_ours) == []
-    finally:
-        sn.close()
+    out = appliers.compare_stacks(containerd_apply, tars, tmp_path)
+    if case in CONTAINERD_REFUSES:
+        error, _, paths = CONTAINERD_REFUSES[case]
+        assert re.search(error, out.theirs_error), out.theirs_error
+        assert not out.ours_error
+        assert paths <= set(out.merged_ours)
+        return
+    assert bool(out.ours_error) == bool(out.theirs_error), (out.theirs_error, out.ours_error)
+    assert out.layer_diffs == {}
+    if case in BEYOND_CONTAINERD:
+        expected, _ = BEYOND_CONTAINERD[case]
+        paths_theirs = set(out.merged_theirs) - {".", "hardlinks"}
+        assert set(out.merged_ours) - {".", "hardlinks"} == expected(paths_theirs)
+    else:
+        assert trees.diff(out.merged_theirs, out.merged_ours) == []
     assert trees.describe(canary) == before  # nothing written outside either stack
