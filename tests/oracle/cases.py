@@ -231,6 +231,9 @@ def issue_15() -> dict[str, list[bytes]]:
         "11-gnu-sparse-old": [
             R.gnu_sparse(b"sparse", [(0, b"head"), (8192, b"middle")], 20000) + R.END
         ],
+        "11-gnu-sparse-pax-0.1": [
+            R.pax_sparse_01(b"sparse", [(0, b"head"), (10000, b"tail")], 10004) + R.END
+        ],
         "11-gnu-sparse-pax-1.0": [
             R.pax_sparse(b"sparse", [(4096, b"data"), (16384, b"tail")], 16388) + R.END
         ],

@@ -85,3 +85,16 @@ def pax_sparse(name: bytes, chunks: list[tuple[int, bytes]], real_size: int) -> 
         b"GNU.sparse.realsize": b"%d" % real_size,
     }
     return pax(records) + L.header(b"GNUSparseFile.0/" + name, size=len(body)) + pad(body)
+
+
+def pax_sparse_01(name: bytes, chunks: list[tuple[int, bytes]], real_size: int) -> bytes:
+    """A PAX format 0.1 GNU sparse member: the map in a ``GNU.sparse.map`` record."""
+    stored = b"".join(data for _, data in chunks)
+    sparse_map = b",".join(b"%d,%d" % (offset, len(data)) for offset, data in chunks)
+    records = {
+        b"GNU.sparse.size": b"%d" % real_size,
+        b"GNU.sparse.numblocks": b"%d" % len(chunks),
+        b"GNU.sparse.map": sparse_map,
+        b"GNU.sparse.name": name,
+    }
+    return pax(records) + L.header(b"GNUSparseFile.0/" + name, size=len(stored)) + pad(stored)

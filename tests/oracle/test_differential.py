@@ -121,6 +121,7 @@ READER_BUGS: dict[str, str] = {
     "10-hardlink-to-absolute-path": (
         "issue #15 item 10: containerd resolves '/a/file' inside the root, we refuse"
     ),
+    "11-gnu-sparse-pax-0.1": "issue #15 item 11: PAX 0.1 sparse files are refused",
     "11-gnu-sparse-pax-1.0": "issue #15 item 11: PAX 1.0 sparse files are refused",
     "hardlink-header-metadata": (
         "found by this suite (not in issue #15): containerd applies a hardlink header's"
