@@ -17,8 +17,9 @@ directory mtime pass following a symlink). Any other divergence found here is mi
 into a named case in ``cases.py``.
 
 The grammar also writes PAX records (fractional mtimes, atime/ctime, large uid/gid,
-uname/gname, comments), directory names held only in a PAX ``path`` record, and PAX global
-headers between entries.
+uname/gname, comments), directory names held only in a PAX ``path`` record, PAX global
+headers between entries, names in the ustar prefix field, and numeric fields padded with
+spaces, without terminator or in base-256.
 """
 
 from __future__ import annotations
@@ -146,8 +147,49 @@ def _with_global_headers(draw: st.DrawFn, layer: L.Layer) -> bytes:
     for i, entry in enumerate(layer.entries):
         if i in at:
             out += R.pax({b"comment": b"global"}, type=b"g")
-        out += L.entry_bytes(entry, long_names=layer.long_names)
+        out += _encode(draw, entry, layer.long_names)
     return out + R.END
+
+
+#: How a numeric header field may be written (all valid; a leading NUL, issue #15 item 1,
+#: and signs or underscores, item 7, are in cases.py).
+NUMERIC = st.sampled_from(["octal", "octal", "space", "lead-space", "full-width", "base256"])
+_NUMERIC_FIELDS = {"mode": (100, 8), "uid": (108, 8), "gid": (116, 8), "mtime": (136, 12)}
+
+
+def _numeric(value: int, width: int, style: str) -> bytes | None:
+    digits = b"%o" % value
+    if style == "space" and len(digits) < width:
+        return digits.rjust(width - 1, b"0") + b" "
+    if style == "lead-space" and len(digits) < width:
+        return digits.rjust(width - 1, b" ") + b"\0"
+    if style == "full-width" and len(digits) <= width:
+        return digits.rjust(width, b"0")
+    if style == "base256":
+        return bytes([0x80]) + value.to_bytes(width - 1, "big")
+    return None  # as fixtures.layers writes it
+
+
+def _encode(draw: st.DrawFn, e: L.Entry, long_names: str) -> bytes:
+    """``e``'s header(s) and data, its numeric fields written in drawn styles, and a name
+    of 101-255 bytes now and then in the ustar prefix field rather than a PAX record."""
+    split = None
+    if long_names == "pax" and 100 < len(e.name) <= 255 and b"path" not in e.pax:
+        cut = e.name.rfind(b"/", 0, 156)
+        if 0 < cut and 0 < len(e.name) - cut - 1 <= 100 and draw(st.booleans()):
+            split = (e.name[:cut], e.name[cut + 1 :])
+    out = L.entry_bytes(replace(e, name=b"p") if split else e, long_names=long_names)
+    data = len(R.pad(e.data)) if e.type == L.REG and e.data else 0
+    at = len(out) - data - 512
+    block = bytearray(out[at : at + 512])
+    if split:
+        block[0:100] = split[1].ljust(100, b"\0")
+        block[345:500] = split[0].ljust(155, b"\0")
+    for field, (offset, width) in _NUMERIC_FIELDS.items():
+        encoded = _numeric(getattr(e, field), width, draw(NUMERIC))
+        if encoded is not None:
+            block[offset : offset + width] = encoded
+    return out[:at] + R.checksum(block) + out[at + 512 :]
 
 
 #: containerd's refusals of a stack that are its bugs (test_merged_views.CONTAINERD_REFUSES:
