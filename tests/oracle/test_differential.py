@@ -5,10 +5,16 @@ The tree covers names, types, modes, owners, xattrs (``trusted.overlay.opaque`` 
 link targets, contents, whiteout devices and the root directory itself. Two tables name
 every case where the two differ today:
 
-* :data:`INTENDED_DIFFERENCES`: we differ on purpose (we refuse what containerd applies,
-  confined, but which no honest image carries). The test asserts that exact difference.
-* :data:`READER_BUGS`: our tar reader or applier is wrong (issue #15's "Differences found");
-  strict xfails, so each one fails loudly once fixed and must be flipped here.
+* :data:`INTENDED_DIFFERENCES`: we differ on purpose: we refuse what containerd applies,
+  confined, but which no honest image carries; or containerd has a bug (it refuses a valid
+  layer, or gives an entry another's mtime). The test asserts that exact difference.
+* :data:`READER_BUGS`: our tar reader or applier is wrong (issue #15's "Differences found",
+  and what this suite and ``test_fuzz`` found since): strict xfails, so each one fails
+  loudly once fixed and must be flipped here.
+
+Each layer is applied into a fresh directory, as containerd applies a layer into an overlay
+upper directory whose lower layers hold none of its paths (``test_merged_views`` stacks
+layers).
 """
 
 from __future__ import annotations
