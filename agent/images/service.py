@@ -228,7 +228,8 @@ class ImageService:
             await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_SH)
 
     def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
-        """Mount the image's root filesystem read-only at ``target`` (a view snapshot)."""
+        """Mount the image's root filesystem at ``target`` (a view snapshot), ``ro,nosuid,nodev``:
+        it is there to be inspected, never run."""
         self.backend.mount(self.image(reference), target)
 
     def unmount(self, target: str | os.PathLike[str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from agent.images import descriptors, digests, errors, records, tracing
 from agent.images.backends import backend
@@ -114,7 +115,7 @@ class LocalBackend:
         key = _mount_key(target)
         mounts = self._snapshotter.view(key, record.chain_id, {"prefetcher.dev/mount": key})
         try:
-            snapshots.mount_all(mounts, target)
+            snapshots.mount_all([m.with_options(*_INSPECT_OPTIONS) for m in mounts], target)
         except BaseException:
             self._snapshotter.remove(key)
             raise
@@ -129,6 +130,11 @@ class LocalBackend:
             raise errors.NotFound(f"{target} is not a prefetcher mount") from e
         snapshots.unmount(target)
         self._snapshotter.remove(key)
+
+
+#: Mount options of ``prefetcher mount``: an image is inspected, never run, from there, so
+#: its setuid binaries and device nodes give nobody the host's privileges or devices.
+_INSPECT_OPTIONS: Final = ("ro", "nosuid", "nodev")
 
 
 def _mount_key(target: str | os.PathLike[str]) -> str:

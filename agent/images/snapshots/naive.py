@@ -12,10 +12,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from agent.images.snapshots import metadata, overlay, snapshotter
+from agent.images.snapshots import directory, metadata, snapshotter
 
 
-class NaiveSnapshotter(overlay.DirectorySnapshotter):
+class NaiveSnapshotter(directory.DirectorySnapshotter):
     """Copy-based snapshots under ``root`` (same layout and metadata as the overlay one)."""
 
     capabilities: frozenset[str] = frozenset()

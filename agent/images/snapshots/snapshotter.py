@@ -6,6 +6,7 @@ the lifecycle.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import subprocess
@@ -18,6 +19,8 @@ from agent.images import errors
 #: An active snapshot carrying this label belongs to the process it names
 #: (:func:`owner_token`); ``cleanup()`` removes it once that process is gone.
 LABEL_OWNER: Final = "prefetcher.dev/snapshot.owner"
+
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 
 #: Capability: layers are independent directories, so an active snapshot may be prepared
 #: without a parent and given one at :meth:`Snapshotter.commit` (``parent=``). This is what
@@ -89,6 +92,11 @@ class Mount:
                 return opt[len(prefix) :]
         return None
 
+    def with_options(self, *options: str) -> Mount:
+        """This mount with ``options`` added (those it already has are not repeated)."""
+        extra = tuple(o for o in options if o not in self.options)
+        return dataclasses.replace(self, options=(*self.options, *extra))
+
     def argv(self, target: str | os.PathLike[str]) -> list[str]:
         """The ``mount(8)`` command line that mounts this at ``target``."""
         opts = ",".join(self.options)
@@ -96,11 +104,37 @@ class Mount:
             return ["mount", "-o", opts, self.source, os.fspath(target)]
         return ["mount", "-t", self.type, "-o", opts, self.source, os.fspath(target)]
 
+    def compacted(self) -> tuple[str | None, Mount]:
+        """``(directory, mount)``: this mount as ``mount(8)`` must run it, from ``directory``
+        (``None``: anywhere).
+
+        The kernel takes at most a page of mount options, and an overlay of a hundred
+        layers names more lower directories than that. As containerd does
+        (``mount.compactLowerdirOption``), an overlay whose options come near a page gets
+        its ``lowerdir=`` paths made relative to their common parent directory, and is
+        mounted from there.
+        """
+        if self.type != "overlay" or len(",".join(self.options)) < _PAGE_SIZE - 512:
+            return None, self
+        lowers = (self.option("lowerdir") or "").split(":")
+        if len(lowers) < 2:
+            return None, self
+        common = os.path.commonpath(lowers)
+        if common in ("", "/") or not os.path.isabs(common):
+            return None, self
+        relative = ":".join(os.path.relpath(p, common) for p in lowers)
+        options = tuple(
+            f"lowerdir={relative}" if o.startswith("lowerdir=") else o for o in self.options
+        )
+        return common, dataclasses.replace(self, options=options)
+
     def mount(self, target: str | os.PathLike[str]) -> None:
         """Mount at ``target`` (needs root). Raises ``OSError`` with mount's message."""
-        proc = subprocess.run(self.argv(target), capture_output=True, text=True)
+        target = os.path.abspath(target)
+        cwd, m = self.compacted()
+        proc = subprocess.run(m.argv(target), capture_output=True, text=True, cwd=cwd)
         if proc.returncode:
-            raise OSError(f"mount {self.type} at {os.fspath(target)}: {proc.stderr.strip()}")
+            raise OSError(f"mount {self.type} at {target}: {proc.stderr.strip()}")
 
 
 def mount_all(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:

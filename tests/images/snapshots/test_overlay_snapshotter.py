@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 
 from agent.images import snapshots
-from agent.images.snapshots import overlay
+from agent.images.snapshots import directory
 
 from . import suite
 
@@ -69,7 +69,7 @@ def test_commit_with_sync_fs_calls_syncfs_before_the_metadata_commit(tmp_path: P
         return real_transaction(write=write)
 
     with (
-        mock.patch.object(overlay, "syncfs", side_effect=lambda p: calls.append(f"syncfs {p}")),
+        mock.patch.object(directory, "syncfs", side_effect=lambda p: calls.append(f"syncfs {p}")),
         mock.patch.object(sn._meta, "transaction", side_effect=transaction),
     ):
         sn.commit("A", "a")
@@ -79,7 +79,7 @@ def test_commit_with_sync_fs_calls_syncfs_before_the_metadata_commit(tmp_path: P
 def test_commit_without_sync_fs_does_not_call_syncfs(tmp_path: Path) -> None:
     sn = snapshots.OverlaySnapshotter(tmp_path)
     sn.prepare("a")
-    with mock.patch.object(overlay, "syncfs") as syncfs:
+    with mock.patch.object(directory, "syncfs") as syncfs:
         sn.commit("A", "a")
     syncfs.assert_not_called()
 

@@ -9,26 +9,38 @@ from pathlib import Path
 from typing import Any
 
 
-def describe(root: Path, *, mtimes: bool = True) -> dict[str, Any]:
-    """Every entry below ``root`` (not ``root`` itself), by relative path.
+def describe(
+    root: Path, *, mtimes: bool = True, with_root: bool = False, overlay_xattrs: bool = False
+) -> dict[str, Any]:
+    """Every entry below ``root`` (and ``root`` itself as ``"."`` with ``with_root``), by
+    relative path.
 
     Each value holds type, permission bits (with setuid/setgid/sticky), owner, size and
-    sha256 of regular files, symlink target, device numbers, xattrs (without overlayfs'
-    own ``trusted.overlay.*``) and, for non-directories, the mtime in seconds. Hardlinks
-    come out as ``"hardlinks"``: the set of groups of paths sharing an inode.
+    sha256 of regular files, symlink target, device numbers (so overlay whiteouts show),
+    xattrs (overlayfs' own ``trusted.overlay.*``, such as opaque markers, only with
+    ``overlay_xattrs``) and, for non-directories, the mtime in seconds. Hardlinks come out
+    as ``"hardlinks"``: the set of groups of paths sharing an inode.
     """
     out: dict[str, Any] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
+        names = sorted(dirnames + filenames)
+        if with_root and dirpath == str(root):
+            names.insert(0, ".")
+        for name in names:
+            path = os.path.normpath(os.path.join(dirpath, name))
             rel = os.path.relpath(path, root)
-            st = os.lstat(path)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                # Overlayfs lists a whiteout in a directory with nothing below it, and a
+                # lookup of it finds nothing: it is no entry of the merged view.
+                continue
             entry: dict[str, Any] = {
                 "type": stat.S_IFMT(st.st_mode),
                 "mode": oct(stat.S_IMODE(st.st_mode)),
                 "owner": (st.st_uid, st.st_gid),
-                "xattrs": _xattrs(path),
+                "xattrs": _xattrs(path, overlay_xattrs),
             }
             if stat.S_ISREG(st.st_mode):
                 entry["size"] = st.st_size
@@ -47,7 +59,7 @@ def describe(root: Path, *, mtimes: bool = True) -> dict[str, Any]:
     return out
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
+def _xattrs(path: str, overlay: bool = False) -> dict[str, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
@@ -55,7 +67,7 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return {
         n: os.getxattr(path, n, follow_symlinks=False)
         for n in sorted(names)
-        if not n.startswith("trusted.overlay.")
+        if overlay or not n.startswith("trusted.overlay.")
     }
 
 

@@ -1,0 +1,91 @@
+"""Images of several layers, unpacked by our unpacker and applied by containerd's code:
+each upper layer's directory, and the merged view a container sees, must be the same.
+
+containerd's layers are applied as its diff applier does over an overlay snapshot (with the
+lower layers as ``WithParents``), ours by the unpacker into our overlay snapshotter (layers
+applied concurrently, parent directories copied up at commit). Both stacks are then mounted
+read-only as overlays and compared.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.images.unpack import trees
+
+from . import appliers, cases
+
+#: Where the merged view must differ from containerd's (issue #15, "beyond containerd": OCI
+#: semantics containerd gets wrong): the paths we must show, given containerd's. Strict
+#: xfails until the fix lands; then the xfail goes and the assertion stays.
+BEYOND_CONTAINERD: dict[str, tuple[Callable[[set[str]], set[str]], str]] = {
+    "opaque-at-layer-root-over-lower": (
+        lambda theirs: {"new"},
+        "issue #15 beyond containerd: overlayfs ignores an opaque xattr on a layer's root, so"
+        " '.wh..wh..opq' at the root must hide every lower entry some other way",
+    ),
+    "whiteout-and-recreate-over-lower": (
+        lambda theirs: theirs - {"d/x", "d/y"},
+        "issue #15 beyond containerd: a directory removed by a whiteout and re-created in"
+        " the same layer must not show lower content (it needs the opaque xattr)",
+    ),
+}
+
+#: Where containerd refuses an image by a bug of its own and we unpack it: containerd's
+#: error, why, and the paths our merged view shows.
+CONTAINERD_REFUSES: dict[str, tuple[str, str, set[str]]] = {
+    "lower-file-replaced-by-a-directory-with-implicit-subdirectories": (
+        r"layer 1: lstat .*/a/b: not a directory",
+        "containerd bug (found by test_fuzz): WithParents' mkparent looks for 'a/b' in the"
+        " lower layers, where 'a' is a file, and takes ENOTDIR for an error",
+        {"a", "a/b", "a/b/c"},
+    ),
+}
+
+CANARY = Path("/nonexistent-canary")
+
+
+def _all_cases(canary: Path) -> dict[str, list[bytes]]:
+    hostile = {k: v for k, v in cases.hostile(canary).items() if len(v) > 1}
+    return {**cases.stacked(), **hostile}
+
+
+def _params() -> list[object]:
+    out: list[object] = []
+    for name in _all_cases(CANARY):
+        marks = []
+        if name in BEYOND_CONTAINERD:
+            marks.append(pytest.mark.xfail(strict=True, reason=BEYOND_CONTAINERD[name][1]))
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+@pytest.mark.parametrize("case", _params())
+def test_an_image_unpacks_and_mounts_as_containerd_would(
+    case: str, containerd_apply: Path, tmp_path: Path
+) -> None:
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "secret").write_bytes(b"do not touch")
+    before = trees.describe(canary)
+    tars = _all_cases(canary)[case]
+    out = appliers.compare_stacks(containerd_apply, tars, tmp_path)
+    if case in CONTAINERD_REFUSES:
+        error, _, paths = CONTAINERD_REFUSES[case]
+        assert re.search(error, out.theirs_error), out.theirs_error
+        assert not out.ours_error
+        assert paths <= set(out.merged_ours)
+        return
+    assert bool(out.ours_error) == bool(out.theirs_error), (out.theirs_error, out.ours_error)
+    assert out.layer_diffs == {}
+    if case in BEYOND_CONTAINERD:
+        expected, _ = BEYOND_CONTAINERD[case]
+        paths_theirs = set(out.merged_theirs) - {".", "hardlinks"}
+        assert set(out.merged_ours) - {".", "hardlinks"} == expected(paths_theirs)
+    else:
+        assert trees.diff(out.merged_theirs, out.merged_ours) == []
+    assert trees.describe(canary) == before  # nothing written outside either stack
