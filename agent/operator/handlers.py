@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from agent.kube import resources
-from agent.operator import daemonsets, errors, kubeapi, reconciling
+from agent.operator import daemonsets, errors, index, kubeapi, reconciling
 
 logger = logging.getLogger("agent.operator")
 
@@ -31,8 +31,8 @@ PEERINGS = "/apis/kopf.dev/v1/clusterkopfpeerings"
 MAX_COALESCE = 0.5
 
 
-def _state(memo: Any) -> reconciling.State:
-    state: reconciling.State = memo.state
+def _state(memo: Any) -> index.State:
+    state: index.State = memo.state
     return state
 
 
@@ -153,7 +153,7 @@ async def prefetch_deleted(uid: str, memo: Any, logger: kopf.Logger, **_: Any) -
 # ------------------------------------------------------------------------------ DaemonSet
 
 
-async def keep_daemonset(state: reconciling.State) -> None:
+async def keep_daemonset(state: index.State) -> None:
     """Keep the agents' DaemonSet as the settings file says; track ready agent pods."""
     while True:
         try:
@@ -165,7 +165,7 @@ async def keep_daemonset(state: reconciling.State) -> None:
         await asyncio.sleep(state.settings.daemonset_check_interval)
 
 
-async def check_daemonset(state: reconciling.State) -> None:
+async def check_daemonset(state: index.State) -> None:
     path = state.settings.agent_daemonset
     if not path:
         return
