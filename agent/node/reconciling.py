@@ -286,9 +286,48 @@ class ImageState:
     last_progress_time: str = ""
     #: the reason of the last failure announced with an Event (no repeats every series)
     announced: str = ""
+    #: the :attr:`Entry.key` this state describes (None: read back from a status)
+    version: tuple[Any, ...] | None = None
     #: stalls and cancellations of earlier attempts (the service counts per pull)
     _stalls_before: int = 0
     _cancellations_before: int = 0
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> ImageState:
+        """The state a previous agent process wrote (a restart continues from it)."""
+        def number(key: str) -> int:
+            value = status.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        state = cls(
+            name=str(status.get("name", "")), image=str(status.get("image") or ""),
+            phase=str(status.get("phase") or "Pending"), digest=str(status.get("digest") or ""),
+            bytes_done=number("bytesDone"), bytes_total=number("bytesTotal"),
+            layers_done=number("layersDone"), layers_total=number("layersTotal"),
+            attempts=number("attempts"), stalls=number("stalls"),
+            stall_cancellations=number("stallCancellations"),
+            reason=str(status.get("reason") or ""), message=str(status.get("message") or ""),
+            start_time=str(status.get("startTime") or ""),
+            completion_time=str(status.get("completionTime") or ""),
+            last_progress_time=str(status.get("lastProgressTime") or ""),
+        )
+        if state.phase in FAILED_PHASES:
+            state.announced = state.reason  # its Event was posted by the previous process
+        return state
+
+    def prepare(self, entry: Entry, now: str) -> bool:
+        """A series for ``entry`` starts: a new version of the entry starts from Pending with
+        fresh counters; the same version (a later series, or one the previous agent process
+        began) keeps its counters and phase. True when the state was reset."""
+        same = self.version == entry.key or (self.version is None and self.image
+                                             == entry.reference)
+        self.version = entry.key
+        self.image = entry.reference
+        if same:
+            return False
+        self.phase, self.reason, self.message, self.announced = "Pending", "", "", ""
+        self.attempts, self.start_time, self.completion_time = 0, now, ""
+        self.bytes_done = self.bytes_total = self.layers_done = self.layers_total = 0
+        return True
 
     def begin_attempt(self, now: str) -> None:
         """A new attempt starts: counters of the previous one become the base."""

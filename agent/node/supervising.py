@@ -79,6 +79,7 @@ class Supervisor:
         self._loops: list[asyncio.Task[None]] = []
         self._reporter_task: asyncio.Task[None] | None = None
         self._started = False
+        self._seeded = False
 
     # Input.
 
@@ -94,11 +95,33 @@ class Supervisor:
             wanted = reconciling.parse_entries(body.get("spec"))
             self.uid = str(meta.get("uid", ""))
             self.reporter.object_exists()
+        if not self._seeded and event_type != "DELETED":
+            self._seed(wanted, body.get("status"))
         generation = meta.get("generation")
         if wanted != self.wanted or generation != self.generation:
             self.wanted = wanted
             self.generation = generation if isinstance(generation, int) else None
             self._wake.set()
+
+    def _seed(self, wanted: Mapping[str, reconciling.Entry],
+              status: Mapping[str, Any] | None) -> None:
+        """Continue from the status a previous agent process wrote (once, at the first
+        observation): statuses of entries still wanted are kept as they were, so nothing
+        regresses Ready → Pending and attempts keep counting; a Failed entry is retried
+        after the backoff, not at once (a DaemonSet rollout must not re-pull in lock-step)."""
+        self._seeded = True
+        now = self.clock()
+        for raw in (status or {}).get("images") or []:
+            name = raw.get("name") if isinstance(raw, Mapping) else None
+            if name not in wanted or name in self.states:
+                continue
+            state = reconciling.ImageState.from_status(raw)
+            self.states[name] = state
+            self.reporter.set_image(state.to_status())
+            entry = wanted[name]
+            if state.phase in reconciling.FAILED_PHASES and state.image == entry.reference:
+                state.version = entry.key
+                self.outcomes[name] = reconciling.Outcome(entry.key, False, state.reason, now)
 
     # Lifecycle.
 
@@ -194,6 +217,10 @@ class Supervisor:
         for name in plan.start:
             entry = wanted[name]
             state = self.states.setdefault(name, reconciling.ImageState(name))
+            # Before observedGeneration moves on (below): a status written with the new
+            # generation must not carry the previous version's result.
+            if state.prepare(entry, reconciling.timestamp()):
+                self.reporter.set_image(state.to_status(), urgent=True)
             task = asyncio.create_task(self._run_series(entry, state), name=f"pull/{name}")
             self._series[name] = (entry.key, task)
         self.reporter.order(wanted)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from agent.kube import specs
+from agent.operator import entries
 
 FINAL_PHASES = frozenset({"Ready", "Failed", "Stalled"})
 FAILED_PHASES = frozenset({"Failed", "Stalled"})
@@ -55,12 +56,20 @@ def report(
     node_status: Mapping[str, Any] | None,
     agent_live: bool,
     statuses: Mapping[str, specs.ImageStatus] | None = None,
+    dispatched_generation: int = 0,
 ) -> NodeReport:
     """Fold a node's NodeImageSet status into a :class:`NodeReport` for our entries.
 
     ``statuses``: :func:`statuses_by_name` of ``node_status``, when the caller keeps it
-    (the node's other owners' entries are then not looked at)."""
-    if statuses is None:
+    (the node's other owners' entries are then not looked at).
+    ``dispatched_generation``: the NodeImageSet generation that carries our entries as they
+    are; a status whose ``observedGeneration`` is older describes a previous version of them
+    (results of the previous spec are not trusted: the node counts as pulling)."""
+    observed = (node_status or {}).get("observedGeneration")
+    if dispatched_generation and (not isinstance(observed, int)
+                                  or observed < dispatched_generation):
+        statuses = {}
+    elif statuses is None:
         statuses = statuses_by_name(node_status)
     images = {name: current_status(entry, statuses) for name, entry in wanted.items()}
     phases = [s.get("phase") if s else None for s in images.values()]
@@ -91,6 +100,7 @@ def plan(
     reports: Mapping[str, NodeReport],
     parallelism: int | None,
     frozen: bool = False,
+    known: Mapping[tuple[str, str], specs.ImageEntry] = {},
 ) -> Plan:
     """Decide the writes of one reconcile.
 
@@ -103,12 +113,13 @@ def plan(
             or Failed). A dispatched node without a live agent holds its slot (it is
             reported AgentUnavailable), so agents that start late cannot overrun the limit.
         frozen: the prefetch finished under completionPolicy Always: no new nodes.
+        known: every prefetch's contributions (owners merged as the writer merges them).
     """
     target_set = set(targets)
     withdraw = sorted(node for node in dispatched if node not in target_set)
     refresh = sorted(
         node for node, ours in dispatched.items()
-        if node in target_set and _differs(ours, desired)
+        if node in target_set and _differs(ours, desired, known)
     )
     dispatch: list[str] = []
     if not frozen:
@@ -122,22 +133,21 @@ def plan(
     return Plan(tuple(dispatch), tuple(refresh), tuple(withdraw))
 
 
-def _differs(ours: Mapping[str, specs.ImageEntry], desired: Mapping[str, specs.ImageEntry]) -> bool:
+#: Entry fields that do not need a write of their own (they follow the next real change).
+_INCIDENTAL = frozenset({"traceparent"})
+
+
+def _differs(ours: Mapping[str, specs.ImageEntry], desired: Mapping[str, specs.ImageEntry],
+             known: Mapping[tuple[str, str], specs.ImageEntry]) -> bool:
+    """Whether writing ``desired`` would change our entries on the node (any field: limits,
+    policy, pinning, secrets, digest; another owner's digest in a shared entry stays the
+    entry's one digest, see :func:`.entries.combine`)."""
     if set(ours) != set(desired):
         return True
-    for name, want in desired.items():
-        have = ours[name]
-        # Another owner's digest in a shared entry is the entry's one digest (see
-        # entries.combine): rewriting it would not change it, only restart the pulls.
-        sole = all(o["uid"] == want["owners"][0]["uid"] for o in have.get("owners", []))
-        if sole and want.get("digest", "") != have.get("digest", ""):
-            return True
-        if sole and set(want.get("pullSecrets", [])) != set(have.get("pullSecrets", [])):
-            return True
-        if not set(want.get("pullSecrets", [])) <= set(have.get("pullSecrets", [])):
-            return True
-        if want.get("pinned") and not have.get("pinned"):
-            return True
-        if want.get("pullPolicy") == "Always" and have.get("pullPolicy") != "Always":
+    merged = {e["name"]: e for e in entries.upsert(list(ours.values()), desired.values(), known)}
+    for name, have in ours.items():
+        want = merged[name]
+        if {k: v for k, v in want.items() if k not in _INCIDENTAL} != \
+                {k: v for k, v in have.items() if k not in _INCIDENTAL}:
             return True
     return False

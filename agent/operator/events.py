@@ -28,9 +28,14 @@ def emit_events(body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[st
     if stalled > int(old.get("stalledCancellations") or 0):
         kopf.warn(target, reason="PullStalled",
                   message=f"{stalled} pull(s) cancelled for lack of progress so far")
-    if new.get("completionTime") and not old.get("completionTime") \
-            and f"done/{new.get('observedGeneration')}" not in sent:
-        sent.add(f"done/{new.get('observedGeneration')}")
+    if old.get("completionTime") and not new.get("completionTime") \
+            and old.get("observedGeneration") == new.get("observedGeneration"):
+        sent.discard(f"done/{new.get('observedGeneration')}/{old.get('phase')}")
+        kopf.event(target, type="Normal", reason="Resumed",
+                  message=f"no longer finished: {new['nodes']['pulling']} node(s) pulling again")
+    done = f"done/{new.get('observedGeneration')}/{new.get('phase')}"
+    if new.get("completionTime") and not old.get("completionTime") and done not in sent:
+        sent.add(done)
         if new.get("phase") == "Failed":
             kopf.warn(target, reason="Failed",
                       message=f"finished: {new['nodes']['failed']} node(s) failed")

@@ -85,7 +85,7 @@ async def ensure_peering(client: kubeapi.Client, name: str) -> None:
 
 
 @kopf.on.event("v1", "nodes")
-def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     if type is not None:  # None = the initial listing, already primed at startup
         _state(memo).node_event(type, body)
     else:
@@ -93,14 +93,14 @@ def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None
 
 
 @kopf.on.event(*NODE_SETS)
-def node_set_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def node_set_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     _state(memo).node_set_event(type or "ADDED", dict(body))
 
 
 @kopf.on.create(*PREFETCHES)
 @kopf.on.update(*PREFETCHES)
 @kopf.on.resume(*PREFETCHES)
-def prefetch_changed(uid: str, memo: Any, **_: Any) -> None:
+async def prefetch_changed(uid: str, memo: Any, **_: Any) -> None:
     _state(memo).wake(uid)
 
 

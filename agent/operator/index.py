@@ -159,7 +159,21 @@ class State:
                 live.add(name)
         return live
 
+    def dispatched_generation(self, uid: str, node: str) -> int:
+        """The NodeImageSet generation that carries ``uid``'s entries on ``node`` as they
+        are: recorded by the writer; for entries written before this process started, the
+        generation when first looked at (the agent must have seen at least that)."""
+        key = (uid, node)
+        known = self.writer.generations.get(key)
+        if known is None:
+            body = self.node_sets.get(node) or {}
+            known = int((body.get("metadata") or {}).get("generation") or 0)
+            self.writer.generations[key] = known
+        return known
+
     def forget(self, uid: str) -> None:
+        for key in [k for k in self.writer.generations if k[0] == uid]:
+            del self.writer.generations[key]
         for key in [k for k in self.contributions if k[0] == uid]:
             del self.contributions[key]
         for generation_key in [k for k in self.digests if k[0] == uid]:

@@ -63,7 +63,9 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         prefetch = prefetches.parse(body)
         copies, sources = await ensure_secret_copies(state, prefetch, logger)
     except errors.InvalidSpec as e:
-        new = status.invalid(generation, str(e), previous, now_text)
+        listed = (body.get("spec") or {}).get("images")
+        new = status.invalid(generation, str(e), previous, now_text,
+                             len(listed) if isinstance(listed, list) else 0)
         if f"invalid/{generation}" not in sent:
             sent.add(f"invalid/{generation}")
             kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=str(e))
@@ -111,7 +113,8 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         dispatched = dict(state.by_owner.get(uid) or {})
         reports = {
             node: dispatching.report(node, ours, state.node_sets[node].get("status"),
-                                     node in live, state.node_statuses.get(node))
+                                     node in live, state.node_statuses.get(node),
+                                     state.dispatched_generation(uid, node))
             for node, ours in dispatched.items()
         }
         return dispatched, reports
@@ -121,7 +124,8 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     frozen = prefetch.completion_policy == "Always" and bool(previous.get("completionTime"))
     if frozen:
         targets = [t for t in targets if t in dispatched]
-    plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism, frozen)
+    plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism, frozen,
+                             state.contributions)
 
     put_ours = writing.Change(uid, desired)
     drop_ours = writing.Change(uid, None)

@@ -42,8 +42,9 @@ def _stamp(conditions: list[specs.Condition], previous: Sequence[Mapping[str, An
 
 
 def invalid(generation: int, field_message: str, previous: Mapping[str, Any],
-            now: str) -> specs.PrefetchStatus:
-    """The status of a prefetch whose spec cannot be used."""
+            now: str, images: int = 0) -> specs.PrefetchStatus:
+    """The status of a prefetch whose spec cannot be used (``images``: how many the spec
+    lists; every printer column shows a value, none is blank)."""
     conditions = [
         _condition("Progressing", False, "InvalidSpec", field_message, generation),
         _condition("Ready", False, "InvalidSpec", field_message, generation),
@@ -53,6 +54,10 @@ def invalid(generation: int, field_message: str, previous: Mapping[str, Any],
     return {
         "observedGeneration": generation,
         "phase": "Failed",
+        "summary": {"images": images, "ready": "0/0", "progress": "0%"},
+        "nodes": {"desired": 0, "ready": 0, "pulling": 0, "pending": 0, "failed": 0,
+                  "agentUnavailable": 0},
+        "stalledCancellations": 0,
         "conditions": _stamp(conditions, previous.get("conditions") or [], now),
     }
 
@@ -81,7 +86,7 @@ def aggregate(
     sent = set(dispatched)
     counts: specs.NodeCounts = {"desired": len(desired), "ready": 0, "pulling": 0, "pending": 0,
                                 "failed": 0, "agentUnavailable": 0}
-    bytes_done = bytes_total = stalled = 0
+    bytes_done = bytes_total = stalled = live_bytes_done = 0
     per_image = {img.name: {"ready": 0, "failed": 0} for img in images}
     failures: list[specs.Failure] = []
     unavailable: list[str] = []
@@ -108,6 +113,8 @@ def aggregate(
             bytes_total += int(st.get("bytesTotal") or 0)
             stalled += int(st.get("stallCancellations") or 0)
             phase = st.get("phase")
+            if phase not in dispatching.FAILED_PHASES:
+                live_bytes_done += int(st.get("bytesDone") or 0)
             if name in per_image and phase == "Ready":
                 per_image[name]["ready"] += 1
             elif name in per_image and phase in dispatching.FAILED_PHASES:
@@ -122,13 +129,17 @@ def aggregate(
 
     total = len(desired)
     done = counts["ready"] + counts["failed"]
-    finished = completion_policy != "Never" and total > 0 and done == total
-    if previous.get("completionTime") and completion_policy != "Never":
-        finished = True  # finishing is final under completionPolicy Always
-    if bytes_total > 0:
-        percent = min(100, bytes_done * 100 // bytes_total)
+    # Level-triggered: finished while every node is done now (a Failed node whose agent
+    # retries makes it unfinished again, until that node is done once more).
+    # (Finished before and every node left since: still finished, not "no node".)
+    finished = completion_policy != "Never" and done == total and (
+        total > 0 or bool(previous.get("completionTime")))
+    if total > 0 and counts["ready"] == total:
+        percent = 100
+    elif bytes_total > 0:  # bytes of failed pulls are not progress
+        percent = min(99, live_bytes_done * 100 // bytes_total)
     else:
-        percent = 100 if total and counts["ready"] == total else 0
+        percent = 0
 
     status: specs.PrefetchStatus = {
         "observedGeneration": generation,
@@ -154,7 +165,7 @@ def aggregate(
 
     failed_nodes = counts["failed"]
     ready_msg = f"{counts['ready']}/{total} nodes have every image"
-    if total == 0:
+    if total == 0 and not finished:
         progressing = _condition("Progressing", False, "NoMatchingNodes",
                                  "no node matches nodeSelector/nodeNames", generation)
     elif finished:
@@ -192,7 +203,7 @@ def aggregate(
         failed = _condition("Failed", False, "NoFailure" if not failed_nodes else "InProgress",
                             f"{failed_nodes} node(s) failed so far", generation)
 
-    if finished:  # sticky, like the Complete/Failed conditions it must agree with
+    if finished:  # agrees with completionTime and the Complete/Failed conditions
         status["phase"] = "Failed" if failed_nodes else "Complete"
     elif sent:
         status["phase"] = "Progressing"

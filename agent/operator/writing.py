@@ -94,6 +94,10 @@ class NodeWriter:
         #: prefetches being deleted: a put still in flight from a reconcile that started
         #: before the delete becomes a withdrawal, so nothing re-adds their entries.
         self.retired: set[str] = set()
+        #: (uid, node) → the NodeImageSet generation our last write of uid's entries there
+        #: produced: the agent's status describes them only once its observedGeneration
+        #: reaches it (see :func:`.dispatching.report`).
+        self.generations: dict[tuple[str, str], int] = {}
         self._pending: dict[str, dict[str, _Pending]] = {}
         self._scheduled: set[str] = set()  # due soon, queued, or being written
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -184,6 +188,8 @@ class NodeWriter:
         body = self.cached(node)
         before = list(((body or {}).get("spec") or {}).get("images") or [])
         images = before
+        # A prefetch deleted since its change was queued: withdraw it instead.
+        changes = [Change(c.uid, None) if c.uid in self.retired else c for c in changes]
         for change in changes:
             images = change.apply(images, self.known)
         if images == before and body is not None:
@@ -209,6 +215,13 @@ class NodeWriter:
                 self.forget(node)  # deleted behind our back: created on the next attempt
                 raise
         self.remember(written)
+        generation = int((written.get("metadata") or {}).get("generation") or 0)
+        for change in changes:
+            if entries.owned(before, change.uid) != entries.owned(images, change.uid):
+                if change.wanted is None:
+                    self.generations.pop((change.uid, node), None)
+                else:
+                    self.generations[(change.uid, node)] = generation
 
 
 def _settle(batch: Mapping[str, _Pending], error: Exception | None) -> None:

@@ -51,7 +51,7 @@ def test_two_prefetches_that_resolved_different_digests_settle_on_one_entry_dige
     for _ in range(4):
         for c in (ca, cb):
             ours = entries.owned(node, c["owners"][0]["uid"])
-            if dispatching._differs(ours, {c["name"]: c}):
+            if dispatching._differs(ours, {c["name"]: c}, known):
                 node = entries.upsert(node, [c], known)
                 writes += 1
     assert writes == 1  # b joins once; nobody rewrites the digest after that
@@ -72,7 +72,7 @@ def test_a_sole_owner_still_refreshes_its_own_new_digest() -> None:
     old = entries.contribution(prefetch("a", "ua"), ref, D1, [], "")
     new = entries.contribution(prefetch("a", "ua"), ref, D2, [], "")
     node = entries.upsert([], [old])
-    assert dispatching._differs(entries.owned(node, "ua"), {new["name"]: new})
+    assert dispatching._differs(entries.owned(node, "ua"), {new["name"]: new}, {})
     assert entries.upsert(node, [new], {("ua", new["name"]): new})[0]["digest"] == D2
 
 
@@ -195,7 +195,7 @@ def test_removed_pull_secrets_are_removed_from_node_entries() -> None:
     before = entries.contribution(p, ref, D1, ["ipf-1-regcred"], "")
     after = entries.contribution(p, ref, D1, [], "")
     node = entries.upsert([], [before])
-    assert dispatching._differs(entries.owned(node, "ua"), {after["name"]: after})
+    assert dispatching._differs(entries.owned(node, "ua"), {after["name"]: after}, {})
     node = entries.upsert(node, [after], {("ua", after["name"]): after})
     assert "pullSecrets" not in node[0]
 

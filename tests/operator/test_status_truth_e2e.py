@@ -1,0 +1,78 @@
+"""The real operator: status that never lies (spec edits, healing failures, bad specs).
+
+Node agents are simulated by writing NodeImageSet statuses as agents do (with the
+``observedGeneration`` of the spec they acted on).
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.kube.cluster import Cluster
+
+from .conftest import API, Operator, condition, entries_of, ipf, prefetch, report
+
+
+def phase(cluster: Cluster, name: str) -> str:
+    return str((ipf(cluster, name, "default").get("status") or {}).get("phase"))
+
+
+def test_an_edited_spec_reaches_the_nodes_and_old_results_do_not_finish_it(
+        cluster: Cluster, operator: Operator) -> None:
+    cluster.add_node("edit-a", {"pool": "edit"})
+    cluster.apply(prefetch("edit", "default", images=["registry.example.com/private:1"],
+                           timeoutSeconds=60, nodeSelector={"matchLabels": {"pool": "edit"}}))
+    cluster.wait_for(lambda: entries_of(cluster, "edit-a", "edit"))
+    report(cluster, "edit-a", "Failed", reason="Unauthorized", message="401")
+    cluster.kubectl("wait", "--for=condition=Failed", "ipf/edit", "-n", "default",
+                    "--timeout=15s")
+    cluster.kubectl("patch", "ipf", "edit", "-n", "default", "--type=merge",
+                    "-p", json.dumps({"spec": {"timeoutSeconds": 600}}))
+    cluster.wait_for(lambda: entries_of(cluster, "edit-a", "edit")[0]
+                     .get("timeoutSeconds") == 600)
+    cluster.wait_for(lambda: ipf(cluster, "edit", "default")["status"]
+                     .get("observedGeneration") == 2)
+    # The node's Failed is about the previous spec: not a result for generation 2.
+    obj = ipf(cluster, "edit", "default")
+    assert obj["status"]["phase"] == "Progressing"
+    assert "completionTime" not in obj["status"]
+    assert condition(obj, "Failed")["status"] == "False"
+    report(cluster, "edit-a", "Ready")
+    cluster.kubectl("wait", "--for=condition=Complete", "ipf/edit", "-n", "default",
+                    "--timeout=15s")
+
+
+def test_a_failed_prefetch_that_heals_is_not_complete_while_a_node_downloads(
+        cluster: Cluster, operator: Operator) -> None:
+    cluster.add_node("heal-a", {"pool": "heal"})
+    cluster.add_node("heal-b", {"pool": "heal"})
+    cluster.apply(prefetch("heal", "default", images=["nginx:1.27"],
+                           nodeSelector={"matchLabels": {"pool": "heal"}}))
+    cluster.wait_for(lambda: entries_of(cluster, "heal-a", "heal")
+                     and entries_of(cluster, "heal-b", "heal"))
+    report(cluster, "heal-a", "Ready")
+    report(cluster, "heal-b", "Failed", reason="Timeout", message="gave up")
+    cluster.wait_for(lambda: phase(cluster, "heal") == "Failed")
+    report(cluster, "heal-b", "Downloading", bytesDone=10)  # its agent retries
+    cluster.wait_for(lambda: phase(cluster, "heal") == "Progressing")
+    obj = ipf(cluster, "heal", "default")
+    assert condition(obj, "Complete")["status"] == "False"
+    assert "completionTime" not in obj["status"]
+    report(cluster, "heal-b", "Ready")
+    cluster.kubectl("wait", "--for=condition=Complete", "ipf/heal", "-n", "default",
+                    "--timeout=15s")
+    described = cluster.kubectl("describe", "ipf", "heal", "-n", "default").stdout
+    assert "Completed" in described and "Resumed" in described
+
+
+def test_an_invalid_spec_shows_its_phase_in_every_column(
+        cluster: Cluster, operator: Operator) -> None:
+    cluster.apply(prefetch("twice", "default", images=["nginx", "nginx:latest"]))
+    cluster.wait_for(lambda: phase(cluster, "twice") == "Failed")
+    table = cluster.kubectl("get", "ipf", "twice", "-n", "default").stdout.split("\n")
+    header, row = table[0].split(), table[1].split()
+    assert header[:7] == ["NAME", "IMAGES", "NODES", "READY", "FAILED", "PROGRESS", "PHASE"]
+    assert row[:7] == ["twice", "2", "0", "0/0", "0", "0%", "Failed"]
+    wide = cluster.kubectl("get", "ipf", "twice", "-n", "default", "-o", "wide").stdout
+    assert "InvalidSpec" in wide
+    assert cluster.get(API, "imageprefetches", "twice", "default") is not None
