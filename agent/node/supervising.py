@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -112,7 +115,7 @@ class Supervisor:
         self._seeded = True
         now = self.clock()
         for raw in (status or {}).get("images") or []:
-            name = raw.get("name") if isinstance(raw, Mapping) else None
+            name = str(raw.get("name", "")) if isinstance(raw, Mapping) else ""
             if name not in wanted or name in self.states:
                 continue
             state = reconciling.ImageState.from_status(raw)
@@ -206,7 +209,7 @@ class Supervisor:
         plan = reconciling.plan(
             wanted, {n: key for n, (key, _) in self._series.items()}, self.outcomes, present,
             now=self.clock(), failed_retry_interval=self.failed_retry_interval,
-            hopeless=errors.HOPELESS_REASONS,
+            hopeless=errors.HOPELESS_REASONS, permanent=errors.PERMANENT_REASONS,
         )
         await self._cancel(list(plan.cancel))
         gone = [name for name in self.states if name not in wanted]
@@ -240,7 +243,17 @@ class Supervisor:
             state.phase, state.reason, state.message = "Failed", errors.INTERNAL, str(e)
             self.reporter.set_image(state.to_status(), urgent=True)
             outcome = reconciling.Outcome(entry.key, False, errors.INTERNAL, self.clock())
+        if not outcome.ready:
+            jitter = 1 + random.uniform(-reconciling.JITTER, reconciling.JITTER)
+            outcome = dataclasses.replace(outcome, jitter=jitter)
+        outcome = outcome.after(self.outcomes.get(entry.name))
         self.outcomes[entry.name] = outcome
+        wait = reconciling.retry_in(outcome, entry, self.failed_retry_interval,
+                                    errors.HOPELESS_REASONS, errors.PERMANENT_REASONS)
+        if wait is not None:  # say when (the operator counts the node as still busy)
+            state.next_retry_time = reconciling.timestamp(
+                datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=wait))
+            self.reporter.set_image(state.to_status(), urgent=True)
         current = self._series.get(entry.name)
         if current is not None and current[1] is asyncio.current_task():
             del self._series[entry.name]

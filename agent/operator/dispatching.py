@@ -84,6 +84,18 @@ def report(
     return NodeReport(node, state, images)
 
 
+def retrying(rep: NodeReport) -> bool:
+    """Whether the node's agent will try a failed image of ours again (it said when)."""
+    return any(st is not None and st.get("phase") in FAILED_PHASES and st.get("nextRetryTime")
+               for st in rep.images.values())
+
+
+def busy(rep: NodeReport) -> bool:
+    """Whether the node holds one of the ``parallelism`` slots: pulling, without a live
+    agent, or failed with a retry to come."""
+    return rep.state in (PULLING, AGENT_UNAVAILABLE) or (rep.state == FAILED and retrying(rep))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Nodes to write: ``dispatch`` (new), ``refresh`` (ours changed), ``withdraw`` (remove)."""
@@ -109,9 +121,10 @@ def plan(
         dispatched: node → our entries there (from the NodeImageSets).
         desired: entry name → our contribution (same on every node).
         reports: node → report, for dispatched nodes.
-        parallelism: max nodes in flight (None = all): dispatched and not finished (Ready
-            or Failed). A dispatched node without a live agent holds its slot (it is
-            reported AgentUnavailable), so agents that start late cannot overrun the limit.
+        parallelism: max nodes in flight (None = all): dispatched and :func:`busy`. A
+            dispatched node without a live agent holds its slot (it is reported
+            AgentUnavailable), so agents that start late cannot overrun the limit; so does
+            a failed node whose agent will retry.
         frozen: the prefetch finished under completionPolicy Always: no new nodes.
         known: every prefetch's contributions (owners merged as the writer merges them).
     """
@@ -125,8 +138,7 @@ def plan(
     if not frozen:
         in_flight = sum(
             1 for node in dispatched
-            if node in target_set and reports.get(node) is not None
-            and reports[node].state in (PULLING, AGENT_UNAVAILABLE)
+            if node in target_set and reports.get(node) is not None and busy(reports[node])
         )
         room = len(target_set) if parallelism is None else max(parallelism - in_flight, 0)
         dispatch = sorted(node for node in target_set if node not in dispatched)[:room]

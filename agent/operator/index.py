@@ -16,6 +16,7 @@ from agent import config
 from agent.kube import specs
 from agent.metrics import OperatorMetrics
 from agent.operator import dispatching, kubeapi, nodes, throttling, writing
+from agent.operator.digests import Memo
 from agent.operator.times import parse_time
 
 JSON = dict[str, Any]
@@ -47,7 +48,7 @@ class State:
     wakers: dict[str, asyncio.Event] = dataclasses.field(default_factory=dict)
     contributions: dict[tuple[str, str], specs.ImageEntry] = dataclasses.field(
         default_factory=dict)
-    digests: dict[tuple[str, int], dict[str, str]] = dataclasses.field(default_factory=dict)
+    digests: dict[tuple[str, int], Memo] = dataclasses.field(default_factory=dict)
     traceparents: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
     statuses: dict[str, JSON] = dataclasses.field(default_factory=dict)
     events_sent: dict[str, set[str]] = dataclasses.field(default_factory=dict)

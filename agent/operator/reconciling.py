@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -27,7 +28,7 @@ from agent.operator import (
     traceparents,
     writing,
 )
-from agent.operator.digests import resolved_digests
+from agent.operator.digests import Memo, resolved_digests
 from agent.operator.events import emit_events
 from agent.operator.index import State
 from agent.operator.secret_copies import ensure_secret_copies, release_secret_copies
@@ -61,7 +62,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
 
     try:
         prefetch = prefetches.parse(body)
-        copies, sources = await ensure_secret_copies(state, prefetch, logger)
+        copies, sources, missing_secrets = await ensure_secret_copies(state, prefetch, logger)
     except errors.InvalidSpec as e:
         listed = (body.get("spec") or {}).get("images")
         new = status.invalid(generation, str(e), previous, now_text,
@@ -76,7 +77,8 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     if f"secrets/{generation}" not in sent:
         await release_secret_copies(state, uid, keep=set(copies))
         sent.add(f"secrets/{generation}")
-    digests = await resolved_digests(state, prefetch, previous, sources)
+    memo = await resolved_digests(state, prefetch, previous, sources)
+    problems = _problems(state, prefetch, memo, missing_secrets)
     traceparent = state.traceparents.get((uid, generation))
     if traceparent is None:
         # The trace of this prefetch generation: a root reconcile span and its first
@@ -96,9 +98,10 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     desired: dict[str, specs.ImageEntry] = {}
     resolved: list[status.ResolvedImage] = []
     for text, ref in prefetch.images:
-        digest = digests.get(str(ref), "")
+        digest = memo.digests.get(str(ref), "")
         mine = entries.contribution(prefetch, ref, digest, copies, traceparent)
-        desired[mine["name"]] = mine
+        if str(ref) not in memo.not_found:  # failed at the prefetch, once
+            desired[mine["name"]] = mine
         sent_ref = f"{ref.name}@{digest}" if digest else str(ref)
         resolved.append(status.ResolvedImage(text, mine["name"], sent_ref, digest))
     for key in [k for k in state.contributions if k[0] == uid and k[1] not in desired]:
@@ -124,8 +127,10 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     frozen = prefetch.completion_policy == "Always" and bool(previous.get("completionTime"))
     if frozen:
         targets = [t for t in targets if t in dispatched]
-    plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism, frozen,
-                             state.contributions)
+    if not desired:  # every image failed at the prefetch: no node has anything to do
+        targets = []
+    plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism,
+                            frozen, state.contributions)
 
     put_ours = writing.Change(uid, desired)
     drop_ours = writing.Change(uid, None)
@@ -155,13 +160,17 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     new = status.aggregate(
         generation=generation, completion_policy=prefetch.completion_policy,
         desired_nodes=targets, dispatched=dispatched, reports=reports, images=resolved,
-        previous=previous, now=now_text,
+        previous=previous, now=now_text, problems=problems,
     )
     state.summarise(uid, new)
-    emit_events(body, previous, dict(new), sent)
+    emit_events(body, previous, dict(new), sent, problems,
+                status.failure_reasons(reports, resolved))
     urgent = status.conditions_changed(previous, dict(new))
     wait = await write_status(state, body, previous, dict(new), now, urgent=urgent)
 
+    if memo.unresolved([ref for _, ref in prefetch.images]) and state.settings.resolve_digests:
+        again = max(memo.retry_at - time.monotonic(), 0.05)  # ask the registry again
+        wait = again if wait is None else min(wait, again)
     if retry_soon:
         wait = 1.0 if wait is None else min(wait, 1.0)
     ttl = prefetch.ttl_seconds_after_finished
@@ -174,6 +183,28 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
             return None
         wait = remaining if wait is None else min(wait, remaining)
     return wait
+
+
+def _problems(state: State, prefetch: prefetches.Prefetch, memo: Memo,
+              missing_secrets: list[str]) -> list[status.Problem]:
+    """What the status must say about the spec's references, nodes and secrets."""
+    problems = [
+        status.Problem("ImageNotFound", f"{text}: the registry says it does not exist"
+                       f" ({memo.not_found[str(ref)]}); not dispatched to any node",
+                       fatal=True, image=text)
+        for text, ref in prefetch.images if str(ref) in memo.not_found
+    ]
+    if prefetch.node_names:
+        absent = sorted(n for n in prefetch.node_names if n not in state.nodes)
+        if absent:
+            shown = ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else "")
+            problems.append(status.Problem(
+                "NodeNotFound", f"spec.nodeNames: {len(absent)} name(s) are not nodes: {shown}"))
+    if missing_secrets:
+        problems.append(status.Problem(
+            "PullSecretNotFound", f"spec.imagePullSecrets: {', '.join(missing_secrets)} do(es)"
+            f" not exist in namespace {prefetch.namespace}; pulls go without them"))
+    return problems
 
 
 async def withdraw_everywhere(state: State, uid: str) -> None:

@@ -15,15 +15,19 @@ JSON = dict[str, Any]
 
 
 async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
-                               logger: logging.Logger | Any) -> tuple[list[str], JSON]:
+                               logger: logging.Logger | Any
+                               ) -> tuple[list[str], JSON, list[str]]:
     """Copy the prefetch's pull secrets into the operator namespace; return the copies'
-    names and the decoded sources (for resolving digests with the same credentials)."""
+    names, the decoded sources (for resolving digests with the same credentials), and the
+    names of the secrets that do not exist (skipped)."""
     names: list[str] = []
     sources: JSON = {}
+    missing: list[str] = []
     for index, name in enumerate(prefetch.pull_secrets):
         source = await state.client.get(kubeapi.secret_path(prefetch.namespace, name))
         if source is None:
             logger.warning(f"pull secret {prefetch.namespace}/{name} does not exist; skipped")
+            missing.append(name)
             continue
         kind = str(source.get("type") or "Opaque")
         if kind not in secrets.PULL_SECRET_TYPES:
@@ -50,7 +54,7 @@ async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
             except errors.Conflict:
                 continue
         names.append(copy_name)
-    return names, sources
+    return names, sources, missing
 
 
 async def release_secret_copies(state: State, uid: str, keep: set[str] | None = None) -> None:

@@ -10,7 +10,9 @@ from agent.kube import specs
 from agent.operator import dispatching
 
 MAX_FAILURES = 20
-CONDITION_TYPES = ("Progressing", "Ready", "Complete", "Failed")
+CONDITION_TYPES = ("Progressing", "Ready", "Complete", "Failed", "Degraded")
+#: Longest node message quoted in a condition.
+MAX_MESSAGE = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +23,19 @@ class ResolvedImage:
     name: str
     reference: str
     digest: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Something about the spec that the status must say: ``fatal`` ones fail the prefetch
+    at once (``image``: one the registry says does not exist, not dispatched; the other
+    images still are), others make it ``Degraded`` (a nodeNames entry that is not a node, a
+    pull secret that does not exist)."""
+
+    reason: str
+    message: str
+    fatal: bool = False
+    image: str = ""
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, generation: int) -> specs.Condition:
@@ -72,6 +87,7 @@ def aggregate(
     images: Sequence[ResolvedImage],
     previous: Mapping[str, Any],
     now: str,
+    problems: Sequence[Problem] = (),
 ) -> specs.PrefetchStatus:
     """Compute the whole status.
 
@@ -81,6 +97,7 @@ def aggregate(
         dispatched: nodes that have our entries.
         reports: node → report, for dispatched nodes.
         previous: the current status (for times and condition transitions).
+        problems: what is wrong with the spec (see :class:`Problem`).
     """
     desired = sorted(set(desired_nodes))
     sent = set(dispatched)
@@ -90,6 +107,7 @@ def aggregate(
     per_image = {img.name: {"ready": 0, "failed": 0} for img in images}
     failures: list[specs.Failure] = []
     unavailable: list[str] = []
+    retrying: list[tuple[str, str, specs.ImageStatus]] = []
     by_name = {img.name: img for img in images}
     for node in desired:
         rep = reports.get(node)
@@ -109,6 +127,9 @@ def aggregate(
         for name, st in rep.images.items():
             if st is None:
                 continue
+            if rep.state == dispatching.PULLING and st.get("phase") == "Pending" \
+                    and st.get("reason"):  # the agent backs off before another attempt
+                retrying.append((node, by_name[name].text if name in by_name else name, st))
             bytes_done += int(st.get("bytesDone") or 0)
             bytes_total += int(st.get("bytesTotal") or 0)
             stalled += int(st.get("stallCancellations") or 0)
@@ -124,7 +145,7 @@ def aggregate(
                         "node": node,
                         "image": by_name[name].text if name in by_name else name,
                         "reason": str(st.get("reason") or phase),
-                        "message": str(st.get("message") or ""),
+                        "message": _clip(str(st.get("message") or "")),
                     })
 
     total = len(desired)
@@ -132,6 +153,7 @@ def aggregate(
     # Level-triggered: finished while every node is done now (a Failed node whose agent
     # retries makes it unfinished again, until that node is done once more).
     # (Finished before and every node left since: still finished, not "no node".)
+    fatal = [p for p in problems if p.fatal]
     finished = completion_policy != "Never" and done == total and (
         total > 0 or bool(previous.get("completionTime")))
     if total > 0 and counts["ready"] == total:
@@ -141,6 +163,10 @@ def aggregate(
     else:
         percent = 0
 
+    at_prefetch: list[specs.Failure] = [
+        {"node": "", "image": p.image, "reason": p.reason, "message": _clip(p.message)}
+        for p in fatal if p.image]
+    failures = (at_prefetch + failures)[:MAX_FAILURES]
     status: specs.PrefetchStatus = {
         "observedGeneration": generation,
         "summary": {"images": len(images), "ready": f"{counts['ready']}/{total}",
@@ -165,9 +191,13 @@ def aggregate(
 
     failed_nodes = counts["failed"]
     ready_msg = f"{counts['ready']}/{total} nodes have every image"
-    if total == 0 and not finished:
+    if total == 0 and fatal:
+        progressing = _condition("Progressing", False, fatal[0].reason, fatal[0].message,
+                                 generation)
+    elif total == 0 and not finished:
         progressing = _condition("Progressing", False, "NoMatchingNodes",
-                                 "no node matches nodeSelector/nodeNames", generation)
+                                 "no node matches nodeSelector/nodeNames; waiting for one"
+                                 " to join", generation)
     elif finished:
         progressing = _condition("Progressing", False, "Finished",
                                  f"{counts['ready']} ready, {failed_nodes} failed", generation)
@@ -176,25 +206,36 @@ def aggregate(
         progressing = _condition(
             "Progressing", True, "AgentUnavailable",
             f"{len(unavailable)} node(s) have no live agent: {shown}", generation)
+    elif retrying:
+        node, image, st = retrying[0]
+        progressing = _condition(
+            "Progressing", True, "Retrying",
+            _clip(f"{len(retrying)} pull(s) retrying after a failure; {node} {image}:"
+                  f" {st.get('reason')}: {st.get('message', '')}"), generation)
     else:
         progressing = _condition(
             "Progressing", True, "Pulling" if sent else "Dispatching",
             f"{counts['pulling']} pulling, {counts['pending']} pending, {counts['ready']} ready,"
             f" {failed_nodes} failed", generation)
-    ready = _condition("Ready", total > 0 and counts["ready"] == total,
-                       "AllNodesReady" if total > 0 and counts["ready"] == total
-                       else "NodesNotReady", ready_msg, generation)
+    all_ready = total > 0 and counts["ready"] == total and not fatal
+    ready = _condition("Ready", all_ready, "AllNodesReady" if all_ready
+                       else fatal[0].reason if fatal else "NodesNotReady", ready_msg, generation)
     if completion_policy == "Never":
         complete = _condition("Complete", False, "KeepingPresent",
                               "completionPolicy Never: images are kept present", generation)
     elif finished and failed_nodes == 0:
         complete = _condition("Complete", True, "AllImagesReady", ready_msg, generation)
+    elif fatal:
+        complete = _condition("Complete", False, fatal[0].reason, fatal[0].message, generation)
     elif finished:
         complete = _condition("Complete", False, "NodesFailed",
                               f"{failed_nodes} node(s) failed", generation)
     else:
         complete = _condition("Complete", False, "InProgress", ready_msg, generation)
-    if finished and failed_nodes:
+    if fatal:
+        failed = _condition("Failed", True, fatal[0].reason,
+                            "; ".join(p.message for p in fatal), generation)
+    elif finished and failed_nodes:
         first = failures[0] if failures else None
         detail = f"; first: {first['node']} {first['image']}: {first['reason']}" if first else ""
         failed = _condition("Failed", True, "PullFailed",
@@ -203,15 +244,51 @@ def aggregate(
         failed = _condition("Failed", False, "NoFailure" if not failed_nodes else "InProgress",
                             f"{failed_nodes} node(s) failed so far", generation)
 
-    if finished:  # agrees with completionTime and the Complete/Failed conditions
+    others = [p for p in problems if not p.fatal]
+    if others:
+        degraded = _condition("Degraded", True, others[0].reason,
+                              _clip("; ".join(p.message for p in others)), generation)
+    else:
+        degraded = _condition("Degraded", False, "AsExpected",
+                              "every node named and pull secret exists", generation)
+
+    if fatal:  # failed for good; completionTime once the other images are done too
+        status["phase"] = "Failed"
+    elif finished:  # agrees with completionTime and the Complete/Failed conditions
         status["phase"] = "Failed" if failed_nodes else "Complete"
     elif sent:
         status["phase"] = "Progressing"
     else:
         status["phase"] = "Pending"
-    status["conditions"] = _stamp([progressing, ready, complete, failed],
+    status["conditions"] = _stamp([progressing, ready, complete, failed, degraded],
                                   previous.get("conditions") or [], now)
     return status
+
+
+def failure_reasons(reports: Mapping[str, dispatching.NodeReport],
+                    images: Sequence[ResolvedImage]) -> dict[str, tuple[int, specs.Failure]]:
+    """reason → (nodes failed with it, one example), over the nodes' current reports."""
+    by_name = {img.name: img.text for img in images}
+    out: dict[str, tuple[int, specs.Failure]] = {}
+    for node in sorted(reports):
+        seen: set[str] = set()
+        for name, st in reports[node].images.items():
+            if st is None or st.get("phase") not in dispatching.FAILED_PHASES:
+                continue
+            reason = str(st.get("reason") or st.get("phase"))
+            if reason in seen:
+                continue
+            seen.add(reason)
+            count, example = out.get(reason, (0, None))
+            example = example or {"node": node, "image": by_name.get(name, name),
+                                  "reason": reason,
+                                  "message": _clip(str(st.get("message") or ""))}
+            out[reason] = (count + 1, example)
+    return out
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
 
 
 def conditions_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
