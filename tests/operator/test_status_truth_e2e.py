@@ -76,3 +76,46 @@ def test_an_invalid_spec_shows_its_phase_in_every_column(
     wide = cluster.kubectl("get", "ipf", "twice", "-n", "default", "-o", "wide").stdout
     assert "InvalidSpec" in wide
     assert cluster.get(API, "imageprefetches", "twice", "default") is not None
+
+
+def events_of(cluster: Cluster, name: str, reason: str) -> list[dict[str, object]]:
+    return [e for e in cluster.list("v1", "events", "default")
+            if e["involvedObject"].get("name") == name and e["reason"] == reason]
+
+
+def test_bad_node_names_and_selectors_say_why_in_a_condition_and_an_event(
+        cluster: Cluster, operator: Operator) -> None:
+    cluster.add_node("named-a", {"pool": "named"})
+    cluster.apply(prefetch("named", "default", images=["nginx:1.27"],
+                           nodeNames=["named-a", "named-typo"]))
+    cluster.wait_for(lambda: condition(ipf(cluster, "named", "default"), "Degraded")
+                     .get("reason") == "NodeNotFound")
+    assert "named-typo" in condition(ipf(cluster, "named", "default"), "Degraded")["message"]
+    cluster.wait_for(lambda: events_of(cluster, "named", "NodeNotFound"))
+    cluster.wait_for(lambda: entries_of(cluster, "named-a", "named"))
+    report(cluster, "named-a", "Ready")  # the node that exists still completes
+    cluster.kubectl("wait", "--for=condition=Complete", "ipf/named", "-n", "default",
+                    "--timeout=15s")
+
+    cluster.apply(prefetch("nomatch", "default", images=["nginx:1.27"],
+                           nodeSelector={"matchLabels": {"pool": "nowhere"}}))
+    cluster.wait_for(lambda: condition(ipf(cluster, "nomatch", "default"), "Progressing")
+                     .get("reason") == "NoMatchingNodes")
+    cluster.wait_for(lambda: events_of(cluster, "nomatch", "NoMatchingNodes"))
+    # kubectl wait does not hang without a word: the reason is a column too.
+    wide = cluster.kubectl("get", "ipf", "nomatch", "-n", "default", "-o", "wide").stdout
+    assert "NoMatchingNodes" in wide and "Pending" in wide
+
+
+def test_a_node_that_retries_shows_as_retrying_with_its_message(
+        cluster: Cluster, operator: Operator) -> None:
+    cluster.add_node("retry-a", {"pool": "retry"})
+    cluster.apply(prefetch("retry", "default", images=["nginx:1.27"],
+                           nodeSelector={"matchLabels": {"pool": "retry"}}))
+    cluster.wait_for(lambda: entries_of(cluster, "retry-a", "retry"))
+    report(cluster, "retry-a", "Pending", reason="Unavailable",
+           message="attempt 1 of 4 failed: dial tcp: connection refused; retrying in 10s")
+    cluster.wait_for(lambda: condition(ipf(cluster, "retry", "default"), "Progressing")
+                     .get("reason") == "Retrying")
+    message = condition(ipf(cluster, "retry", "default"), "Progressing")["message"]
+    assert "retry-a" in message and "connection refused" in message
