@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from agent.kube import resources
-from agent.operator import daemonsets, errors, index, kubeapi, reconciling
+from agent.operator import daemonsets, errors, index, kubeapi, reconciling, sweeping
 
 logger = logging.getLogger("agent.operator")
 
@@ -60,13 +60,15 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     for body in await state.client.list(kubeapi.node_set_path()):
         state.node_set_event("ADDED", body)
     memo.keeper = asyncio.create_task(keep_daemonset(state))
+    memo.sweeper = asyncio.create_task(sweep_periodically(state))
 
 
 @kopf.on.cleanup()
 async def stop(memo: Any, **_: Any) -> None:
-    keeper = getattr(memo, "keeper", None)
-    if keeper is not None:
-        keeper.cancel()
+    for name in ("keeper", "sweeper"):
+        task = getattr(memo, name, None)
+        if task is not None:
+            task.cancel()
     await _state(memo).writer.close()
     await _state(memo).client.aclose()
 
@@ -148,6 +150,18 @@ async def prefetch_deleted(uid: str, memo: Any, logger: kopf.Logger, **_: Any) -
     except errors.APIError as e:
         raise errors.to_kopf(e) from e
     logger.info("withdrawn from every node")
+
+
+async def sweep_periodically(state: index.State) -> None:
+    """Withdraw orphaned entries now and then (see :mod:`.sweeping`)."""
+    while True:
+        await asyncio.sleep(state.settings.resync_interval * sweeping.SWEEP_EVERY)
+        try:
+            await sweeping.sweep_orphans(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # retried at the next sweep
+            logger.error(f"orphan sweep failed: {e}")
 
 
 # ------------------------------------------------------------------------------ DaemonSet

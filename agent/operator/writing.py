@@ -10,13 +10,14 @@ as :mod:`agent.kube.specs` documents) and writes the result once. 20 prefetches 
 to the same 1,000 nodes thus cost about 1,000 writes, not 20,000, and no two writes of one
 node are ever in flight at once, so concurrent reconciles cannot lose each other's entries.
 
-The write is a JSON merge patch of ``spec.images`` alone, with no ``resourceVersion``: the
-agents' status writes (which bump ``resourceVersion``) cannot make it conflict. That is safe
-because the spec has exactly one writer: the active operator replica (kopf peering), and in
-it this object (agents may write only ``status``; RBAC and the admission policy enforce it).
-The base the entries are folded into is the watched body (the shared index in
-:class:`.reconciling.State`), which always includes our own last write: the writer stores
-the body each write returns, and the index ignores events older than what it holds.
+The write is a JSON merge patch of ``spec.images`` carrying the ``resourceVersion`` of the
+body the entries were folded into (the watched body in the shared index,
+:class:`.index.State`, which always includes our own last write: the writer stores the body
+each write returns, and the index ignores events older than what it holds). Two writers
+(an old and a new operator replica during a failover, or anything else) thus never clobber
+each other: a 409 Conflict (the object changed since; an agent's status write does that
+too) makes the writer read the object again and fold the changes into it, without a
+back-off, up to :data:`CONFLICTS` times.
 
 A node without a NodeImageSet gets one created (POST). A failed write is retried (bounded,
 with back-off) on the then-current index; after that its waiters get the error and their
@@ -40,6 +41,8 @@ logger = logging.getLogger("agent.operator")
 DEBOUNCE = 0.05
 CONCURRENCY = 16
 ATTEMPTS = 4
+#: Conflicts (409) retried at once, on a fresh read, per flush.
+CONFLICTS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,18 +174,38 @@ class NodeWriter:
         if not batch:
             return
         error: errors.APIError | None = None
-        for attempt in range(self.attempts):
-            if attempt:
-                await asyncio.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
+        attempt = conflicts = 0
+        while attempt < self.attempts:
             try:
                 await self._write_once(node, [p.change for p in batch.values()])
+            except errors.Conflict as e:  # read again and fold into that, at once
+                error = e
+                conflicts += 1
+                if conflicts > CONFLICTS or not await self._reread(node):
+                    attempt += 1
+                continue
             except errors.APIError as e:
                 error = e
+                attempt += 1
+                if attempt < self.attempts:
+                    await asyncio.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
                 continue
             _settle(batch, None)
             return
         assert error is not None
         _settle(batch, error)
+
+    async def _reread(self, node: str) -> bool:
+        """Read the node's object into the index after a conflict; False if that failed."""
+        try:
+            fresh = await self.client.get(kubeapi.node_set_path(node))
+        except errors.APIError:
+            return False
+        if fresh is None:
+            self.forget(node)
+        else:
+            self.remember(fresh)
+        return True
 
     async def _write_once(self, node: str, changes: list[Change]) -> None:
         body = self.cached(node)
@@ -208,9 +231,12 @@ class NodeWriter:
             written = await self.client.create(kubeapi.node_set_path(), new)
         else:
             self.writes += 1
+            version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+            patch: JSON = {"spec": {"images": images}}
+            if version:
+                patch["metadata"] = {"resourceVersion": version}
             try:
-                written = await self.client.merge_patch(kubeapi.node_set_path(node),
-                                                        {"spec": {"images": images}})
+                written = await self.client.merge_patch(kubeapi.node_set_path(node), patch)
             except errors.NotFound:
                 self.forget(node)  # deleted behind our back: created on the next attempt
                 raise
