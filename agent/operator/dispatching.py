@@ -29,6 +29,8 @@ class NodeReport:
     node: str
     state: str  # READY, FAILED, PULLING or AGENT_UNAVAILABLE
     images: Mapping[str, specs.ImageStatus | None]
+    #: seconds the node's agent has not been live (0: live)
+    down_for: float = 0.0
 
 
 def current_status(
@@ -57,6 +59,7 @@ def report(
     agent_live: bool,
     statuses: Mapping[str, specs.ImageStatus] | None = None,
     dispatched_generation: int = 0,
+    down_for: float = 0.0,
 ) -> NodeReport:
     """Fold a node's NodeImageSet status into a :class:`NodeReport` for our entries.
 
@@ -81,7 +84,7 @@ def report(
         state = AGENT_UNAVAILABLE
     else:
         state = PULLING
-    return NodeReport(node, state, images)
+    return NodeReport(node, state, images, down_for)
 
 
 def retrying(rep: NodeReport) -> bool:
@@ -90,10 +93,12 @@ def retrying(rep: NodeReport) -> bool:
                for st in rep.images.values())
 
 
-def busy(rep: NodeReport) -> bool:
+def busy(rep: NodeReport, grace: float = float("inf")) -> bool:
     """Whether the node holds one of the ``parallelism`` slots: pulling, without a live
-    agent, or failed with a retry to come."""
-    return rep.state in (PULLING, AGENT_UNAVAILABLE) or (rep.state == FAILED and retrying(rep))
+    agent for less than ``grace`` seconds, or failed with a retry to come."""
+    if rep.state == AGENT_UNAVAILABLE:
+        return rep.down_for < grace
+    return rep.state == PULLING or (rep.state == FAILED and retrying(rep))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +118,7 @@ def plan(
     parallelism: int | None,
     frozen: bool = False,
     known: Mapping[tuple[str, str], specs.ImageEntry] = {},
+    grace: float = float("inf"),
 ) -> Plan:
     """Decide the writes of one reconcile.
 
@@ -123,10 +129,12 @@ def plan(
         reports: node → report, for dispatched nodes.
         parallelism: max nodes in flight (None = all): dispatched and :func:`busy`. A
             dispatched node without a live agent holds its slot (it is reported
-            AgentUnavailable), so agents that start late cannot overrun the limit; so does
-            a failed node whose agent will retry.
+            AgentUnavailable) for ``grace`` seconds, so agents that start late cannot
+            overrun the limit and a dead one does not stall the rollout; so does a failed
+            node whose agent will retry.
         frozen: the prefetch finished under completionPolicy Always: no new nodes.
         known: every prefetch's contributions (owners merged as the writer merges them).
+        grace: seconds a node without a live agent keeps its slot.
     """
     target_set = set(targets)
     withdraw = sorted(node for node in dispatched if node not in target_set)
@@ -138,7 +146,7 @@ def plan(
     if not frozen:
         in_flight = sum(
             1 for node in dispatched
-            if node in target_set and reports.get(node) is not None and busy(reports[node])
+            if node in target_set and reports.get(node) is not None and busy(reports[node], grace)
         )
         room = len(target_set) if parallelism is None else max(parallelism - in_flight, 0)
         dispatch = sorted(node for node in target_set if node not in dispatched)[:room]

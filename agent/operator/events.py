@@ -44,6 +44,15 @@ def emit_events(body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[st
             kopf.warn(target, reason="PullStalled" if reason == "PullStalled" else "PullFailed",
                       message=f"{count} node(s) failed with {reason}; e.g. {example['image']} on"
                               f" {example['node']}: {example['message']}")
+    down = int(nodes.get("agentUnavailable") or 0)
+    key = f"agents/{generation}/{_power_of_two(down)}"
+    if down and key not in sent:
+        sent.add(key)
+        progressing: Mapping[str, Any] = next((c for c in new.get("conditions") or []
+                            if c.get("type") == "Progressing"), {})
+        kopf.warn(target, reason="AgentUnavailable",
+                  message=f"{down} node(s) have no live agent"
+                          f" ({progressing.get('message', '')})")
     stalled = int(new.get("stalledCancellations") or 0)
     key = f"stalled/{generation}/{_power_of_two(stalled)}"
     if stalled and key not in sent:

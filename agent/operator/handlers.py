@@ -21,6 +21,7 @@ import kopf
 
 from agent.kube import resources
 from agent.operator import daemonsets, errors, index, kubeapi, reconciling, sweeping
+from agent.operator.placement import Placement
 
 logger = logging.getLogger("agent.operator")
 
@@ -153,10 +154,12 @@ async def prefetch_deleted(uid: str, memo: Any, logger: kopf.Logger, **_: Any) -
 
 
 async def sweep_periodically(state: index.State) -> None:
-    """Withdraw orphaned entries now and then (see :mod:`.sweeping`)."""
+    """Notice missed Node deletions and withdraw orphaned entries now and then (see
+    :mod:`.sweeping`)."""
     while True:
         await asyncio.sleep(state.settings.resync_interval * sweeping.SWEEP_EVERY)
         try:
+            await sweeping.resync_nodes(state)
             await sweeping.sweep_orphans(state)
         except asyncio.CancelledError:
             raise
@@ -205,6 +208,10 @@ async def check_daemonset(state: index.State) -> None:
         wanted["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
         await state.client.replace(kubeapi.daemonset_path(state.namespace, name), wanted)
         logger.info(f"restored the agent DaemonSet {state.namespace}/{name} to its settings")
+    placement = Placement.from_daemonset(wanted)
+    if placement != state.placement:
+        state.placement = placement
+        state.wake()
     selector = (wanted.get("spec") or {}).get("selector", {}).get("matchLabels") or {}
     label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
     pods = await state.client.list(kubeapi.pods_path(state.namespace),

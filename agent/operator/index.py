@@ -17,6 +17,8 @@ from agent.kube import specs
 from agent.metrics import OperatorMetrics
 from agent.operator import dispatching, kubeapi, nodes, throttling, writing
 from agent.operator.digests import Memo
+from agent.operator.nodes import Node
+from agent.operator.placement import Placement
 from agent.operator.times import parse_time
 
 JSON = dict[str, Any]
@@ -65,6 +67,10 @@ class State:
     #: uid → (phase, node counts) of the last status computed, for the gauges.
     summaries: dict[str, tuple[str, Mapping[str, int]]] = dataclasses.field(
         default_factory=dict)
+    #: Where the agent DaemonSet can run (from the manifest the DaemonSet keeper keeps).
+    placement: Placement = dataclasses.field(default_factory=Placement)
+    #: node → monotonic time its agent was first seen not live (cleared when live again).
+    dead_since: dict[str, float] = dataclasses.field(default_factory=dict)
     #: The agent DaemonSet's owner ConfigMap was missing at the last check (logged once).
     owner_missing: bool = False
     #: The one writer of NodeImageSet specs (coalesced per node; see :mod:`.writing`).
@@ -73,7 +79,11 @@ class State:
     def __post_init__(self) -> None:
         self.writer = writing.NodeWriter(
             self.client, self.node_sets.get, self.remember_node_set, self.forget_node_set,
-            self.contributions)
+            self.contributions, node_uid=self.node_uid)
+
+    def node_uid(self, name: str) -> str:
+        node = self.nodes.get(name)
+        return node.uid if node is not None else ""
 
     # Index maintenance (called by the kopf event handlers).
 
@@ -91,6 +101,7 @@ class State:
         name = (body.get("metadata") or {}).get("name", "")
         if kind == "DELETED":
             self.nodes.pop(name, None)
+            self.dead_since.pop(name, None)
         else:
             new = nodes.Node.from_body(body)
             if self.nodes.get(name) == new:
@@ -159,6 +170,18 @@ class State:
             elif beat is None and name in self.agent_pods_ready:
                 live.add(name)
         return live
+
+    def agent_down_for(self, node: str, live: set[str], clock: float) -> float:
+        """Seconds the node's agent has been seen not live (0 when it is live): a dead
+        agent's node frees its parallelism slot after a grace period."""
+        if node in live:
+            self.dead_since.pop(node, None)
+            return 0.0
+        return clock - self.dead_since.setdefault(node, clock)
+
+    def runnable(self, node: Node) -> bool:
+        """Whether the agent DaemonSet can run on ``node`` (see :mod:`.placement`)."""
+        return not self.placement.why_not(node)
 
     def dispatched_generation(self, uid: str, node: str) -> int:
         """The NodeImageSet generation that carries ``uid``'s entries on ``node`` as they

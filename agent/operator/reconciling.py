@@ -110,6 +110,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         state.contributions[(uid, name)] = mine
 
     live = state.live_agents(now)
+    clock = time.monotonic()
 
     def survey() -> tuple[dict[str, dict[str, specs.ImageEntry]],
                           dict[str, dispatching.NodeReport]]:
@@ -117,20 +118,22 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         reports = {
             node: dispatching.report(node, ours, state.node_sets[node].get("status"),
                                      node in live, state.node_statuses.get(node),
-                                     state.dispatched_generation(uid, node))
+                                     state.dispatched_generation(uid, node),
+                                     state.agent_down_for(node, live, clock))
             for node, ours in dispatched.items()
         }
         return dispatched, reports
 
     dispatched, reports = survey()
-    targets = nodes.select(prefetch, state.nodes.values(), dispatched)
+    targets = nodes.select(prefetch, state.nodes.values(), dispatched, state.runnable)
     frozen = prefetch.completion_policy == "Always" and bool(previous.get("completionTime"))
     if frozen:
         targets = [t for t in targets if t in dispatched]
     if not desired:  # every image failed at the prefetch: no node has anything to do
         targets = []
     plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism,
-                            frozen, state.contributions)
+                            frozen, state.contributions,
+                            grace=state.settings.agent_heartbeat_timeout)
 
     put_ours = writing.Change(uid, desired)
     drop_ours = writing.Change(uid, None)
@@ -200,6 +203,15 @@ def _problems(state: State, prefetch: prefetches.Prefetch, memo: Memo,
             shown = ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else "")
             problems.append(status.Problem(
                 "NodeNotFound", f"spec.nodeNames: {len(absent)} name(s) are not nodes: {shown}"))
+    if prefetch.node_names:
+        refused = {n: state.placement.why_not(state.nodes[n]) for n in
+                   sorted(prefetch.node_names) if n in state.nodes}
+        refused = {n: why for n, why in refused.items() if why}
+        if refused:
+            shown = "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:5])
+            problems.append(status.Problem(
+                "AgentCannotRun", f"spec.nodeNames: the agent cannot run on {len(refused)}"
+                f" named node(s), not targeted: {shown}"))
     if missing_secrets:
         problems.append(status.Problem(
             "PullSecretNotFound", f"spec.imagePullSecrets: {', '.join(missing_secrets)} do(es)"

@@ -1,4 +1,5 @@
-"""The orphan sweep: entries whose owning ImagePrefetch no longer exists are withdrawn.
+"""Periodic sweeps: Nodes whose deletion was missed, and entries whose owning
+ImagePrefetch no longer exists (withdrawn).
 
 Deletes withdraw their entries (the finalizer), and puts queued before a delete become
 withdrawals when written; what can still slip through (a delete handled while the watch
@@ -24,6 +25,21 @@ SWEEP_EVERY = 10
 
 def prefetches_path() -> str:
     return f"/apis/{resources.API_VERSION}/{resources.PREFETCHES}"
+
+
+async def resync_nodes(state: State) -> list[str]:
+    """Bring the index's nodes in line with a fresh list: a Node deleted while the watch
+    had a gap (a relist after 410 Gone emits no DELETED) is forgotten here, so no prefetch
+    waits for it. The names of the nodes forgotten are returned."""
+    listed = {str((n.get("metadata") or {}).get("name", "")): n
+              for n in await state.client.list("/api/v1/nodes")}
+    gone = sorted(set(state.nodes) - set(listed))
+    for name in gone:
+        logger.info(f"Node {name} no longer exists (its deletion was not seen); forgetting it")
+        state.node_event("DELETED", {"metadata": {"name": name}})
+    for body in listed.values():
+        state.node_event("MODIFIED", body)
+    return gone
 
 
 async def sweep_orphans(state: State) -> list[str]:

@@ -78,13 +78,16 @@ class NodeWriter:
         known: every prefetch's contributions known in this process, for owner merging.
         debounce: seconds a node's first pending change waits for others to join it.
         concurrency: nodes written at once.
+        node_uid: node name → its Node's uid ("" if unknown): every NodeImageSet gets an
+            ownerReference to its Node, so the garbage collector removes it with the Node.
     """
 
     def __init__(self, client: kubeapi.Client, cached: Callable[[str], JSON | None],
                  remember: Callable[[JSON], None], forget: Callable[[str], None],
                  known: Mapping[tuple[str, str], specs.ImageEntry], *,
                  debounce: float = DEBOUNCE, concurrency: int = CONCURRENCY,
-                 attempts: int = ATTEMPTS) -> None:
+                 attempts: int = ATTEMPTS,
+                 node_uid: Callable[[str], str] = lambda node: "") -> None:
         self.client = client
         self.cached = cached
         self.remember = remember
@@ -93,6 +96,7 @@ class NodeWriter:
         self.debounce = debounce
         self.concurrency = concurrency
         self.attempts = attempts
+        self.node_uid = node_uid
         self.writes = 0  # spec writes sent (creates and patches)
         #: prefetches being deleted: a put still in flight from a reconcile that started
         #: before the delete becomes a withdrawal, so nothing re-adds their entries.
@@ -138,6 +142,10 @@ class NodeWriter:
                 if logger is not None:
                     logger.warning(f"NodeImageSet {node}: {e}; retrying later")
         return sorted(failed)
+
+    def _owner(self, node: str) -> list[JSON]:
+        uid = self.node_uid(node)
+        return node_owner(node, uid) if uid else []
 
     async def close(self) -> None:
         for task in self._workers:
@@ -226,6 +234,8 @@ class NodeWriter:
                              "labels": {resources.LABEL_MANAGED_BY: resources.MANAGED_BY}},
                 "spec": {"images": images},
             }
+            if owner := self._owner(node):
+                new["metadata"]["ownerReferences"] = owner
             self.writes += 1
             # AlreadyExists (409): the index has not seen it yet; the retry uses the watch.
             written = await self.client.create(kubeapi.node_set_path(), new)
@@ -235,6 +245,9 @@ class NodeWriter:
             patch: JSON = {"spec": {"images": images}}
             if version:
                 patch["metadata"] = {"resourceVersion": version}
+            if not (body.get("metadata") or {}).get("ownerReferences") and (
+                    owner := self._owner(node)):  # made before owners were set
+                patch.setdefault("metadata", {})["ownerReferences"] = owner
             try:
                 written = await self.client.merge_patch(kubeapi.node_set_path(node), patch)
             except errors.NotFound:
@@ -248,6 +261,12 @@ class NodeWriter:
                     self.generations.pop((change.uid, node), None)
                 else:
                     self.generations[(change.uid, node)] = generation
+
+
+def node_owner(node: str, uid: str) -> list[JSON]:
+    """The ownerReferences of a node's NodeImageSet: its Node (not a controller)."""
+    return [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid,
+             "controller": False, "blockOwnerDeletion": False}]
 
 
 def _settle(batch: Mapping[str, _Pending], error: Exception | None) -> None:

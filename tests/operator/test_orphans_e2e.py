@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tests.kube.cluster import Cluster
 
-from .conftest import API, Operator, entries_of, prefetch
+from .conftest import API, Operator, entries_of, prefetch, report
 
 
 def test_entries_of_a_prefetch_that_no_longer_exists_are_swept(
@@ -26,3 +26,26 @@ def test_entries_of_a_prefetch_that_no_longer_exists_are_swept(
     cluster.wait_for(lambda: not entries_of(cluster, "orphan-a", "deleted-long-ago"),
                      timeout=30)
     assert entries_of(cluster, "orphan-a", "kept")
+
+
+def test_nodes_the_agent_cannot_run_on_do_not_keep_a_prefetch_from_completing(
+        cluster: Cluster, operator: Operator) -> None:
+    cluster.add_node("place-linux", {"pool": "place"})
+    cluster.add_node("place-win", {"pool": "place", "kubernetes.io/os": "windows"})
+    cluster.add_node("place-vk", {"pool": "place", "type": "virtual-kubelet"})
+    cluster.apply(prefetch("place", "default", images=["nginx:1.27"],
+                           nodeSelector={"matchLabels": {"pool": "place"}}))
+    cluster.wait_for(lambda: entries_of(cluster, "place-linux", "place"))
+    report(cluster, "place-linux", "Ready")
+    cluster.kubectl("wait", "--for=condition=Complete", "ipf/place", "-n", "default",
+                    "--timeout=15s")
+    obj = cluster.get(API, "imageprefetches", "place", "default")
+    assert obj is not None and obj["status"]["nodes"]["desired"] == 1
+    assert obj["status"]["nodes"]["agentUnavailable"] == 0
+    assert entries_of(cluster, "place-win") == entries_of(cluster, "place-vk") == []
+    # The NodeImageSet is owned by its Node: the garbage collector removes it with it.
+    nis = cluster.get(API, "nodeimagesets", "place-linux")
+    node = cluster.get("v1", "nodes", "place-linux")
+    assert nis is not None and node is not None
+    assert [(o["kind"], o["name"], o["uid"]) for o in nis["metadata"]["ownerReferences"]] \
+        == [("Node", "place-linux", node["metadata"]["uid"])]
