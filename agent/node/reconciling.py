@@ -33,6 +33,9 @@ DEFAULT_BACKOFF_LIMIT = 3
 #: unpacked layers (typically 2-3x the compressed size).
 EXPANSION = 3
 
+#: Longest ``status.images[].message`` (the CRD's maxLength): the status stays bounded.
+MAX_MESSAGE = 512
+
 PULLING_PHASES = frozenset({"Pending", "Resolving", "Downloading", "Unpacking", "Committing"})
 FAILED_PHASES = frozenset({"Failed", "Stalled"})
 
@@ -407,9 +410,11 @@ class ImageState:
     def to_status(self) -> specs.ImageStatus:
         """The ``status.images[]`` item (empty optional fields left out)."""
         status: specs.ImageStatus = {"name": self.name, "phase": self.phase}  # type: ignore[typeddict-item]
+        message = self.message if len(self.message) <= MAX_MESSAGE else \
+            self.message[:MAX_MESSAGE - 3] + "..."
         optional: dict[str, Any] = {
             "image": self.image, "digest": self.digest, "reason": self.reason,
-            "message": self.message, "startTime": self.start_time,
+            "message": message, "startTime": self.start_time,
             "completionTime": self.completion_time, "lastProgressTime": self.last_progress_time,
             "nextRetryTime": self.next_retry_time,
         }

@@ -198,6 +198,8 @@ class State:
     def forget(self, uid: str) -> None:
         for key in [k for k in self.writer.generations if k[0] == uid]:
             del self.writer.generations[key]
+        for key in [k for k in self.writer.refused if k[0] == uid]:
+            del self.writer.refused[key]
         for key in [k for k in self.contributions if k[0] == uid]:
             del self.contributions[key]
         for generation_key in [k for k in self.digests if k[0] == uid]:

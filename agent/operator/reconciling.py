@@ -212,6 +212,12 @@ def _problems(state: State, prefetch: prefetches.Prefetch, memo: Memo,
             problems.append(status.Problem(
                 "AgentCannotRun", f"spec.nodeNames: the agent cannot run on {len(refused)}"
                 f" named node(s), not targeted: {shown}"))
+    full = sorted((node, why) for (owner, node), why in state.writer.refused.items()
+                  if owner == prefetch.uid)
+    if full:
+        problems.append(status.Problem(
+            "NodeImageSetFull", f"not dispatched to {len(full)} node(s) whose NodeImageSet is"
+            f" at a cap: {full[0][0]}: {full[0][1]}"))
     if missing_secrets:
         problems.append(status.Problem(
             "PullSecretNotFound", f"spec.imagePullSecrets: {', '.join(missing_secrets)} do(es)"

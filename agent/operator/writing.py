@@ -43,6 +43,17 @@ CONCURRENCY = 16
 ATTEMPTS = 4
 #: Conflicts (409) retried at once, on a fresh read, per flush.
 CONFLICTS = 10
+#: The CRD's caps (crds/nodeimagesets...yaml): entries per node, owners and secrets per entry.
+MAX_ENTRIES = 256
+MAX_OWNERS = 8
+MAX_SECRETS = 8
+
+
+class NodeFull(errors.APIError):
+    """A change would take a node's NodeImageSet past a cap of the CRD: refused alone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, "NodeImageSetFull", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +109,8 @@ class NodeWriter:
         self.attempts = attempts
         self.node_uid = node_uid
         self.writes = 0  # spec writes sent (creates and patches)
+        #: (uid, node) → why that prefetch's last change there was refused (a cap).
+        self.refused: dict[tuple[str, str], str] = {}
         #: prefetches being deleted: a put still in flight from a reconcile that started
         #: before the delete becomes a withdrawal, so nothing re-adds their entries.
         self.retired: set[str] = set()
@@ -222,7 +235,13 @@ class NodeWriter:
         # A prefetch deleted since its change was queued: withdraw it instead.
         changes = [Change(c.uid, None) if c.uid in self.retired else c for c in changes]
         for change in changes:
-            images = change.apply(images, self.known)
+            applied = change.apply(images, self.known)
+            problem = _over_cap(images, applied)
+            if problem:  # this change alone is refused; the others are written
+                self.refused[(change.uid, node)] = problem
+                continue
+            self.refused.pop((change.uid, node), None)
+            images = applied
         if images == before and body is not None:
             return
         if body is None:
@@ -261,6 +280,25 @@ class NodeWriter:
                     self.generations.pop((change.uid, node), None)
                 else:
                     self.generations[(change.uid, node)] = generation
+
+
+def _over_cap(before: list[specs.ImageEntry], after: list[specs.ImageEntry]) -> str:
+    """Why ``after`` cannot be written where ``before`` could ("" when it can): a cap of
+    the CRD it reaches that ``before`` did not exceed already."""
+    if len(after) > max(len(before), MAX_ENTRIES):
+        return f"the node already has {len(before)} image entries (at most {MAX_ENTRIES})"
+    old = {e["name"]: e for e in before}
+    for entry in after:
+        was = old.get(entry["name"])
+        if len(entry["owners"]) > max(MAX_OWNERS, len(was["owners"]) if was else 0):
+            return (f"{entry['image']} already has {MAX_OWNERS} ImagePrefetches owning it on"
+                    " the node (at most that many)")
+        secrets = entry.get("pullSecrets") or []
+        had = (was.get("pullSecrets") or []) if was is not None else []
+        if len(secrets) > max(MAX_SECRETS, len(had)):
+            return (f"{entry['image']} would need {len(secrets)} pull secrets on the node"
+                    f" (at most {MAX_SECRETS})")
+    return ""
 
 
 def node_owner(node: str, uid: str) -> list[JSON]:
