@@ -139,7 +139,7 @@ def test_failures_are_retried_a_bounded_number_of_times() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("prefetches", [10])
+@pytest.mark.parametrize("prefetches", [writing.MAX_OWNERS])  # sharing one entry: the cap
 def test_concurrent_reconciles_never_lose_entries(prefetches: int) -> None:
     """Many prefetches dispatching, refreshing and withdrawing on shared nodes at once."""
     async def main() -> None:
