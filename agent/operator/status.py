@@ -8,9 +8,12 @@ from typing import Any
 
 from agent.kube import specs
 from agent.operator import dispatching
+from agent.operator.times import parse_time
 
 MAX_FAILURES = 20
 CONDITION_TYPES = ("Progressing", "Ready", "Complete", "Failed", "Degraded")
+#: Seconds without a byte after which a downloading node shows as stalling.
+STALL_AFTER = 60.0
 #: Longest node message quoted in a condition.
 MAX_MESSAGE = 512
 
@@ -88,6 +91,7 @@ def aggregate(
     previous: Mapping[str, Any],
     now: str,
     problems: Sequence[Problem] = (),
+    stall_after: float = STALL_AFTER,
 ) -> specs.PrefetchStatus:
     """Compute the whole status.
 
@@ -98,6 +102,8 @@ def aggregate(
         reports: node → report, for dispatched nodes.
         previous: the current status (for times and condition transitions).
         problems: what is wrong with the spec (see :class:`Problem`).
+        stall_after: seconds without progress after which a downloading node is shown as
+            stalling (before its agent's progressTimeout cancels the pull).
     """
     desired = sorted(set(desired_nodes))
     sent = set(dispatched)
@@ -108,6 +114,7 @@ def aggregate(
     failures: list[specs.Failure] = []
     unavailable: list[str] = []
     retrying: list[tuple[str, str, specs.ImageStatus]] = []
+    stalling: list[tuple[str, str, specs.ImageStatus]] = []
     by_name = {img.name: img for img in images}
     for node in desired:
         rep = reports.get(node)
@@ -130,6 +137,9 @@ def aggregate(
             if rep.state == dispatching.PULLING and st.get("phase") == "Pending" \
                     and st.get("reason"):  # the agent backs off before another attempt
                 retrying.append((node, by_name[name].text if name in by_name else name, st))
+            elif rep.state == dispatching.PULLING and st.get("phase") == "Downloading" and \
+                    _silent_since(st, now, stall_after):
+                stalling.append((node, by_name[name].text if name in by_name else name, st))
             bytes_done += int(st.get("bytesDone") or 0)
             bytes_total += int(st.get("bytesTotal") or 0)
             stalled += int(st.get("stallCancellations") or 0)
@@ -206,6 +216,13 @@ def aggregate(
         progressing = _condition(
             "Progressing", True, "AgentUnavailable",
             f"{len(unavailable)} node(s) have no live agent: {shown}", generation)
+    elif stalling:
+        node, image, st = stalling[0]
+        progressing = _condition(
+            "Progressing", True, "Stalling",
+            _clip(f"{len(stalling)} pull(s) made no progress for {stall_after:g}s or more;"
+                  f" {node} {image}: last progress at {st.get('lastProgressTime')}"
+                  f" ({st.get('stalls', 0)} stall(s) so far)"), generation)
     elif retrying:
         node, image, st = retrying[0]
         progressing = _condition(
@@ -285,6 +302,12 @@ def failure_reasons(reports: Mapping[str, dispatching.NodeReport],
                                   "message": _clip(str(st.get("message") or ""))}
             out[reason] = (count + 1, example)
     return out
+
+
+def _silent_since(st: Mapping[str, Any], now: str, seconds: float) -> bool:
+    """Whether the image's last progress is at least ``seconds`` before ``now``."""
+    last, at = parse_time(st.get("lastProgressTime")), parse_time(now)
+    return last is not None and at is not None and (at - last).total_seconds() >= seconds
 
 
 def _clip(text: str) -> str:

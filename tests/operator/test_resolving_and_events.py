@@ -165,3 +165,20 @@ def test_node_failures_become_one_event_per_reason_repeated_as_the_count_doubles
     assert len(posted) == 9  # 1, 2, 4, ... 256 — not 300
     assert posted[-1] == ("PullFailed: 256 node(s) failed with NotFound; e.g. reg.test/app:1"
                           " on n0: manifest unknown")
+
+
+def test_a_node_that_makes_no_progress_shows_as_stalling_before_it_is_cancelled() -> None:
+    silent = dispatching.NodeReport("a", dispatching.PULLING, {"app": {
+        "name": "app", "phase": "Downloading", "lastProgressTime": "2026-01-01T00:00:00Z",
+        "stalls": 2, "bytesDone": 10, "bytesTotal": 100}})
+    st = dict(status.aggregate(
+        generation=1, completion_policy="Always", desired_nodes=["a"], dispatched=["a"],
+        reports={"a": silent}, images=[IMAGE], previous={}, now="2026-01-01T00:02:00Z"))
+    progressing = condition(st, "Progressing")
+    assert progressing["reason"] == "Stalling"
+    assert "a reg.test/app:1: last progress at 2026-01-01T00:00:00Z (2 stall(s)" in \
+        progressing["message"]
+    st = dict(status.aggregate(
+        generation=1, completion_policy="Always", desired_nodes=["a"], dispatched=["a"],
+        reports={"a": silent}, images=[IMAGE], previous={}, now="2026-01-01T00:00:30Z"))
+    assert condition(st, "Progressing")["reason"] == "Pulling"
