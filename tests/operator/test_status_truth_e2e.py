@@ -119,3 +119,23 @@ def test_a_node_that_retries_shows_as_retrying_with_its_message(
                      .get("reason") == "Retrying")
     message = condition(ipf(cluster, "retry", "default"), "Progressing")["message"]
     assert "retry-a" in message and "connection refused" in message
+
+
+def test_a_dead_agent_is_an_event_and_frees_its_slot_after_the_grace_period(
+        cluster: Cluster, operator: Operator) -> None:
+    cluster.add_node("grace-a", {"pool": "grace"})
+    cluster.add_node("grace-b", {"pool": "grace"})
+    cluster.apply(prefetch("grace", "default", images=["nginx:1.27"], parallelism=1,
+                           nodeSelector={"matchLabels": {"pool": "grace"}}))
+    cluster.wait_for(lambda: entries_of(cluster, "grace-a", "grace"))
+    # grace-a's agent never reports: after agent_heartbeat_timeout (5s here) its slot is
+    # given to grace-b, and an Event says why.
+    cluster.wait_for(lambda: events_of(cluster, "grace", "AgentUnavailable"))
+    cluster.wait_for(lambda: entries_of(cluster, "grace-b", "grace"), timeout=20)
+    report(cluster, "grace-b", "Ready")
+    cluster.wait_for(lambda: (ipf(cluster, "grace", "default")["status"]["nodes"]
+                              .get("ready")) == 1)
+    obj = ipf(cluster, "grace", "default")
+    assert obj["status"]["nodes"]["agentUnavailable"] == 1
+    assert condition(obj, "Progressing")["reason"] == "AgentUnavailable"
+    assert "grace-a" in condition(obj, "Progressing")["message"]
