@@ -138,10 +138,24 @@ def plan(
     """
     target_set = set(targets)
     withdraw = sorted(node for node in dispatched if node not in target_set)
+    # Entries only this prefetch owns (the usual case) are compared with what it alone
+    # would write, computed once; shared entries get the full merge.
+    owner = next((e["owners"][0]["uid"] for e in desired.values() if e.get("owners")), "")
+    alone = {name: entries.combine([want]) for name, want in desired.items()}
+
+    def differs(ours: Mapping[str, specs.ImageEntry]) -> bool:
+        if ours.keys() != desired.keys():
+            return True
+        for name, have in ours.items():
+            owners = have.get("owners") or []
+            if len(owners) != 1 or owners[0].get("uid") != owner:
+                return _differs(ours, desired, known)
+            if not _same(have, alone[name]):
+                return True
+        return False
+
     refresh = sorted(
-        node for node, ours in dispatched.items()
-        if node in target_set and _differs(ours, desired, known)
-    )
+        node for node, ours in dispatched.items() if node in target_set and differs(ours))
     dispatch: list[str] = []
     if not frozen:
         in_flight = sum(
@@ -155,6 +169,15 @@ def plan(
 
 #: Entry fields that do not need a write of their own (they follow the next real change).
 _INCIDENTAL = frozenset({"traceparent"})
+
+
+def _same(have: specs.ImageEntry, expected: specs.ImageEntry) -> bool:
+    """Whether ``have`` is ``expected`` but for incidental fields (and for a digest
+    ``expected`` lacks: an entry's digest is never replaced with nothing)."""
+    for key, value in expected.items():
+        if key not in _INCIDENTAL and have.get(key) != value:
+            return False
+    return all(key in expected or key in _INCIDENTAL or key == "digest" for key in have)
 
 
 def _differs(ours: Mapping[str, specs.ImageEntry], desired: Mapping[str, specs.ImageEntry],
