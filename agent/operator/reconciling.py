@@ -78,7 +78,6 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         await release_secret_copies(state, uid, keep=set(copies))
         sent.add(f"secrets/{generation}")
     memo = await resolved_digests(state, prefetch, previous, sources)
-    problems = _problems(state, prefetch, memo, missing_secrets)
     traceparent = state.traceparents.get((uid, generation))
     if traceparent is None:
         # The trace of this prefetch generation: a root reconcile span and its first
@@ -160,6 +159,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     if plan.withdraw:
         logger.info(f"withdrew from {len(plan.withdraw)} node(s) that stopped matching")
 
+    problems = _problems(state, prefetch, memo, missing_secrets)  # after the writes' refusals
     new = status.aggregate(
         generation=generation, completion_policy=prefetch.completion_policy,
         desired_nodes=targets, dispatched=dispatched, reports=reports, images=resolved,
