@@ -12,6 +12,9 @@ from agent.operator.times import parse_time
 
 MAX_FAILURES = 20
 CONDITION_TYPES = ("Progressing", "Ready", "Complete", "Failed", "Degraded")
+#: Reasons of a Pending image that is not backing off after a failure ("AgentStopped": the
+#: agent was stopped mid-pull, e.g. by a DaemonSet rollout, and resumes when it is back).
+NOT_RETRYING = frozenset({"", None, "AgentStopped"})
 #: Seconds without a byte after which a downloading node shows as stalling.
 STALL_AFTER = 60.0
 #: Longest node message quoted in a condition.
@@ -135,7 +138,7 @@ def aggregate(
             if st is None:
                 continue
             if rep.state == dispatching.PULLING and st.get("phase") == "Pending" \
-                    and st.get("reason"):  # the agent backs off before another attempt
+                    and st.get("reason") not in NOT_RETRYING:  # backing off before a retry
                 retrying.append((node, by_name[name].text if name in by_name else name, st))
             elif rep.state == dispatching.PULLING and st.get("phase") == "Downloading" and \
                     _silent_since(st, now, stall_after):

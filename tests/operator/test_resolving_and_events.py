@@ -133,6 +133,10 @@ def test_a_node_backing_off_shows_as_retrying_with_its_message() -> None:
     progressing = condition(st, "Progressing")
     assert progressing["reason"] == "Retrying"
     assert "a reg.test/app:1: Unavailable: attempt 1 of 4 failed" in progressing["message"]
+    stopped = dispatching.NodeReport("a", dispatching.PULLING, {"app": {
+        "name": "app", "phase": "Pending", "reason": "AgentStopped",
+        "message": "the agent stopped; the pull resumes where it was when it restarts"}})
+    assert condition(aggregate({"a": stopped}, [IMAGE]), "Progressing")["reason"] == "Pulling"
 
 
 def test_a_failed_node_that_will_retry_holds_its_parallelism_slot() -> None:
