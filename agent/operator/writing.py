@@ -217,11 +217,14 @@ class NodeWriter:
         _settle(batch, error)
 
     async def _reread(self, node: str) -> bool:
-        """Read the node's object into the index after a conflict; False if that failed."""
+        """Read the node's object into the index after a conflict; False if that failed.
+        (A list by name: the operator's RBAC has list and watch on NodeImageSets, no get.)"""
         try:
-            fresh = await self.client.get(kubeapi.node_set_path(node))
+            found = await self.client.list(kubeapi.node_set_path(),
+                                           fieldSelector=f"metadata.name={node}")
         except errors.APIError:
             return False
+        fresh = found[0] if found else None
         if fresh is None:
             self.forget(node)
         else:

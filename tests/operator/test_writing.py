@@ -196,8 +196,9 @@ class ConflictingClient(FakeClient):
         self.current = current
         self.conflicts = 0
 
-    async def get(self, path: str) -> JSON:
-        return copy.deepcopy(self.current)
+    async def list(self, path: str, **params: str) -> list[JSON]:
+        assert params == {"fieldSelector": "metadata.name=n1"}
+        return [copy.deepcopy(self.current)]
 
     async def merge_patch(self, path: str, body: JSON) -> JSON:
         if body["metadata"]["resourceVersion"] != self.current["metadata"]["resourceVersion"]:
