@@ -667,9 +667,12 @@ class NodeSettings(BaseModel):
     failed_retry_interval: Duration = Field(
         default=300.0,
         description=(
-            "Start a new attempt series for a Failed entry after this long (a fixed registry "
-            "or secret then heals without a spec change); invalid references are never "
-            "retried. Go duration. Default '5m0s'; '0' disables."
+            "Start a new attempt series for a Failed entry after this long, doubling after "
+            "each further failed series (up to 16 times it), with +-20% jitter per node (a "
+            "fixed registry or secret then heals without a spec change); permanent failures "
+            "(NotFound, Unauthorized, Denied, invalid images) stop after the entry's "
+            "backoffLimit series, invalid references are never retried. Go duration. "
+            "Default '5m0s'; '0' disables."
         ),
     )
     resync_interval: Duration = Field(

@@ -75,6 +75,8 @@ RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 
 SUCCESS = "success"
 FAILURE = "failure"
+#: Result of a pull stopped by its caller (entry changed or removed, shutdown): not a failure.
+CANCELLED_RESULT = "cancelled"
 #: Success reasons: something was downloaded, or everything was already on the node.
 PULLED = "Pulled"
 ALREADY_PRESENT = "AlreadyPresent"
@@ -99,8 +101,9 @@ class PullMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.pulls = Counter(
-            "prefetcher_pulls", "Image pulls finished, by result (success|failure) and reason"
-            " (Pulled, AlreadyPresent, or the failure's reason such as PullStalled).",
+            "prefetcher_pulls", "Image pulls finished, by result (success|failure|cancelled:"
+            " stopped by a spec change, a delete or shutdown, not a failure) and reason"
+            " (Pulled, AlreadyPresent, Cancelled, or the failure's reason such as PullStalled).",
             ["result", "reason"], registry=registry,
         )
         self.bytes = Counter(
@@ -207,8 +210,10 @@ class PullRecorder:
         """The pull failed with ``error`` (reason: :func:`failure_reason` unless given)."""
         if not self._claim():
             return
-        self._m.pulls.labels(FAILURE, reason or failure_reason(error)).inc()
-        self._m.duration.labels(FAILURE).observe(self.tally.elapsed)
+        reason = reason or failure_reason(error)
+        result = CANCELLED_RESULT if reason == CANCELLED else FAILURE
+        self._m.pulls.labels(result, reason).inc()
+        self._m.duration.labels(result).observe(self.tally.elapsed)
 
     def finish(self) -> None:
         """Finish from the events alone when neither observe_* was called."""
@@ -227,8 +232,9 @@ class PullRecorder:
         stalled = phase is events.Phase.STALLED or self.tally.snapshot.stall_cancellations
         reason = "PullStalled" if stalled else (INTERNAL if phase.final else CANCELLED)
         if self._claim():
-            self._m.pulls.labels(FAILURE, reason).inc()
-            self._m.duration.labels(FAILURE).observe(self.tally.elapsed)
+            result = CANCELLED_RESULT if reason == CANCELLED else FAILURE
+            self._m.pulls.labels(result, reason).inc()
+            self._m.duration.labels(result).observe(self.tally.elapsed)
 
     def _claim(self) -> bool:
         with self._lock:

@@ -170,6 +170,7 @@ class ImageStatus(TypedDict):
     startTime: NotRequired[str]
     completionTime: NotRequired[str]
     lastProgressTime: NotRequired[str]
+    nextRetryTime: NotRequired[str]
 
 
 class AgentHeartbeat(TypedDict, total=False):

@@ -33,6 +33,18 @@ PERMANENT: tuple[type[BaseException], ...] = (
     image_errors.UnsafeLayer,
     image_errors.InvalidConfiguration,
 )
+#: Their ``reason`` values: a later attempt series is tried at most ``backoffLimit`` times.
+def _reasons(classes: tuple[type[BaseException], ...]) -> frozenset[str]:
+    found: set[str] = set()
+    todo = list(classes)
+    while todo:
+        cls = todo.pop()
+        found.add(str(getattr(cls, "reason", cls.__name__)))
+        todo.extend(cls.__subclasses__())
+    return frozenset(found)
+
+
+PERMANENT_REASONS = _reasons(PERMANENT)
 #: Errors never retried, not even by a later attempt series (failed_retry_interval).
 HOPELESS: tuple[type[BaseException], ...] = (image_errors.InvalidReference,)
 #: Their ``reason`` values, as an Outcome records them.

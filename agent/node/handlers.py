@@ -52,7 +52,7 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
 
 
 @kopf.on.event(*NODE_SETS)
-def node_set_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def node_set_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     _supervisor(memo).observe(type, body)
 
 

@@ -120,15 +120,17 @@ class Puller:
 
     async def run(self, entry: reconciling.Entry, state: reconciling.ImageState
                   ) -> reconciling.Outcome:
-        """Bring ``entry`` to Ready or Failed; ``state`` carries counters across series."""
-        now = reconciling.timestamp()
-        state.image = entry.reference
-        state.phase, state.reason, state.message = "Pending", "", ""
-        state.attempts, state.start_time, state.completion_time = 0, now, ""
-        self.reporter.set_image(state.to_status(), urgent=True)
+        """Bring ``entry`` to Ready or Failed; ``state`` carries counters across series
+        (:meth:`~reconciling.ImageState.prepare` resets them for a new entry version; the
+        supervisor calls it before the series starts)."""
+        if state.prepare(entry, reconciling.timestamp()):
+            self.reporter.set_image(state.to_status(), urgent=True)
 
         if entry.pull_policy != "Always" and await self._present(entry, state):
             return self._outcome(entry, ready=True)
+        if state.phase not in reconciling.PULLING_PHASES:  # Ready before, gone now; Failed
+            state.phase, state.completion_time = "Pending", ""
+            self.reporter.set_image(state.to_status(), urgent=True)
 
         last: BaseException | None = None
         deadline = asyncio.timeout(entry.timeout_seconds)

@@ -33,6 +33,9 @@ DEFAULT_BACKOFF_LIMIT = 3
 #: unpacked layers), so one that unpacks past the budget stops within this of it.
 BUDGET_CHECK_BYTES = 64 * 1024 * 1024
 
+#: Longest ``status.images[].message`` (the CRD's maxLength): the status stays bounded.
+MAX_MESSAGE = 512
+
 PULLING_PHASES = frozenset({"Pending", "Resolving", "Downloading", "Unpacking", "Committing"})
 FAILED_PHASES = frozenset({"Failed", "Stalled"})
 
@@ -136,6 +139,16 @@ class Outcome:
     ready: bool
     reason: str = ""
     at: float = 0.0  # the supervisor's clock
+    #: consecutive failed series of this entry version (1 for the first)
+    failures: int = 1
+    #: this entry's own jitter factor for the series backoff, in [1 - JITTER, 1 + JITTER]
+    jitter: float = 1.0
+
+    def after(self, previous: Outcome | None) -> Outcome:
+        """This outcome, counting the failed series before it (same entry version)."""
+        if self.ready or previous is None or previous.ready or previous.key != self.key:
+            return self
+        return dataclasses.replace(self, failures=previous.failures + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +170,7 @@ def plan(
     now: float,
     failed_retry_interval: float,
     hopeless: Iterable[str] = (),
+    permanent: Iterable[str] = (),
 ) -> Plan:
     """Decide which attempt series to start and cancel.
 
@@ -167,9 +181,13 @@ def plan(
         present: references whose images are in the store, unpacked.
         now: the clock ``outcomes[].at`` is on.
         failed_retry_interval: seconds after which a Failed series is tried again
-            (0: never), unless its reason is in ``hopeless``.
+            (0: never), doubling with every failed series of the entry version (capped at
+            :data:`SERIES_BACKOFF_CAP` times it), spread by each outcome's jitter so nodes
+            do not retry in lock-step; never when its reason is in ``hopeless``, and, when
+            it is in ``permanent``, not after ``backoffLimit`` failed series.
     """
     hopeless = set(hopeless)
+    permanent = set(permanent)
     cancel = [name for name, key in running.items()
               if name not in wanted or wanted[name].key != key]
     start: list[str] = []
@@ -183,13 +201,38 @@ def plan(
         elif done.ready:
             if entry.keep_present and entry.reference not in present:
                 start.append(name)  # the image disappeared from the store
-        elif failed_retry_interval > 0 and done.reason not in hopeless:
-            due = done.at + failed_retry_interval - now
+        elif (wait := retry_in(done, entry, failed_retry_interval, hopeless,
+                               permanent)) is not None:
+            due = done.at + wait - now
             if due <= 0:
                 start.append(name)
             else:
                 wake = due if wake is None else min(wake, due)
     return Plan(tuple(sorted(start)), tuple(sorted(cancel)), wake)
+
+
+#: Longest wait between two failed series, in multiples of the failed-retry interval.
+SERIES_BACKOFF_CAP = 16
+#: Spread of the series backoff (+-20 %).
+JITTER = 0.2
+
+
+def retry_in(outcome: Outcome, entry: Entry, interval: float, hopeless: Iterable[str],
+             permanent: Iterable[str]) -> float | None:
+    """Seconds after a failed series that the next one starts, or None: never (retries
+    disabled, a hopeless reason, or a permanent one that failed ``backoffLimit`` series)."""
+    if interval <= 0 or outcome.ready or outcome.reason in set(hopeless):
+        return None
+    if outcome.reason in set(permanent) and outcome.failures > entry.backoff_limit:
+        return None
+    return series_backoff(outcome, interval)
+
+
+def series_backoff(outcome: Outcome, interval: float) -> float:
+    """Seconds between a failed series and the next one: ``interval`` doubling per failed
+    series, capped, times the outcome's jitter."""
+    factor = min(2 ** max(outcome.failures - 1, 0), SERIES_BACKOFF_CAP)
+    return interval * factor * outcome.jitter
 
 
 def backoff(attempt: int, initial: float, cap: float) -> float:
@@ -280,14 +323,58 @@ class ImageState:
     start_time: str = ""
     completion_time: str = ""
     last_progress_time: str = ""
+    #: when the agent tries a Failed entry again (empty: it will not)
+    next_retry_time: str = ""
     #: the reason of the last failure announced with an Event (no repeats every series)
     announced: str = ""
+    #: the :attr:`Entry.key` this state describes (None: read back from a status)
+    version: tuple[Any, ...] | None = None
     #: stalls and cancellations of earlier attempts (the service counts per pull)
     _stalls_before: int = 0
     _cancellations_before: int = 0
 
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> ImageState:
+        """The state a previous agent process wrote (a restart continues from it)."""
+        def number(key: str) -> int:
+            value = status.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        state = cls(
+            name=str(status.get("name", "")), image=str(status.get("image") or ""),
+            phase=str(status.get("phase") or "Pending"), digest=str(status.get("digest") or ""),
+            bytes_done=number("bytesDone"), bytes_total=number("bytesTotal"),
+            layers_done=number("layersDone"), layers_total=number("layersTotal"),
+            attempts=number("attempts"), stalls=number("stalls"),
+            stall_cancellations=number("stallCancellations"),
+            reason=str(status.get("reason") or ""), message=str(status.get("message") or ""),
+            start_time=str(status.get("startTime") or ""),
+            completion_time=str(status.get("completionTime") or ""),
+            last_progress_time=str(status.get("lastProgressTime") or ""),
+            next_retry_time=str(status.get("nextRetryTime") or ""),
+        )
+        if state.phase in FAILED_PHASES:
+            state.announced = state.reason  # its Event was posted by the previous process
+        return state
+
+    def prepare(self, entry: Entry, now: str) -> bool:
+        """A series for ``entry`` starts: a new version of the entry starts from Pending with
+        fresh counters; the same version (a later series, or one the previous agent process
+        began) keeps its counters and phase. True when the state was reset."""
+        same = self.version == entry.key or (self.version is None and self.image
+                                             == entry.reference)
+        self.version = entry.key
+        self.image = entry.reference
+        if same:
+            return False
+        self.phase, self.reason, self.message, self.announced = "Pending", "", "", ""
+        self.attempts, self.start_time, self.completion_time = 0, now, ""
+        self.next_retry_time = ""
+        self.bytes_done = self.bytes_total = self.layers_done = self.layers_total = 0
+        return True
+
     def begin_attempt(self, now: str) -> None:
         """A new attempt starts: counters of the previous one become the base."""
+        self.next_retry_time = ""
         self._stalls_before = self.stalls
         self._cancellations_before = self.stall_cancellations
         self.attempts += 1
@@ -319,10 +406,13 @@ class ImageState:
     def to_status(self) -> specs.ImageStatus:
         """The ``status.images[]`` item (empty optional fields left out)."""
         status: specs.ImageStatus = {"name": self.name, "phase": self.phase}  # type: ignore[typeddict-item]
+        message = self.message if len(self.message) <= MAX_MESSAGE else \
+            self.message[:MAX_MESSAGE - 3] + "..."
         optional: dict[str, Any] = {
             "image": self.image, "digest": self.digest, "reason": self.reason,
-            "message": self.message, "startTime": self.start_time,
+            "message": message, "startTime": self.start_time,
             "completionTime": self.completion_time, "lastProgressTime": self.last_progress_time,
+            "nextRetryTime": self.next_retry_time,
         }
         for key, value in optional.items():
             if value:

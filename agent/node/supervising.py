@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -79,6 +82,7 @@ class Supervisor:
         self._loops: list[asyncio.Task[None]] = []
         self._reporter_task: asyncio.Task[None] | None = None
         self._started = False
+        self._seeded = False
 
     # Input.
 
@@ -94,11 +98,33 @@ class Supervisor:
             wanted = reconciling.parse_entries(body.get("spec"))
             self.uid = str(meta.get("uid", ""))
             self.reporter.object_exists()
+        if not self._seeded and event_type != "DELETED":
+            self._seed(wanted, body.get("status"))
         generation = meta.get("generation")
         if wanted != self.wanted or generation != self.generation:
             self.wanted = wanted
             self.generation = generation if isinstance(generation, int) else None
             self._wake.set()
+
+    def _seed(self, wanted: Mapping[str, reconciling.Entry],
+              status: Mapping[str, Any] | None) -> None:
+        """Continue from the status a previous agent process wrote (once, at the first
+        observation): statuses of entries still wanted are kept as they were, so nothing
+        regresses Ready → Pending and attempts keep counting; a Failed entry is retried
+        after the backoff, not at once (a DaemonSet rollout must not re-pull in lock-step)."""
+        self._seeded = True
+        now = self.clock()
+        for raw in (status or {}).get("images") or []:
+            name = str(raw.get("name", "")) if isinstance(raw, Mapping) else ""
+            if name not in wanted or name in self.states:
+                continue
+            state = reconciling.ImageState.from_status(raw)
+            self.states[name] = state
+            self.reporter.set_image(state.to_status())
+            entry = wanted[name]
+            if state.phase in reconciling.FAILED_PHASES and state.image == entry.reference:
+                state.version = entry.key
+                self.outcomes[name] = reconciling.Outcome(entry.key, False, state.reason, now)
 
     # Lifecycle.
 
@@ -183,7 +209,7 @@ class Supervisor:
         plan = reconciling.plan(
             wanted, {n: key for n, (key, _) in self._series.items()}, self.outcomes, present,
             now=self.clock(), failed_retry_interval=self.failed_retry_interval,
-            hopeless=errors.HOPELESS_REASONS,
+            hopeless=errors.HOPELESS_REASONS, permanent=errors.PERMANENT_REASONS,
         )
         await self._cancel(list(plan.cancel))
         gone = [name for name in self.states if name not in wanted]
@@ -194,6 +220,10 @@ class Supervisor:
         for name in plan.start:
             entry = wanted[name]
             state = self.states.setdefault(name, reconciling.ImageState(name))
+            # Before observedGeneration moves on (below): a status written with the new
+            # generation must not carry the previous version's result.
+            if state.prepare(entry, reconciling.timestamp()):
+                self.reporter.set_image(state.to_status(), urgent=True)
             task = asyncio.create_task(self._run_series(entry, state), name=f"pull/{name}")
             self._series[name] = (entry.key, task)
         self.reporter.order(wanted)
@@ -213,7 +243,17 @@ class Supervisor:
             state.phase, state.reason, state.message = "Failed", errors.INTERNAL, str(e)
             self.reporter.set_image(state.to_status(), urgent=True)
             outcome = reconciling.Outcome(entry.key, False, errors.INTERNAL, self.clock())
+        if not outcome.ready:
+            jitter = 1 + random.uniform(-reconciling.JITTER, reconciling.JITTER)
+            outcome = dataclasses.replace(outcome, jitter=jitter)
+        outcome = outcome.after(self.outcomes.get(entry.name))
         self.outcomes[entry.name] = outcome
+        wait = reconciling.retry_in(outcome, entry, self.failed_retry_interval,
+                                    errors.HOPELESS_REASONS, errors.PERMANENT_REASONS)
+        if wait is not None:  # say when (the operator counts the node as still busy)
+            state.next_retry_time = reconciling.timestamp(
+                datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=wait))
+            self.reporter.set_image(state.to_status(), urgent=True)
         current = self._series.get(entry.name)
         if current is not None and current[1] is asyncio.current_task():
             del self._series[entry.name]

@@ -98,8 +98,10 @@ def combine(contributions: list[specs.ImageEntry], current: str = "") -> specs.I
     }
     digests = {c.get("digest", "") for c in contributions}
     digest = current if current and current in digests else first.get("digest", "")
-    if not digest:  # the writer has none (not resolved): keep another owner's
-        digest = next((c["digest"] for c in contributions if c.get("digest")), "")
+    if not digest:  # the writer has none (not resolved): keep another owner's, or the
+        # entry's own (a digest is never replaced with nothing: a registry blip at the
+        # operator must not make nodes resolve, and maybe pull, the tag again)
+        digest = next((c["digest"] for c in contributions if c.get("digest")), current)
     if digest:
         result["digest"] = digest
     secrets = sorted({s for c in contributions for s in c.get("pullSecrets", [])})

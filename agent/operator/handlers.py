@@ -20,7 +20,8 @@ from typing import Any
 import kopf
 
 from agent.kube import resources
-from agent.operator import daemonsets, errors, kubeapi, reconciling
+from agent.operator import daemonsets, errors, index, kubeapi, reconciling, sweeping
+from agent.operator.placement import Placement
 
 logger = logging.getLogger("agent.operator")
 
@@ -31,8 +32,8 @@ PEERINGS = "/apis/kopf.dev/v1/clusterkopfpeerings"
 MAX_COALESCE = 0.5
 
 
-def _state(memo: Any) -> reconciling.State:
-    state: reconciling.State = memo.state
+def _state(memo: Any) -> index.State:
+    state: index.State = memo.state
     return state
 
 
@@ -60,13 +61,15 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     for body in await state.client.list(kubeapi.node_set_path()):
         state.node_set_event("ADDED", body)
     memo.keeper = asyncio.create_task(keep_daemonset(state))
+    memo.sweeper = asyncio.create_task(sweep_periodically(state))
 
 
 @kopf.on.cleanup()
 async def stop(memo: Any, **_: Any) -> None:
-    keeper = getattr(memo, "keeper", None)
-    if keeper is not None:
-        keeper.cancel()
+    for name in ("keeper", "sweeper"):
+        task = getattr(memo, name, None)
+        if task is not None:
+            task.cancel()
     await _state(memo).writer.close()
     await _state(memo).client.aclose()
 
@@ -85,7 +88,7 @@ async def ensure_peering(client: kubeapi.Client, name: str) -> None:
 
 
 @kopf.on.event("v1", "nodes")
-def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     if type is not None:  # None = the initial listing, already primed at startup
         _state(memo).node_event(type, body)
     else:
@@ -93,14 +96,14 @@ def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None
 
 
 @kopf.on.event(*NODE_SETS)
-def node_set_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def node_set_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     _state(memo).node_set_event(type or "ADDED", dict(body))
 
 
 @kopf.on.create(*PREFETCHES)
 @kopf.on.update(*PREFETCHES)
 @kopf.on.resume(*PREFETCHES)
-def prefetch_changed(uid: str, memo: Any, **_: Any) -> None:
+async def prefetch_changed(uid: str, memo: Any, **_: Any) -> None:
     _state(memo).wake(uid)
 
 
@@ -150,10 +153,24 @@ async def prefetch_deleted(uid: str, memo: Any, logger: kopf.Logger, **_: Any) -
     logger.info("withdrawn from every node")
 
 
+async def sweep_periodically(state: index.State) -> None:
+    """Notice missed Node deletions and withdraw orphaned entries now and then (see
+    :mod:`.sweeping`)."""
+    while True:
+        await asyncio.sleep(state.settings.resync_interval * sweeping.SWEEP_EVERY)
+        try:
+            await sweeping.resync_nodes(state)
+            await sweeping.sweep_orphans(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # retried at the next sweep
+            logger.error(f"orphan sweep failed: {e}")
+
+
 # ------------------------------------------------------------------------------ DaemonSet
 
 
-async def keep_daemonset(state: reconciling.State) -> None:
+async def keep_daemonset(state: index.State) -> None:
     """Keep the agents' DaemonSet as the settings file says; track ready agent pods."""
     keeper = daemonsets.Keeper(state.client, state.namespace, state.settings.agent_daemonset,
                                state.settings.agent_daemonset_owner)
@@ -167,9 +184,15 @@ async def keep_daemonset(state: reconciling.State) -> None:
         await asyncio.sleep(state.settings.daemonset_check_interval)
 
 
-async def check_daemonset(state: reconciling.State, keeper: daemonsets.Keeper) -> None:
+async def check_daemonset(state: index.State, keeper: daemonsets.Keeper) -> None:
     ready = await keeper.check()
     await state.secret_readers.verify()
+    if keeper.live is not None:
+        # The DaemonSet that actually schedules the agents says which nodes they can run on.
+        placement = Placement.from_daemonset(keeper.live)
+        if placement != state.placement:
+            state.placement = placement
+            state.wake()
     if ready is not None and ready != state.agent_pods_ready:
         state.agent_pods_ready = ready
         state.wake()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from agent.operator import prefetches
@@ -17,6 +17,8 @@ class Node:
     labels: Mapping[str, str]
     ready: bool
     unschedulable: bool
+    taints: tuple[Mapping[str, str], ...] = ()
+    uid: str = ""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Node:
@@ -28,6 +30,10 @@ class Node:
             labels=dict(meta.get("labels") or {}),
             ready=ready,
             unschedulable=bool((body.get("spec") or {}).get("unschedulable", False)),
+            taints=tuple({str(k): str(v) for k, v in t.items()}
+                         for t in (body.get("spec") or {}).get("taints") or []
+                         if isinstance(t, Mapping)),
+            uid=str(meta.get("uid", "")),
         )
 
 
@@ -69,10 +75,13 @@ def eligible(prefetch: prefetches.Prefetch, node: Node) -> bool:
 
 
 def select(prefetch: prefetches.Prefetch, all_nodes: Iterable[Node],
-           dispatched: Iterable[str] = ()) -> list[str]:
+           dispatched: Iterable[str] = (),
+           runnable: Callable[[Node], bool] = lambda node: True) -> list[str]:
     """Names of the nodes the prefetch targets, sorted: the eligible ones, and those it was
     dispatched to that still match (readiness and cordons gate only new dispatches: a
-    cordoned or briefly NotReady node keeps its entries, hence its images)."""
+    cordoned or briefly NotReady node keeps its entries, hence its images); only nodes
+    the agent can run on (``runnable``)."""
     sent = set(dispatched)
     return sorted(node.name for node in all_nodes
-                  if eligible(prefetch, node) or (node.name in sent and matches(prefetch, node)))
+                  if (eligible(prefetch, node) or (node.name in sent and matches(prefetch, node)))
+                  and runnable(node))

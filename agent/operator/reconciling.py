@@ -1,19 +1,13 @@
-"""One reconcile of one ImagePrefetch, and the operator's in-memory view of the cluster.
+"""One reconcile of one ImagePrefetch, and its withdrawal on delete.
 
-:class:`State` is the index the kopf event handlers keep (nodes, NodeImageSets, agent pods)
-plus per-prefetch memory (resolved digests, traceparents, status throttle, events sent).
-:func:`reconcile` is level-triggered: from the prefetch body and the index it decides the
-writes (pure functions in :mod:`.dispatching`, :mod:`.entries`, :mod:`.status`), performs
-them, and returns when it wants to run again.
+:func:`reconcile` is level-triggered: from the prefetch body and the index
+(:class:`.index.State`) it decides the writes (pure functions in :mod:`.dispatching`,
+:mod:`.entries`, :mod:`.status`), performs them, and returns when it wants to run again.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import datetime
-import json
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any, cast
@@ -21,11 +15,8 @@ from typing import Any, cast
 import kopf
 from opentelemetry import trace
 
-from agent import config, telemetry
-from agent.images import errors as image_errors
-from agent.images.registry import credentials
-from agent.kube import resources, specs
-from agent.metrics import OperatorMetrics
+from agent import telemetry
+from agent.kube import specs
 from agent.operator import (
     dispatching,
     entries,
@@ -33,339 +24,22 @@ from agent.operator import (
     kubeapi,
     nodes,
     prefetches,
-    resolving,
-    roles,
-    secrets,
     status,
-    throttling,
     traceparents,
     writing,
 )
+from agent.operator.digests import Memo, resolved_digests
+from agent.operator.events import emit_events
+from agent.operator.index import State
+from agent.operator.secret_copies import ensure_secret_copies, release_secret_copies
+from agent.operator.status_writes import write_status
+from agent.operator.times import parse_time, timestamp, utcnow
+
+__all__ = ["State", "reconcile", "withdraw_everywhere"]
 
 _tracer = trace.get_tracer("agent.operator")
 
 JSON = dict[str, Any]
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def timestamp(when: datetime.datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str | None) -> datetime.datetime | None:
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _newer(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """Whether ``new`` is not older than ``old`` (resourceVersions compared as numbers when
-    they are numbers, which etcd's are; otherwise the latest seen wins)."""
-    if old is None:
-        return True
-    a = str((old.get("metadata") or {}).get("resourceVersion", ""))
-    b = str((new.get("metadata") or {}).get("resourceVersion", ""))
-    if a.isdigit() and b.isdigit():
-        return int(b) >= int(a)
-    return True
-
-
-@dataclasses.dataclass
-class State:
-    """The operator's memory, shared by all handlers (kopf's memo)."""
-
-    settings: config.OperatorSettings
-    namespace: str
-    client: kubeapi.Client
-    registry_config_path: str = ""
-    nodes: dict[str, nodes.Node] = dataclasses.field(default_factory=dict)
-    node_sets: dict[str, JSON] = dataclasses.field(default_factory=dict)
-    agent_pods_ready: set[str] = dataclasses.field(default_factory=set)
-    wakers: dict[str, asyncio.Event] = dataclasses.field(default_factory=dict)
-    contributions: dict[tuple[str, str], specs.ImageEntry] = dataclasses.field(
-        default_factory=dict)
-    digests: dict[tuple[str, int], dict[str, str]] = dataclasses.field(default_factory=dict)
-    traceparents: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)
-    statuses: dict[str, JSON] = dataclasses.field(default_factory=dict)
-    events_sent: dict[str, set[str]] = dataclasses.field(default_factory=dict)
-    throttle: throttling.Throttle = dataclasses.field(
-        default_factory=lambda: throttling.Throttle(1.0))
-    metrics: OperatorMetrics | None = None
-    #: uid → node → the entries that prefetch owns there: kept from the watched bodies, so a
-    #: reconcile surveys only its own nodes and entries (not every node's every entry).
-    by_owner: dict[str, dict[str, dict[str, specs.ImageEntry]]] = dataclasses.field(
-        default_factory=dict)
-    #: node → its status.images by entry name (kept with the bodies, for the surveys).
-    node_statuses: dict[str, dict[str, specs.ImageStatus]] = dataclasses.field(
-        default_factory=dict)
-    #: uid → (phase, node counts) of the last status computed, for the gauges.
-    summaries: dict[str, tuple[str, Mapping[str, int]]] = dataclasses.field(
-        default_factory=dict)
-    #: The agent DaemonSet's owner ConfigMap was missing at the last check (logged once).
-    owner_missing: bool = False
-    #: The one writer of NodeImageSet specs (coalesced per node; see :mod:`.writing`).
-    writer: writing.NodeWriter = dataclasses.field(init=False)
-    #: The agents' Role over the pull-secret copies (see :mod:`.roles`).
-    secret_readers: roles.PullSecretReaders = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        self.writer = writing.NodeWriter(
-            self.client, self.node_sets.get, self.remember_node_set, self.forget_node_set,
-            self.contributions)
-        self.secret_readers = roles.PullSecretReaders(
-            self.client, self.namespace, self.settings.agent_secrets_role,
-            self.settings.agent_daemonset_owner)
-
-    # Index maintenance (called by the kopf event handlers).
-
-    def wake(self, uid: str | None = None) -> None:
-        """Wake one prefetch's reconcile loop, or all of them."""
-        for key, event in self.wakers.items():
-            if uid is None or key == uid:
-                event.set()
-
-    def owners_of(self, body: Mapping[str, Any] | None) -> set[str]:
-        images = ((body or {}).get("spec") or {}).get("images") or []
-        return {o["uid"] for e in images for o in e.get("owners", []) if "uid" in o}
-
-    def node_event(self, kind: str, body: Mapping[str, Any]) -> None:
-        name = (body.get("metadata") or {}).get("name", "")
-        if kind == "DELETED":
-            self.nodes.pop(name, None)
-        else:
-            new = nodes.Node.from_body(body)
-            if self.nodes.get(name) == new:
-                return
-            self.nodes[name] = new
-        self.wake()
-
-    def node_set_event(self, kind: str, body: Mapping[str, Any]) -> None:
-        name = (body.get("metadata") or {}).get("name", "")
-        old = self.node_sets.get(name)
-        if kind == "DELETED":
-            self._store(name, None)
-        elif _newer(old, body):
-            self._store(name, dict(body))
-        else:
-            return
-        for uid in self.owners_of(old) | self.owners_of(body):
-            self.wake(uid)
-
-    def remember_node_set(self, body: JSON | None) -> None:
-        if body is not None:
-            name = body["metadata"]["name"]
-            if _newer(self.node_sets.get(name), body):
-                self._store(name, body)
-
-    def forget_node_set(self, name: str) -> None:
-        self._store(name, None)
-
-    def _store(self, name: str, body: JSON | None) -> None:
-        """Keep the body and the per-owner index of its entries."""
-        old = self.node_sets.get(name)
-        old_images = ((old or {}).get("spec") or {}).get("images") or []
-        if body is None:
-            self.node_sets.pop(name, None)
-            self.node_statuses.pop(name, None)
-        else:
-            self.node_sets[name] = body
-            self.node_statuses[name] = dispatching.statuses_by_name(body.get("status"))
-        new_images = ((body or {}).get("spec") or {}).get("images") or []
-        if old is not None and body is not None and new_images == old_images:
-            return
-        for uid in self.owners_of(old):
-            per_node = self.by_owner.get(uid)
-            if per_node is not None:
-                per_node.pop(name, None)
-                if not per_node:
-                    del self.by_owner[uid]
-        owned: dict[str, dict[str, specs.ImageEntry]] = {}
-        for entry in new_images:
-            for owner in entry.get("owners") or []:
-                if "uid" in owner:
-                    owned.setdefault(owner["uid"], {})[entry["name"]] = entry
-        for uid, ours in owned.items():
-            self.by_owner.setdefault(uid, {})[name] = ours
-
-    def live_agents(self, now: datetime.datetime) -> set[str]:
-        """Nodes with a live agent: a fresh heartbeat, or a Ready agent pod that has not
-        written a heartbeat yet."""
-        live: set[str] = set()
-        horizon = now - datetime.timedelta(seconds=self.settings.agent_heartbeat_timeout)
-        for name, body in self.node_sets.items():
-            beat = parse_time(((body.get("status") or {}).get("agent") or {})
-                              .get("heartbeatTime"))
-            if beat is not None and beat >= horizon:
-                live.add(name)
-            elif beat is None and name in self.agent_pods_ready:
-                live.add(name)
-        return live
-
-    def forget(self, uid: str) -> None:
-        for key in [k for k in self.contributions if k[0] == uid]:
-            del self.contributions[key]
-        for generation_key in [k for k in self.digests if k[0] == uid]:
-            del self.digests[generation_key]
-        for generation_key in [k for k in self.traceparents if k[0] == uid]:
-            del self.traceparents[generation_key]
-        self.statuses.pop(uid, None)
-        self.events_sent.pop(uid, None)
-        self.wakers.pop(uid, None)
-        self.throttle.forget(uid)
-        self.summaries.pop(uid, None)
-        self.update_gauges()
-
-    def summarise(self, uid: str, new: Mapping[str, Any]) -> None:
-        """Remember a prefetch's phase and node counts, and refresh the gauges."""
-        counts = {k: int(v) for k, v in (new.get("nodes") or {}).items() if k != "desired"}
-        summary = (str(new.get("phase") or "Pending"), counts)
-        if self.summaries.get(uid) != summary:
-            self.summaries[uid] = summary
-            self.update_gauges()
-
-    def update_gauges(self) -> None:
-        if self.metrics is None:
-            return
-        phases: dict[str, int] = {}
-        states: dict[str, int] = {}
-        for phase, counts in self.summaries.values():
-            phases[phase] = phases.get(phase, 0) + 1
-            for key, n in counts.items():
-                states[key] = states.get(key, 0) + n
-        self.metrics.set_prefetches(phases)
-        self.metrics.set_nodes(states)
-
-
-# ------------------------------------------------------------------------------ secrets
-
-
-async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
-                               logger: logging.Logger | Any) -> tuple[list[str], JSON]:
-    """Copy the prefetch's pull secrets into the operator namespace; return the copies'
-    names and the decoded sources (for resolving digests with the same credentials)."""
-    names: list[str] = []
-    sources: JSON = {}
-    for index, name in enumerate(prefetch.pull_secrets):
-        source = await state.client.get(kubeapi.secret_path(prefetch.namespace, name))
-        if source is None:
-            logger.warning(f"pull secret {prefetch.namespace}/{name} does not exist; skipped")
-            continue
-        kind = str(source.get("type") or "Opaque")
-        if kind not in secrets.PULL_SECRET_TYPES:
-            raise errors.InvalidSpec(
-                f"spec.imagePullSecrets[{index}]",
-                f"secret {prefetch.namespace}/{name} has type {kind}, not one of"
-                f" {', '.join(sorted(secrets.PULL_SECRET_TYPES))}; not copied")
-        sources[name] = source
-        copy_name = secrets.copy_name(prefetch.namespace, name)
-        path = kubeapi.secret_path(state.namespace, copy_name)
-        for _ in range(kubeapi.CONFLICT_RETRIES):
-            existing = await state.client.get(path)
-            if existing is not None and secrets.up_to_date(existing, source, prefetch.uid):
-                break
-            users = (secrets.users(existing) if existing else []) + [prefetch.uid]
-            body = secrets.build_copy(source, state.namespace, users)
-            try:
-                if existing is None:
-                    await state.client.create(kubeapi.secret_path(state.namespace), body)
-                else:
-                    body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                    await state.client.replace(path, body)
-                break
-            except errors.Conflict:
-                continue
-        names.append(copy_name)
-    await state.secret_readers.grant(names)  # before any node is told to read them
-    return names, sources
-
-
-async def release_secret_copies(state: State, uid: str, keep: set[str] | None = None) -> None:
-    """Remove ``uid`` from the users of every copy not in ``keep``; delete unused copies.
-
-    Every write carries the resourceVersion read (a delete, as a precondition); on a conflict
-    (another prefetch sharing the copy released or took it meanwhile) the copy is read again
-    and the release retried, a bounded number of times; then :class:`errors.Conflict` is
-    raised (on delete no later reconcile would release it: the copy, credentials included,
-    would leak)."""
-    copies = await state.client.list(
-        kubeapi.secret_path(state.namespace),
-        labelSelector=f"{resources.LABEL_COMPONENT}={resources.COMPONENT_PULL_SECRET}",
-    )
-    for listed in copies:
-        name = listed["metadata"]["name"]
-        if keep is not None and name in keep:
-            continue
-        path = kubeapi.secret_path(state.namespace, name)
-        copy: JSON | None = listed
-        for attempt in range(kubeapi.CONFLICT_RETRIES + 1):
-            if attempt:
-                copy = await state.client.get(path)
-            if copy is None:
-                break
-            users = secrets.users(copy)
-            if uid not in users:
-                break
-            remaining = [u for u in users if u != uid]
-            version = str(copy["metadata"].get("resourceVersion", ""))
-            try:
-                if not remaining:
-                    await state.client.delete(path, resource_version=version)
-                else:
-                    await state.client.merge_patch(path, {"metadata": {
-                        "resourceVersion": version,
-                        "annotations": {resources.ANNOTATION_USERS:
-                                        json.dumps(sorted(remaining))}}})
-                break
-            except errors.Conflict:
-                if attempt == kubeapi.CONFLICT_RETRIES:
-                    raise
-                await asyncio.sleep(0.05 * (attempt + 1))
-
-
-# ------------------------------------------------------------------------------ digests
-
-
-async def resolved_digests(state: State, prefetch: prefetches.Prefetch, previous: Mapping[str, Any],
-                           sources: Mapping[str, Any]) -> dict[str, str]:
-    """Digests per normalised reference: resolved once per generation (and per operator
-    process under pullPolicy Always); under IfNotPresent, digests already in the status of
-    this generation are reused after a restart."""
-    key = (prefetch.uid, prefetch.generation)
-    if key in state.digests:
-        return state.digests[key]
-    known: dict[str, str] = {}
-    if prefetch.pull_policy == "IfNotPresent":
-        for img in previous.get("images") or []:
-            if img.get("digest") and img.get("resolved"):
-                known[img["resolved"].split("@")[0]] = img["digest"]
-    refs = [ref for _, ref in prefetch.images]
-    missing = [r for r in refs if str(r) not in known]
-    if missing and state.settings.resolve_digests:
-        keychains = []
-        for name, source in sources.items():
-            try:
-                keychains.append(credentials.Keychain.from_dockerconfigjson_secret(
-                    source, f"secret {prefetch.namespace}/{name}"))
-            except image_errors.ImageError:
-                continue
-        keychain = credentials.Keychain.merged(*keychains) if keychains else None
-        known.update(await resolving.resolve(
-            missing, keychain or credentials.Keychain.empty(),
-            state.settings.resolve_timeout, state.registry_config_path))
-    for ref in refs:
-        if ref.digest is not None:
-            known[str(ref)] = str(ref.digest)
-    state.digests[key] = {str(r): known.get(str(r), "") for r in refs}
-    return state.digests[key]
-
-
-# ------------------------------------------------------------------------------ reconcile
 
 
 async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float | None:
@@ -388,9 +62,11 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
 
     try:
         prefetch = prefetches.parse(body)
-        copies, sources = await ensure_secret_copies(state, prefetch, logger)
+        copies, sources, missing_secrets = await ensure_secret_copies(state, prefetch, logger)
     except errors.InvalidSpec as e:
-        new = status.invalid(generation, str(e), previous, now_text)
+        listed = (body.get("spec") or {}).get("images")
+        new = status.invalid(generation, str(e), previous, now_text,
+                             len(listed) if isinstance(listed, list) else 0)
         if f"invalid/{generation}" not in sent:
             sent.add(f"invalid/{generation}")
             kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=str(e))
@@ -401,7 +77,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     if f"secrets/{generation}" not in sent:
         await release_secret_copies(state, uid, keep=set(copies))
         sent.add(f"secrets/{generation}")
-    digests = await resolved_digests(state, prefetch, previous, sources)
+    memo = await resolved_digests(state, prefetch, previous, sources)
     traceparent = state.traceparents.get((uid, generation))
     if traceparent is None:
         # The trace of this prefetch generation: a root reconcile span and its first
@@ -421,9 +97,10 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     desired: dict[str, specs.ImageEntry] = {}
     resolved: list[status.ResolvedImage] = []
     for text, ref in prefetch.images:
-        digest = digests.get(str(ref), "")
+        digest = memo.digests.get(str(ref), "")
         mine = entries.contribution(prefetch, ref, digest, copies, traceparent)
-        desired[mine["name"]] = mine
+        if str(ref) not in memo.not_found:  # failed at the prefetch, once
+            desired[mine["name"]] = mine
         sent_ref = f"{ref.name}@{digest}" if digest else str(ref)
         resolved.append(status.ResolvedImage(text, mine["name"], sent_ref, digest))
     for key in [k for k in state.contributions if k[0] == uid and k[1] not in desired]:
@@ -432,23 +109,30 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         state.contributions[(uid, name)] = mine
 
     live = state.live_agents(now)
+    clock = time.monotonic()
 
     def survey() -> tuple[dict[str, dict[str, specs.ImageEntry]],
                           dict[str, dispatching.NodeReport]]:
         dispatched = dict(state.by_owner.get(uid) or {})
         reports = {
             node: dispatching.report(node, ours, state.node_sets[node].get("status"),
-                                     node in live, state.node_statuses.get(node))
+                                     node in live, state.node_statuses.get(node),
+                                     state.dispatched_generation(uid, node),
+                                     state.agent_down_for(node, live, clock))
             for node, ours in dispatched.items()
         }
         return dispatched, reports
 
     dispatched, reports = survey()
-    targets = nodes.select(prefetch, state.nodes.values(), dispatched)
+    targets = nodes.select(prefetch, state.nodes.values(), dispatched, state.runnable)
     frozen = prefetch.completion_policy == "Always" and bool(previous.get("completionTime"))
     if frozen:
         targets = [t for t in targets if t in dispatched]
-    plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism, frozen)
+    if not desired:  # every image failed at the prefetch: no node has anything to do
+        targets = []
+    plan = dispatching.plan(targets, dispatched, desired, reports, prefetch.parallelism,
+                            frozen, state.contributions,
+                            grace=state.settings.agent_heartbeat_timeout)
 
     put_ours = writing.Change(uid, desired)
     drop_ours = writing.Change(uid, None)
@@ -475,16 +159,21 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     if plan.withdraw:
         logger.info(f"withdrew from {len(plan.withdraw)} node(s) that stopped matching")
 
+    problems = _problems(state, prefetch, memo, missing_secrets)  # after the writes' refusals
     new = status.aggregate(
         generation=generation, completion_policy=prefetch.completion_policy,
         desired_nodes=targets, dispatched=dispatched, reports=reports, images=resolved,
-        previous=previous, now=now_text,
+        previous=previous, now=now_text, problems=problems,
     )
     state.summarise(uid, new)
-    emit_events(body, previous, dict(new), sent)
+    emit_events(body, previous, dict(new), sent, problems,
+                status.failure_reasons(reports, resolved))
     urgent = status.conditions_changed(previous, dict(new))
     wait = await write_status(state, body, previous, dict(new), now, urgent=urgent)
 
+    if memo.unresolved([ref for _, ref in prefetch.images]) and state.settings.resolve_digests:
+        again = max(memo.retry_at - time.monotonic(), 0.05)  # ask the registry again
+        wait = again if wait is None else min(wait, again)
     if retry_soon:
         wait = 1.0 if wait is None else min(wait, 1.0)
     ttl = prefetch.ttl_seconds_after_finished
@@ -499,76 +188,49 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
     return wait
 
 
-def emit_events(body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any],
-                sent: set[str]) -> None:
-    """Kubernetes Events for starts, node failures, stalls and completion (each once)."""
-    target = cast(kopf.Body, body)  # a kopf.Body in practice; events need only its ref
-    if new.get("startTime") and not old.get("startTime") and "started" not in sent:
-        sent.add("started")
-        kopf.event(target, type="Normal", reason="Started",
-                  message=f"dispatching to {new['nodes']['desired']} node(s)")
-    for failure in new.get("failures") or []:
-        key = f"failed/{failure['node']}/{failure['image']}/{failure['reason']}"
-        if key not in sent:
-            sent.add(key)
-            kopf.warn(target, reason="PullFailed" if failure["reason"] != "PullStalled"
-                      else "PullStalled",
-                      message=f"{failure['image']} on {failure['node']}: {failure['reason']}:"
-                              f" {failure['message']}")
-    stalled = int(new.get("stalledCancellations") or 0)
-    if stalled > int(old.get("stalledCancellations") or 0):
-        kopf.warn(target, reason="PullStalled",
-                  message=f"{stalled} pull(s) cancelled for lack of progress so far")
-    if new.get("completionTime") and not old.get("completionTime") \
-            and f"done/{new.get('observedGeneration')}" not in sent:
-        sent.add(f"done/{new.get('observedGeneration')}")
-        if new.get("phase") == "Failed":
-            kopf.warn(target, reason="Failed",
-                      message=f"finished: {new['nodes']['failed']} node(s) failed")
-        else:
-            kopf.event(target, type="Normal", reason="Completed",
-                      message=f"every image is ready on {new['nodes']['ready']} node(s)")
-
-
-async def write_status(state: State, body: Mapping[str, Any], previous: Mapping[str, Any],
-                       new: JSON, now: datetime.datetime, *, urgent: bool) -> float | None:
-    """Write ``new`` unless nothing changed; throttled unless ``urgent``.
-
-    Returns the seconds to wait before a throttled write may go, or None.
-    """
-    meta = body.get("metadata") or {}
-    uid = str(meta.get("uid", ""))
-    if not status.differs(previous, new):
-        return None
-    clock = time.monotonic()
-    delay = state.throttle.delay(uid, clock, urgent=urgent)
-    if delay > 0:
-        return delay
-    patch: JSON = dict(new)
-    # Null what the server holds (``body.status``, which may be older or newer than
-    # ``previous``) and what we last wrote, but not in ``new``: a merge patch leaves
-    # absent keys as they are (a stale completionTime would survive a spec change).
-    server = body.get("status") or {}
-    for key in {*previous, *server, "completionTime"}:
-        if key not in new and key != "kopf":
-            patch[key] = None
-    try:
-        await state.client.merge_patch(
-            kubeapi.prefetch_path(meta["namespace"], meta["name"], "status"), {"status": patch})
-    except errors.NotFound:
-        return None
-    state.throttle.written(uid, clock)
-    state.statuses[uid] = new
-    return None
+def _problems(state: State, prefetch: prefetches.Prefetch, memo: Memo,
+              missing_secrets: list[str]) -> list[status.Problem]:
+    """What the status must say about the spec's references, nodes and secrets."""
+    problems = [
+        status.Problem("ImageNotFound", f"{text}: the registry says it does not exist"
+                       f" ({memo.not_found[str(ref)]}); not dispatched to any node",
+                       fatal=True, image=text)
+        for text, ref in prefetch.images if str(ref) in memo.not_found
+    ]
+    if prefetch.node_names:
+        absent = sorted(n for n in prefetch.node_names if n not in state.nodes)
+        if absent:
+            shown = ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else "")
+            problems.append(status.Problem(
+                "NodeNotFound", f"spec.nodeNames: {len(absent)} name(s) are not nodes: {shown}"))
+    if prefetch.node_names:
+        refused = {n: state.placement.why_not(state.nodes[n]) for n in
+                   sorted(prefetch.node_names) if n in state.nodes}
+        refused = {n: why for n, why in refused.items() if why}
+        if refused:
+            shown = "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:5])
+            problems.append(status.Problem(
+                "AgentCannotRun", f"spec.nodeNames: the agent cannot run on {len(refused)}"
+                f" named node(s), not targeted: {shown}"))
+    full = sorted((node, why) for (owner, node), why in state.writer.refused.items()
+                  if owner == prefetch.uid)
+    if full:
+        problems.append(status.Problem(
+            "NodeImageSetFull", f"not dispatched to {len(full)} node(s) whose NodeImageSet is"
+            f" at a cap: {full[0][0]}: {full[0][1]}"))
+    if missing_secrets:
+        problems.append(status.Problem(
+            "PullSecretNotFound", f"spec.imagePullSecrets: {', '.join(missing_secrets)} do(es)"
+            f" not exist in namespace {prefetch.namespace}; pulls go without them"))
+    return problems
 
 
 async def withdraw_everywhere(state: State, uid: str) -> None:
     """Remove ``uid`` from every NodeImageSet and every secret copy (on delete)."""
     state.writer.retired.add(uid)  # from now on, any put of this prefetch is a withdrawal
-    # The index may lag; read every NodeImageSet that may hold our entries, fresh.
-    fresh = await state.client.list(kubeapi.node_set_path())
-    for body in fresh:
-        state.remember_node_set(body)
+    # The index holds every write of ours (the writer stores what each write returned), so
+    # no list of every NodeImageSet (~100 MiB at 5,000 nodes); should the watch have missed
+    # something, :func:`.sweeping.sweep_orphans` withdraws it later.
     nodes_with_ours = sorted(state.by_owner.get(uid) or {})
     drop = writing.Change(uid, None)
     failed = await state.writer.write({node: drop for node in nodes_with_ours})

@@ -10,13 +10,14 @@ as :mod:`agent.kube.specs` documents) and writes the result once. 20 prefetches 
 to the same 1,000 nodes thus cost about 1,000 writes, not 20,000, and no two writes of one
 node are ever in flight at once, so concurrent reconciles cannot lose each other's entries.
 
-The write is a JSON merge patch of ``spec.images`` alone, with no ``resourceVersion``: the
-agents' status writes (which bump ``resourceVersion``) cannot make it conflict. That is safe
-because the spec has exactly one writer: the active operator replica (kopf peering), and in
-it this object (agents may write only ``status``; RBAC and the admission policy enforce it).
-The base the entries are folded into is the watched body (the shared index in
-:class:`.reconciling.State`), which always includes our own last write: the writer stores
-the body each write returns, and the index ignores events older than what it holds.
+The write is a JSON merge patch of ``spec.images`` carrying the ``resourceVersion`` of the
+body the entries were folded into (the watched body in the shared index,
+:class:`.index.State`, which always includes our own last write: the writer stores the body
+each write returns, and the index ignores events older than what it holds). Two writers
+(an old and a new operator replica during a failover, or anything else) thus never clobber
+each other: a 409 Conflict (the object changed since; an agent's status write does that
+too) makes the writer read the object again and fold the changes into it, without a
+back-off, up to :data:`CONFLICTS` times.
 
 A node without a NodeImageSet gets one created (POST). A failed write is retried (bounded,
 with back-off) on the then-current index; after that its waiters get the error and their
@@ -40,6 +41,19 @@ logger = logging.getLogger("agent.operator")
 DEBOUNCE = 0.05
 CONCURRENCY = 16
 ATTEMPTS = 4
+#: Conflicts (409) retried at once, on a fresh read, per flush.
+CONFLICTS = 10
+#: The CRD's caps (crds/nodeimagesets...yaml): entries per node, owners and secrets per entry.
+MAX_ENTRIES = 256
+MAX_OWNERS = 8
+MAX_SECRETS = 8
+
+
+class NodeFull(errors.APIError):
+    """A change would take a node's NodeImageSet past a cap of the CRD: refused alone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, "NodeImageSetFull", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +89,16 @@ class NodeWriter:
         known: every prefetch's contributions known in this process, for owner merging.
         debounce: seconds a node's first pending change waits for others to join it.
         concurrency: nodes written at once.
+        node_uid: node name → its Node's uid ("" if unknown): every NodeImageSet gets an
+            ownerReference to its Node, so the garbage collector removes it with the Node.
     """
 
     def __init__(self, client: kubeapi.Client, cached: Callable[[str], JSON | None],
                  remember: Callable[[JSON], None], forget: Callable[[str], None],
                  known: Mapping[tuple[str, str], specs.ImageEntry], *,
                  debounce: float = DEBOUNCE, concurrency: int = CONCURRENCY,
-                 attempts: int = ATTEMPTS) -> None:
+                 attempts: int = ATTEMPTS,
+                 node_uid: Callable[[str], str] = lambda node: "") -> None:
         self.client = client
         self.cached = cached
         self.remember = remember
@@ -90,10 +107,17 @@ class NodeWriter:
         self.debounce = debounce
         self.concurrency = concurrency
         self.attempts = attempts
+        self.node_uid = node_uid
         self.writes = 0  # spec writes sent (creates and patches)
+        #: (uid, node) → why that prefetch's last change there was refused (a cap).
+        self.refused: dict[tuple[str, str], str] = {}
         #: prefetches being deleted: a put still in flight from a reconcile that started
         #: before the delete becomes a withdrawal, so nothing re-adds their entries.
         self.retired: set[str] = set()
+        #: (uid, node) → the NodeImageSet generation our last write of uid's entries there
+        #: produced: the agent's status describes them only once its observedGeneration
+        #: reaches it (see :func:`.dispatching.report`).
+        self.generations: dict[tuple[str, str], int] = {}
         self._pending: dict[str, dict[str, _Pending]] = {}
         self._scheduled: set[str] = set()  # due soon, queued, or being written
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -132,6 +156,10 @@ class NodeWriter:
                     logger.warning(f"NodeImageSet {node}: {e}; retrying later")
         return sorted(failed)
 
+    def _owner(self, node: str) -> list[JSON]:
+        uid = self.node_uid(node)
+        return node_owner(node, uid) if uid else []
+
     async def close(self) -> None:
         for task in self._workers:
             task.cancel()
@@ -167,25 +195,56 @@ class NodeWriter:
         if not batch:
             return
         error: errors.APIError | None = None
-        for attempt in range(self.attempts):
-            if attempt:
-                await asyncio.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
+        attempt = conflicts = 0
+        while attempt < self.attempts:
             try:
                 await self._write_once(node, [p.change for p in batch.values()])
+            except errors.Conflict as e:  # read again and fold into that, at once
+                error = e
+                conflicts += 1
+                if conflicts > CONFLICTS or not await self._reread(node):
+                    attempt += 1
+                continue
             except errors.APIError as e:
                 error = e
+                attempt += 1
+                if attempt < self.attempts:
+                    await asyncio.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
                 continue
             _settle(batch, None)
             return
         assert error is not None
         _settle(batch, error)
 
+    async def _reread(self, node: str) -> bool:
+        """Read the node's object into the index after a conflict; False if that failed.
+        (A list by name: the operator's RBAC has list and watch on NodeImageSets, no get.)"""
+        try:
+            found = await self.client.list(kubeapi.node_set_path(),
+                                           fieldSelector=f"metadata.name={node}")
+        except errors.APIError:
+            return False
+        fresh = found[0] if found else None
+        if fresh is None:
+            self.forget(node)
+        else:
+            self.remember(fresh)
+        return True
+
     async def _write_once(self, node: str, changes: list[Change]) -> None:
         body = self.cached(node)
         before = list(((body or {}).get("spec") or {}).get("images") or [])
         images = before
+        # A prefetch deleted since its change was queued: withdraw it instead.
+        changes = [Change(c.uid, None) if c.uid in self.retired else c for c in changes]
         for change in changes:
-            images = change.apply(images, self.known)
+            applied = change.apply(images, self.known)
+            problem = _over_cap(images, applied)
+            if problem:  # this change alone is refused; the others are written
+                self.refused[(change.uid, node)] = problem
+                continue
+            self.refused.pop((change.uid, node), None)
+            images = applied
         if images == before and body is not None:
             return
         if body is None:
@@ -197,18 +256,58 @@ class NodeWriter:
                              "labels": {resources.LABEL_MANAGED_BY: resources.MANAGED_BY}},
                 "spec": {"images": images},
             }
+            if owner := self._owner(node):
+                new["metadata"]["ownerReferences"] = owner
             self.writes += 1
             # AlreadyExists (409): the index has not seen it yet; the retry uses the watch.
             written = await self.client.create(kubeapi.node_set_path(), new)
         else:
             self.writes += 1
+            version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+            patch: JSON = {"spec": {"images": images}}
+            if version:
+                patch["metadata"] = {"resourceVersion": version}
+            if not (body.get("metadata") or {}).get("ownerReferences") and (
+                    owner := self._owner(node)):  # made before owners were set
+                patch.setdefault("metadata", {})["ownerReferences"] = owner
             try:
-                written = await self.client.merge_patch(kubeapi.node_set_path(node),
-                                                        {"spec": {"images": images}})
+                written = await self.client.merge_patch(kubeapi.node_set_path(node), patch)
             except errors.NotFound:
                 self.forget(node)  # deleted behind our back: created on the next attempt
                 raise
         self.remember(written)
+        generation = int((written.get("metadata") or {}).get("generation") or 0)
+        for change in changes:
+            if entries.owned(before, change.uid) != entries.owned(images, change.uid):
+                if change.wanted is None:
+                    self.generations.pop((change.uid, node), None)
+                else:
+                    self.generations[(change.uid, node)] = generation
+
+
+def _over_cap(before: list[specs.ImageEntry], after: list[specs.ImageEntry]) -> str:
+    """Why ``after`` cannot be written where ``before`` could ("" when it can): a cap of
+    the CRD it reaches that ``before`` did not exceed already."""
+    if len(after) > max(len(before), MAX_ENTRIES):
+        return f"the node already has {len(before)} image entries (at most {MAX_ENTRIES})"
+    old = {e["name"]: e for e in before}
+    for entry in after:
+        was = old.get(entry["name"])
+        if len(entry["owners"]) > max(MAX_OWNERS, len(was["owners"]) if was else 0):
+            return (f"{entry['image']} already has {MAX_OWNERS} ImagePrefetches owning it on"
+                    " the node (at most that many)")
+        secrets = entry.get("pullSecrets") or []
+        had = (was.get("pullSecrets") or []) if was is not None else []
+        if len(secrets) > max(MAX_SECRETS, len(had)):
+            return (f"{entry['image']} would need {len(secrets)} pull secrets on the node"
+                    f" (at most {MAX_SECRETS})")
+    return ""
+
+
+def node_owner(node: str, uid: str) -> list[JSON]:
+    """The ownerReferences of a node's NodeImageSet: its Node (not a controller)."""
+    return [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid,
+             "controller": False, "blockOwnerDeletion": False}]
 
 
 def _settle(batch: Mapping[str, _Pending], error: Exception | None) -> None:

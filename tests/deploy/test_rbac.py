@@ -59,6 +59,7 @@ def report_ready(cluster: Cluster, node: str) -> None:
     nis = cluster.get(API, "nodeimagesets", node)
     assert nis is not None
     nis["status"] = {
+        "observedGeneration": nis["metadata"]["generation"],  # as agents write it
         "images": [{"name": e["name"], "image": e["image"], "phase": "Ready",
                     "digest": e.get("digest", ""), "bytesDone": 10, "bytesTotal": 10,
                     "attempts": 1} for e in nis["spec"]["images"]],

@@ -141,7 +141,10 @@ class Cluster:
     def add_node(self, name: str, labels: dict[str, str] | None = None, *, ready: bool = True,
                  unschedulable: bool = False) -> JSON:
         node: JSON = {
+            # The labels every kubelet sets on its Node (the chart's agents select on os).
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
+                                                  "kubernetes.io/os": "linux",
+                                                  "kubernetes.io/arch": "amd64",
                                                   **(labels or {})}},
             "spec": {"unschedulable": True} if unschedulable else {},
             "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False",

@@ -54,7 +54,7 @@ import attrs
 import kmock
 from kmock._internal import apps, rendering
 
-from . import schemas, selectors
+from . import jsonpaths, schemas, selectors
 
 JSON = dict[str, Any]
 
@@ -577,7 +577,7 @@ class KubeAPI(kmock.KubernetesEmulator):
         for obj in items:
             cells: list[Any] = [obj["metadata"]["name"]]
             for col in printer:
-                value = selectors.dig(obj, col["jsonPath"].lstrip("."))
+                value = jsonpaths.evaluate(obj, col["jsonPath"])
                 if value is not None and col.get("type") == "date":
                     value = _human_age(str(value))
                 cells.append(value)

@@ -175,6 +175,7 @@ def report(cluster: Cluster, node: str, phase: str | None = "Ready", *,
         if heartbeat:
             status["agent"] = {"version": "0.1.0", "heartbeatTime": now(),
                                "storeCapacityBytes": 10**11, "storeFreeBytes": 5 * 10**10}
+        status["observedGeneration"] = nis["metadata"]["generation"]  # as agents write it
         nis["status"] = status
         cluster.put(API, "nodeimagesets", nis)
         return

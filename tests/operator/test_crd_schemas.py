@@ -39,7 +39,7 @@ def test_crds_name_the_group_version_scope_and_short_names() -> None:
         assert spec["versions"][0]["subresources"] == {"status": {}}
     columns = [c["name"] for c in ipf["versions"][0]["additionalPrinterColumns"]
                if not c.get("priority")]
-    assert columns == ["Images", "Nodes", "Ready", "Failed", "Progress", "Age"]
+    assert columns == ["Images", "Nodes", "Ready", "Failed", "Progress", "Phase", "Age"]
 
 
 @pytest.mark.parametrize("schema", [PREFETCH_SCHEMA, NODE_SET_SCHEMA], ids=["ipf", "nis"])

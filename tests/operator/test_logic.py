@@ -101,7 +101,9 @@ def report(state: str) -> dispatching.NodeReport:
 
 
 def test_plan_keeps_parallelism_and_withdraws_from_nodes_that_left() -> None:
-    desired = {"img": {"name": "img", "image": "i", "owners": []}}
+    desired = {"img": {"name": "img", "image": "i", "owners": [
+        {"namespace": "ns", "name": "p", "uid": "u1"}], "pullPolicy": "IfNotPresent",
+        "backoffLimit": 3, "pinned": False}}
     dispatched = {"a": desired, "b": desired, "gone": desired}
     reports = {"a": report(dispatching.PULLING), "b": report(dispatching.READY),
                "gone": report(dispatching.READY)}
@@ -134,7 +136,8 @@ def test_aggregate_counts_bytes_failures_and_conditions() -> None:
                               dispatched=["a", "b"], reports=reports, images=images,
                               previous={}, now="2026-01-01T00:00:00Z")
     assert result["phase"] == "Failed" and result["completionTime"]
-    assert result["summary"] == {"images": 1, "ready": "1/2", "progress": "75%"}
+    # the stalled node's 5 bytes are not progress
+    assert result["summary"] == {"images": 1, "ready": "1/2", "progress": "50%"}
     assert result["stalledCancellations"] == 2
     assert result["failures"][0]["reason"] == "PullStalled"
     conditions = {c["type"]: c for c in result["conditions"]}

@@ -85,8 +85,9 @@ def test_status_aggregates_node_reports_into_conditions_and_columns(
     assert status["summary"] == {"images": 1, "ready": "1/2", "progress": "75%"}
     assert condition(ipf(cluster, "agg", "default"), "Progressing")["status"] == "True"
     table = cluster.kubectl("get", "ipf", "agg", "-n", "default").stdout.split("\n")
-    assert table[0].split() == ["NAME", "IMAGES", "NODES", "READY", "FAILED", "PROGRESS", "AGE"]
-    assert table[1].split()[:6] == ["agg", "1", "2", "1/2", "0", "75%"]
+    assert table[0].split() == ["NAME", "IMAGES", "NODES", "READY", "FAILED", "PROGRESS",
+                                "PHASE", "AGE"]
+    assert table[1].split()[:7] == ["agg", "1", "2", "1/2", "0", "75%", "Progressing"]
 
     report(cluster, "agg-a", "Ready", bytesDone=100, bytesTotal=100)
     cluster.kubectl("wait", "--for=condition=Complete", "ipf/agg", "-n", "default",

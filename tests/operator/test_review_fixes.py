@@ -12,7 +12,18 @@ import pytest
 from agent import config
 from agent.images import references
 from agent.kube import resources
-from agent.operator import dispatching, entries, errors, nodes, prefetches, reconciling, status
+from agent.operator import (
+    dispatching,
+    entries,
+    errors,
+    index,
+    nodes,
+    prefetches,
+    secret_copies,
+    status,
+    status_writes,
+    times,
+)
 
 JSON = dict[str, Any]
 D1, D2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
@@ -40,7 +51,7 @@ def test_two_prefetches_that_resolved_different_digests_settle_on_one_entry_dige
     for _ in range(4):
         for c in (ca, cb):
             ours = entries.owned(node, c["owners"][0]["uid"])
-            if dispatching._differs(ours, {c["name"]: c}):
+            if dispatching._differs(ours, {c["name"]: c}, known):
                 node = entries.upsert(node, [c], known)
                 writes += 1
     assert writes == 1  # b joins once; nobody rewrites the digest after that
@@ -61,7 +72,7 @@ def test_a_sole_owner_still_refreshes_its_own_new_digest() -> None:
     old = entries.contribution(prefetch("a", "ua"), ref, D1, [], "")
     new = entries.contribution(prefetch("a", "ua"), ref, D2, [], "")
     node = entries.upsert([], [old])
-    assert dispatching._differs(entries.owned(node, "ua"), {new["name"]: new})
+    assert dispatching._differs(entries.owned(node, "ua"), {new["name"]: new}, {})
     assert entries.upsert(node, [new], {("ua", new["name"]): new})[0]["digest"] == D2
 
 
@@ -74,8 +85,8 @@ class StatusClient:
         return {}
 
 
-def state(client: Any) -> reconciling.State:
-    return reconciling.State(settings=config.OperatorSettings(), namespace="ops", client=client)
+def state(client: Any) -> index.State:
+    return index.State(settings=config.OperatorSettings(), namespace="ops", client=client)
 
 
 def test_a_status_write_nulls_a_completion_time_the_server_still_holds() -> None:
@@ -87,8 +98,8 @@ def test_a_status_write_nulls_a_completion_time_the_server_still_holds() -> None
            "status": server}
     previous = {"observedGeneration": 1, "phase": "Complete"}  # popped by reconcile
     new = {"observedGeneration": 2, "phase": "Progressing"}
-    asyncio.run(reconciling.write_status(st, obj, previous, new,
-                                         reconciling.utcnow(), urgent=True))
+    asyncio.run(status_writes.write_status(st, obj, previous, new,
+                                         times.utcnow(), urgent=True))
     assert client.patches[0]["status"]["completionTime"] is None
 
 
@@ -160,14 +171,14 @@ class SecretClient:
 
 def test_prefetches_deleted_together_do_not_leak_their_shared_secret_copy() -> None:
     client = SecretClient(["me", "other"], conflicts=1)
-    asyncio.run(reconciling.release_secret_copies(state(client), "me"))
+    asyncio.run(secret_copies.release_secret_copies(state(client), "me"))
     assert client.copy is None and client.deletes  # the other left first; we deleted it
 
 
 def test_a_secret_copy_that_keeps_conflicting_raises_for_kopf_to_retry() -> None:
     client = SecretClient(["me"] + [f"o{i}" for i in range(40)], conflicts=40)
     with pytest.raises(errors.Conflict):
-        asyncio.run(reconciling.release_secret_copies(state(client), "me"))
+        asyncio.run(secret_copies.release_secret_copies(state(client), "me"))
 
 
 def test_a_finished_prefetch_whose_nodes_left_reads_complete_not_pending() -> None:
@@ -184,7 +195,7 @@ def test_removed_pull_secrets_are_removed_from_node_entries() -> None:
     before = entries.contribution(p, ref, D1, ["ipf-1-regcred"], "")
     after = entries.contribution(p, ref, D1, [], "")
     node = entries.upsert([], [before])
-    assert dispatching._differs(entries.owned(node, "ua"), {after["name"]: after})
+    assert dispatching._differs(entries.owned(node, "ua"), {after["name"]: after}, {})
     node = entries.upsert(node, [after], {("ua", after["name"]): after})
     assert "pullSecrets" not in node[0]
 
@@ -201,6 +212,6 @@ class SourceClient:
 def test_only_registry_credential_secrets_are_copied_others_are_an_invalid_spec() -> None:
     p = prefetches.parse(body(imagePullSecrets=[{"name": "tls"}]))
     with pytest.raises(errors.InvalidSpec) as e:
-        asyncio.run(reconciling.ensure_secret_copies(
+        asyncio.run(secret_copies.ensure_secret_copies(
             state(SourceClient("kubernetes.io/tls")), p, None))
     assert e.value.field == "spec.imagePullSecrets[0]" and "ns/tls" in str(e.value)

@@ -102,7 +102,7 @@ def test_a_change_during_a_write_is_written_next_without_losing_the_first() -> N
     asyncio.run(main())
 
 
-def test_spec_writes_are_merge_patches_of_spec_images_without_resource_version() -> None:
+def test_spec_writes_are_merge_patches_of_spec_images_on_the_version_read() -> None:
     async def main() -> None:
         client = FakeClient()
         writer, index = make_writer(client, debounce=0.0)
@@ -112,7 +112,8 @@ def test_spec_writes_are_merge_patches_of_spec_images_without_resource_version()
         await writer.write({"n1": writing.Change("a", {"x": entry("x", "a")})})
         [(verb, path, body)] = client.writes
         assert verb == "patch" and path.endswith("/nodeimagesets/n1")
-        assert list(body) == ["spec"] and list(body["spec"]) == ["images"]
+        assert sorted(body) == ["metadata", "spec"] and list(body["spec"]) == ["images"]
+        assert body["metadata"] == {"resourceVersion": "7"}  # conditional: never clobbers
         assert [e["name"] for e in body["spec"]["images"]] == ["old", "x"]
         # Nothing to change: no write at all.
         await writer.write({"n1": writing.Change("a", {"x": entry("x", "a")})})
@@ -138,7 +139,7 @@ def test_failures_are_retried_a_bounded_number_of_times() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("prefetches", [10])
+@pytest.mark.parametrize("prefetches", [writing.MAX_OWNERS])  # sharing one entry: the cap
 def test_concurrent_reconciles_never_lose_entries(prefetches: int) -> None:
     """Many prefetches dispatching, refreshing and withdrawing on shared nodes at once."""
     async def main() -> None:
@@ -181,6 +182,44 @@ def test_a_put_from_a_reconcile_still_in_flight_after_the_delete_withdraws_inste
         # A reconcile that started before the delete now submits its (stale) put.
         await writer.write({"n1": writing.Change("a", mine)})
         assert names(index, "n1") == ["img-b"]
+        await writer.close()
+
+    asyncio.run(main())
+
+
+class ConflictingClient(FakeClient):
+    """An API server where another writer (a second replica) added an entry meanwhile:
+    writes on a stale resourceVersion get 409, as the API server answers them."""
+
+    def __init__(self, current: JSON) -> None:
+        super().__init__()
+        self.current = current
+        self.conflicts = 0
+
+    async def list(self, path: str, **params: str) -> list[JSON]:
+        assert params == {"fieldSelector": "metadata.name=n1"}
+        return [copy.deepcopy(self.current)]
+
+    async def merge_patch(self, path: str, body: JSON) -> JSON:
+        if body["metadata"]["resourceVersion"] != self.current["metadata"]["resourceVersion"]:
+            self.conflicts += 1
+            raise errors.Conflict(409, "Conflict", "the object has been modified")
+        self.current = {"metadata": {"name": "n1", "resourceVersion": "9"},
+                        "spec": copy.deepcopy(body["spec"])}
+        return copy.deepcopy(self.current)
+
+
+def test_a_conflicting_write_is_folded_into_the_fresh_object_not_over_it() -> None:
+    async def main() -> None:
+        theirs = {"metadata": {"name": "n1", "resourceVersion": "8"},
+                  "spec": {"images": [entry("old", "z"), entry("theirs", "b")]}}
+        client = ConflictingClient(theirs)
+        writer, index = make_writer(client, debounce=0.0)
+        index["n1"] = {"metadata": {"name": "n1", "resourceVersion": "7"},  # stale
+                       "spec": {"images": [entry("old", "z")]}}
+        assert await writer.write({"n1": writing.Change("a", {"x": entry("x", "a")})}) == []
+        assert client.conflicts == 1
+        assert [e["name"] for e in client.current["spec"]["images"]] == ["old", "theirs", "x"]
         await writer.close()
 
     asyncio.run(main())
