@@ -21,7 +21,8 @@ Path rules (the applier runs as root on every node):
   ``*at`` calls on the parent fd; metadata of symlinks is set with ``follow_symlinks=False``.
 * A hardlink's target is resolved as containerd resolves it: its directory inside the
   root (an absolute ``/a/file`` or ``../a/file`` is ``a/file`` of the root), its last
-  component not followed. It must already exist in the root.
+  component not followed. It must already exist in the root. The link header's owner,
+  mode and mtime then apply to the shared inode, as containerd applies them.
 * ``trusted.*`` xattrs (which include ``trusted.overlay.*``) are refused; ``user.*``,
   ``security.*`` (including ``security.capability``) and ``system.*`` are applied, and a
   filesystem that does not support one is ignored, as GNU tar and containerd do.
@@ -89,6 +90,7 @@ _LAYER_ERRNOS: Final = frozenset(
         errno.EXDEV,
         errno.E2BIG,  # an xattr value larger than the filesystem takes
         errno.ERANGE,
+        errno.EFBIG,  # a sparse file larger than the filesystem allows
     }
 )
 _SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -275,8 +277,9 @@ class _Applier:
         if base.startswith(whiteouts.PREFIX):
             if base == whiteouts.OPAQUE:
                 if not parent_key and not self.strategy.tracks_created:
-                    self.opaque_root = True  # overlayfs ignores an opaque upper root
-                    return
+                    # overlayfs ignores the xattr on an upper root (containerd sets it all
+                    # the same): hide_lower_entries does the hiding at commit.
+                    self.opaque_root = True
                 self.strategy.opaque(d, lambda child: self._was_created(parent_key, child))
                 if self.strategy.tracks_created:
                     self._invalidate_below(parent_key)
@@ -307,7 +310,12 @@ class _Applier:
             self._replace(d, base, key, lambda: os.symlink(h.linkname, base, dir_fd=d))
         elif t == tar.LINK:
             self._hardlink(d, base, key, h)
-            return
+            # containerd then applies the link header's metadata to the shared inode (but
+            # never chmods a symlink).
+            linked = os.stat(base, dir_fd=d, follow_symlinks=False)
+            os.chown(base, h.uid, h.gid, dir_fd=d, follow_symlinks=False)
+            if not stat.S_ISLNK(linked.st_mode):
+                os.chmod(base, h.mode & 0o7777, dir_fd=d)  # not a symlink: nothing to follow
         elif t in (tar.CHAR, tar.BLOCKDEV, tar.FIFO):
             if t == tar.FIFO:
                 kind, dev = stat.S_IFIFO, 0

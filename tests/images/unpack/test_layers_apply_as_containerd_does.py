@@ -68,6 +68,20 @@ def test_a_hardlink_to_a_symlink_links_the_symlink_itself(tmp_path: Path) -> Non
     assert os.readlink(root / "h") == "file"
 
 
+def test_a_hardlink_header_sets_the_owner_mode_and_mtime_of_the_shared_inode(
+    tmp_path: Path,
+) -> None:
+    """containerd's createTarFile goes on after the link: Lchown, lchmod and chtimes."""
+    link = L.Entry(b"b", L.HARDLINK, mode=0o4750, uid=5, gid=6, mtime=1, linkname=b"a")
+    layer = L.Layer().file("a", b"shared", mode=0o755, uid=3, gid=3).add(link)
+    root = tmp_path / "root"
+    apply(layer.tar(), root)
+    st = os.stat(root / "a")
+    assert (st.st_nlink, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime) == (
+        2, 0o4750, 5, 6, 1
+    )
+
+
 def sparse_source(tmp_path: Path) -> tuple[Path, bytes]:
     src = tmp_path / "src"
     src.mkdir()
