@@ -200,7 +200,8 @@ class _Applier:
         # each has the setgid bit (new entries in it inherit its group).
         self.dirs: dict[bytes, int] = {}
         self.setgid: dict[bytes, bool] = {}
-        self.dir_mtimes: dict[bytes, int] = {}
+        # Every directory header's mtime, in order (set last, as containerd sets them).
+        self.dir_times: list[tuple[bytes, int]] = []
         self.created: set[bytes] = set()
         self.implicit: dict[bytes, None] = {}
         # Overlay whiteouts written by this layer: a directory re-created there is opaque.
@@ -305,7 +306,6 @@ class _Applier:
         if t == tar.DIR:
             self._mkdir(d, base, key, h, xattrs, chown)
             return
-        self.dir_mtimes.pop(key, None)
         if t == tar.SYMLINK:
             self._replace(d, base, key, lambda: os.symlink(h.linkname, base, dir_fd=d))
         elif t == tar.LINK:
@@ -321,7 +321,7 @@ class _Applier:
                 kind, dev = stat.S_IFIFO, 0
             else:
                 kind = stat.S_IFCHR if t == tar.CHAR else stat.S_IFBLK
-                dev = os.makedev(h.devmajor, h.devminor)
+                dev = _go_mkdev(h.devmajor, h.devminor)
             perm = h.mode & 0o7777
             self._replace(d, base, key, lambda: os.mknod(base, kind | perm, dev, dir_fd=d))
             if chown:
@@ -355,7 +355,6 @@ class _Applier:
         chown: bool,
     ) -> None:
         perm = h.mode & 0o7777
-        self.dir_mtimes.pop(key, None)
         try:
             fd = os.open(base, _FILE_FLAGS, perm & 0o777, dir_fd=d)
         except FileExistsError:
@@ -409,7 +408,7 @@ class _Applier:
         self.setgid[key] = bool(perm & stat.S_ISGID)
         for xname, value in xattrs.items():
             self._setxattr(fd, xname, value)
-        self.dir_mtimes[key] = h.mtime_ns
+        self.dir_times.append((key, h.mtime_ns))
 
     def _hardlink(self, d: int, base: bytes, key: bytes, h: tar.Header) -> None:
         """Link to ``h.linkname`` resolved as containerd's ``hardlinkRootPath`` does."""
@@ -549,7 +548,6 @@ class _Applier:
         """Drop cached fds at or below ``key``: that path is about to be replaced."""
         self._drop(key)
         self._invalidate_below(key)
-        self.dir_mtimes.pop(key, None)
 
     def _invalidate_below(self, key: bytes) -> None:
         """Drop cached fds strictly below ``key``: they may be about to be removed."""
@@ -567,16 +565,33 @@ class _Applier:
         return _join(parent_key, child) in self.created
 
     def _set_dir_mtimes(self) -> None:
-        for key, mtime_ns in self.dir_mtimes.items():
-            if not key:
-                os.utime(self._dir(b""), ns=(mtime_ns, mtime_ns))
-                continue
-            parent_key, _, base = key.rpartition(b"/")
+        """containerd's last pass: each directory header's mtime, in header order, on what
+        its name resolves to in the root now (symlinks followed inside the root). A name
+        that no longer resolves (its directory was replaced by a dangling symlink or
+        removed) fails the layer there, so it does here."""
+        for key, mtime_ns in self.dir_times:
             try:
-                d = self._dir(parent_key, create=False)
-                os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=d, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed later in the layer (a whiteout or a replacement)
+                fd = syscalls.open_in_root(self.root_fd, key, os.O_PATH | os.O_CLOEXEC)
+                try:
+                    os.utime(f"/proc/self/fd/{fd}", ns=(mtime_ns, mtime_ns))
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise self._os_error(e, key) from e
+
+
+def _go_mkdev(major: int, minor: int) -> int:
+    """The device number containerd passes to mknod(2): Go's ``unix.Mkdev`` of the
+    numbers cut to 32 bits, then cut to the 32-bit ``dev`` mknod(2) takes."""
+    major &= 0xFFFFFFFF
+    minor &= 0xFFFFFFFF
+    dev = (
+        ((major & 0x00000FFF) << 8)
+        | ((major & 0xFFFFF000) << 32)
+        | (minor & 0x000000FF)
+        | ((minor & 0xFFFFFF00) << 12)
+    )
+    return dev & 0xFFFFFFFF
 
 
 def copy_up_parents(

@@ -82,6 +82,28 @@ def test_a_hardlink_header_sets_the_owner_mode_and_mtime_of_the_shared_inode(
     )
 
 
+def test_directory_mtimes_are_set_last_on_what_their_names_resolve_to(tmp_path: Path) -> None:
+    """containerd sets every directory header's mtime after the last entry, at its name
+    resolved in the root: a directory replaced by a file in the same layer gives that file
+    its mtime, and one replaced by a dangling symlink fails the layer."""
+    root = tmp_path / "root"
+    apply(L.Layer().dir("d", mtime=1000).file("d", b"x", mtime=2000).tar(), root)
+    assert os.stat(root / "d").st_mtime == 1000
+    with pytest.raises(errors.UnsafeLayer, match="No such file"):
+        apply(L.Layer().dir("d").symlink("d", "nowhere").tar(), tmp_path / "other")
+
+
+def test_device_numbers_are_cut_to_32_bits_as_containerd_cuts_them(tmp_path: Path) -> None:
+    block = bytearray(L.header(b"c", type=L.CHAR, devmajor=1, devminor=3))
+    block[329:337] = b"\x80\0\0\x01\0\0\0\x01"  # base-256 major 2**32 + 1
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    root = tmp_path / "root"
+    apply(bytes(block) + bytes(1024), root)
+    rdev = os.lstat(root / "c").st_rdev
+    assert (os.major(rdev), os.minor(rdev)) == (1, 3)
+
+
 def sparse_source(tmp_path: Path) -> tuple[Path, bytes]:
     src = tmp_path / "src"
     src.mkdir()
