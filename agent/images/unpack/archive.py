@@ -417,28 +417,26 @@ class _Applier:
             raise errors.UnsafeLayer(
                 f"{self.name}: hardlink {h.name!r} points at the directory {h.linkname!r}"
             )
-        tparts = tdir.split(b"/")
-        td, owned = -1, False
-        if h.linkname.startswith(b"/") or b".." in tparts:
-            try:
-                td = syscalls.open_in_root(self.root_fd, tdir or b".", _DIR_FLAGS & ~os.O_NOFOLLOW)
-                owned = True
-            except FileNotFoundError:
-                pass
-        else:
-            tkey = b"/".join(p for p in tparts if p and p != b".")
-            try:
-                td = self._dir(tkey, create=False)
-            except FileNotFoundError:
-                pass
-        if td < 0:
-            raise self._link_target_missing(h)
         try:
-            try:
-                os.link(tbase, base, src_dir_fd=td, dst_dir_fd=d, follow_symlinks=False)
-            except FileExistsError:
-                self._remove(d, base, key)
-                os.link(tbase, base, src_dir_fd=td, dst_dir_fd=d, follow_symlinks=False)
+            self._link(tdir, tbase, d, base, h)
+        except FileExistsError:
+            # Replace what is there; that may remove the target or its directory (whose
+            # fd is then closed): resolve it again, as containerd links after RemoveAll.
+            self._remove(d, base, key)
+            self._link(tdir, tbase, d, base, h)
+
+    def _link(self, tdir: bytes, tbase: bytes, d: int, base: bytes, h: tar.Header) -> None:
+        tparts = tdir.split(b"/")
+        owned = h.linkname.startswith(b"/") or b".." in tparts
+        try:
+            if owned:
+                td = syscalls.open_in_root(self.root_fd, tdir or b".", _DIR_FLAGS & ~os.O_NOFOLLOW)
+            else:
+                td = self._dir(b"/".join(p for p in tparts if p and p != b"."), create=False)
+        except FileNotFoundError:
+            raise self._link_target_missing(h) from None
+        try:
+            os.link(tbase, base, src_dir_fd=td, dst_dir_fd=d, follow_symlinks=False)
         except FileNotFoundError:
             raise self._link_target_missing(h) from None
         finally:

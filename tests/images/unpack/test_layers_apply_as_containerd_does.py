@@ -60,6 +60,14 @@ def test_hardlink_targets_resolve_inside_the_root(tmp_path: Path, target: str) -
     assert os.stat(root / "h").st_ino == os.stat(root / "a/file").st_ino
 
 
+def test_a_hardlink_replacing_the_directory_of_its_target_is_refused(tmp_path: Path) -> None:
+    """containerd removes ``a`` (and ``a/a`` with it) before linking ``a`` to ``a/a``, which
+    then fails: a layer error, not an internal one (it was EBADF here)."""
+    layer = L.Layer().file("a/a", b"x").add(L.Entry(b"a", L.HARDLINK, linkname=b"a/a"))
+    with pytest.raises(errors.UnsafeLayer, match="not in this layer's root"):
+        apply(layer.tar(), tmp_path / "root")
+
+
 def test_a_hardlink_to_a_symlink_links_the_symlink_itself(tmp_path: Path) -> None:
     layer = L.Layer().file("a/file", b"data").symlink("a/s", "file").hardlink("h", "/a/s")
     root = tmp_path / "root"
