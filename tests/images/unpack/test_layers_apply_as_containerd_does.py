@@ -17,7 +17,7 @@ import pytest
 from fixtures import layers as L
 
 from agent.images import errors, snapshots
-from agent.images.unpack import archive, unpacker, whiteouts
+from agent.images.unpack import archive, tar, unpacker, whiteouts
 
 from . import trees
 from .conftest import MountView
@@ -255,3 +255,26 @@ def test_overlay_and_naive_snapshots_agree_on_a_root_opaque_stack(
     assert trees.diff(trees.describe(views[0]), trees.describe(views[1])) == []
     assert sorted(os.listdir(views[0])) == ["etc", "top"]
     assert sorted(os.listdir(views[0] / "etc")) == ["only", "third"]
+
+
+@pytest.mark.parametrize("fmt", ["--format=gnu", "--format=posix"])
+def test_the_reader_expands_gnu_sparse_members_as_go_does(tmp_path: Path, fmt: str) -> None:
+    """The reader on its own, for old GNU (``S``) and PAX sparse members alike: the logical
+    size, the data fragments, and the bytes with the holes read back as zeros."""
+    src, content = sparse_source(tmp_path)
+    reader = tar.Reader(io.BytesIO(gnu_tar(src, "--sparse", fmt)))  # type: ignore[arg-type]
+    while (h := reader.next()) is not None and h.name != b"./sparse":
+        pass
+    assert h is not None
+    assert h.size == len(content) and h.sparse is not None
+    # GNU tar records the data at the filesystem's block granularity.
+    assert sum(n for _, n in h.sparse) <= 4 * 4096
+    for offset in (1 << 20, len(content) - 1):
+        assert any(o <= offset < o + n for o, n in h.sparse)
+    fd = os.memfd_create("sparse")
+    try:
+        reader.write_to(fd, h)
+        assert os.pread(fd, len(content) + 1, 0) == content
+    finally:
+        os.close(fd)
+    assert reader.next() is None
