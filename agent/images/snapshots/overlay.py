@@ -31,7 +31,7 @@ from pathlib import Path
 
 from agent.images import errors
 from agent.images.snapshots import metadata, snapshotter
-from agent.images.syscalls import fsync_dir, syncfs  # noqa: F401 (re-exported)
+from agent.images.syscalls import syncfs
 
 
 class DirectorySnapshotter:
