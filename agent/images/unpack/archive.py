@@ -200,8 +200,8 @@ class _Applier:
         # each has the setgid bit (new entries in it inherit its group).
         self.dirs: dict[bytes, int] = {}
         self.setgid: dict[bytes, bool] = {}
-        # Every directory header's mtime, in order (set last, as containerd sets them).
-        self.dir_times: list[tuple[bytes, int]] = []
+        # Directory mtimes, set last (after all their children).
+        self.dir_mtimes: dict[bytes, int] = {}
         self.created: set[bytes] = set()
         self.implicit: dict[bytes, None] = {}
         # Overlay whiteouts written by this layer: a directory re-created there is opaque.
@@ -306,6 +306,7 @@ class _Applier:
         if t == tar.DIR:
             self._mkdir(d, base, key, h, xattrs, chown)
             return
+        self.dir_mtimes.pop(key, None)
         if t == tar.SYMLINK:
             self._replace(d, base, key, lambda: os.symlink(h.linkname, base, dir_fd=d))
         elif t == tar.LINK:
@@ -355,6 +356,7 @@ class _Applier:
         chown: bool,
     ) -> None:
         perm = h.mode & 0o7777
+        self.dir_mtimes.pop(key, None)
         try:
             fd = os.open(base, _FILE_FLAGS, perm & 0o777, dir_fd=d)
         except FileExistsError:
@@ -408,7 +410,7 @@ class _Applier:
         self.setgid[key] = bool(perm & stat.S_ISGID)
         for xname, value in xattrs.items():
             self._setxattr(fd, xname, value)
-        self.dir_times.append((key, h.mtime_ns))
+        self.dir_mtimes[key] = h.mtime_ns
 
     def _hardlink(self, d: int, base: bytes, key: bytes, h: tar.Header) -> None:
         """Link to ``h.linkname`` resolved as containerd's ``hardlinkRootPath`` does."""
@@ -546,6 +548,7 @@ class _Applier:
         """Drop cached fds at or below ``key``: that path is about to be replaced."""
         self._drop(key)
         self._invalidate_below(key)
+        self.dir_mtimes.pop(key, None)
 
     def _invalidate_below(self, key: bytes) -> None:
         """Drop cached fds strictly below ``key``: they may be about to be removed."""
@@ -563,19 +566,18 @@ class _Applier:
         return _join(parent_key, child) in self.created
 
     def _set_dir_mtimes(self) -> None:
-        """containerd's last pass: each directory header's mtime, in header order, on what
-        its name resolves to in the root now (symlinks followed inside the root). A name
-        that no longer resolves (its directory was replaced by a dangling symlink or
-        removed) fails the layer there, so it does here."""
-        for key, mtime_ns in self.dir_times:
+        """Directory mtimes, last, on the directories still there at their names (reached
+        without symlinks). containerd instead follows the names as they resolve then: a
+        directory replaced later in the layer by a file gives it its mtime, and one
+        replaced by a dangling symlink fails the layer; here neither happens."""
+        for key, mtime_ns in self.dir_mtimes.items():
+            fd = _open_under(self.root_fd, key.split(b"/"))
+            if fd is None:
+                continue  # replaced or removed later in the layer
             try:
-                fd = syscalls.open_in_root(self.root_fd, key, os.O_PATH | os.O_CLOEXEC)
-                try:
-                    os.utime(f"/proc/self/fd/{fd}", ns=(mtime_ns, mtime_ns))
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise self._os_error(e, key) from e
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
 
 
 def _go_mkdev(major: int, minor: int) -> int:
