@@ -43,6 +43,8 @@ class Intended:
     #: Both apply it, and the trees differ only in these paths' mtimes:
     #: ``{path: (containerd's, ours)}``.
     mtimes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Both apply it, and ours differs only in carrying these xattrs: ``{path: {name: value}}``.
+    extra_xattrs: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
 
 _STRICTER_PATHS = (
@@ -89,69 +91,19 @@ INTENDED_DIFFERENCES: dict[str, Intended] = {
         " the directory's mtime; the file keeps its own here (found by test_fuzz)",
         mtimes={"d": (cases.MTIME_DIR, cases.MTIME_FILE)},
     ),
+    "whiteout-and-recreate-in-one-layer": Intended(
+        "beyond containerd (OCI layer semantics): a directory whited out and re-created in"
+        " the same layer replaces the lower one, so ours is opaque; containerd's is not, and"
+        " the merged view shows the lower directory's content through it",
+        extra_xattrs={"d": {"trusted.overlay.opaque": b"y"}},
+    ),
 }
 
-#: Cases where our reader or applier differs from containerd by mistake: issue #15's
-#: "Differences found" (engineer ``tar`` is fixing them) and what this suite found since.
-READER_BUGS: dict[str, str] = {
-    "1-leading-nul-in-size": (
-        "issue #15 item 1: we cut a numeric field at its first NUL, Go trims leading NULs"
-        " (we see size 0 and a hidden entry)"
-    ),
-    "2-whiteout-with-unknown-type-and-body": (
-        "issue #15 item 2: we force an unknown type's size to 0 and read its data as headers"
-    ),
-    "3-two-pax-headers-in-a-row": (
-        "issue #15 item 3: we merge two PAX headers in a row, Go keeps the last"
-    ),
-    "4-pax-then-global-then-entry": (
-        "issue #15 item 4: a global header consumes the pending PAX header in Go, not in ours"
-    ),
-    "5-old-regular-type-with-slash-and-data": (
-        "issue #15 item 5: typeflag NUL with a name ending in '/' is a directory for Go"
-    ),
-    "6-pax-empty-path": (
-        "issue #15 item 6: PAX path='' keeps the ustar name in Go; we apply it to the root"
-    ),
-    "7-size-with-sign": "issue #15 item 7: Go refuses a '+' in a numeric field, int() takes it",
-    "7-size-with-underscore": (
-        "issue #15 item 7: Go refuses a '_' in a numeric field, int() takes it"
-    ),
-    "8-star-prefix": "issue #15 item 8: a STAR header's prefix is 131 bytes, we read 155",
-    "8-gnu-non-numeric-atime": (
-        "issue #15 item 8: Go reads a GNU header with a non-numeric atime as ustar (prefix)"
-    ),
-    "9-dot-entry-with-mode-and-owner": (
-        "issue #15 item 9: containerd ignores a './' entry, we chmod/chown the root"
-    ),
-    "10-hardlink-to-absolute-path": (
-        "issue #15 item 10: containerd resolves '/a/file' inside the root, we refuse"
-    ),
-    "11-gnu-sparse-pax-0.1": "issue #15 item 11: PAX 0.1 sparse files are refused",
-    "11-gnu-sparse-pax-1.0": "issue #15 item 11: PAX 1.0 sparse files are refused",
-    "hardlink-header-metadata": (
-        "found by this suite (not in issue #15): containerd applies a hardlink header's"
-        " owner, mode and mtime to the shared inode; we keep the target's"
-    ),
-    "hardlink-to-itself": (
-        "found by test_fuzz (not in issue #15): containerd removes 'a' before linking 'a' to"
-        " it and refuses the layer; we accept it"
-    ),
-    "hardlink-replaces-the-directory-holding-its-target": (
-        "found by test_fuzz (not in issue #15): containerd removes directory 'a', finds no"
-        " 'a/a' to link and refuses the layer; our applier fails with EBADF, an internal"
-        " error the agent would retry, not UnsafeLayer"
-    ),
-    "negative-pax-mtime": (
-        "found by test_fuzz (not in issue #15): containerd sets mtimes before 1970 to the"
-        " epoch (archive.boundTime); we set them as given"
-    ),
-    "whiteout-of-an-entry-of-the-same-layer": (
-        "found by test_fuzz (not in issue #15): containerd's mknod of the whiteout fails"
-        " with EEXIST and the layer is refused (OCI: a whiteout applies to lower layers"
-        " only); we replace this layer's own entry by the whiteout and accept it"
-    ),
-}
+#: Cases where our reader or applier differs from containerd by mistake (strict xfails until
+#: fixed). Issue #15's "Differences found" and what this suite and test_fuzz found since are
+#: all fixed now; a new divergence goes here with its reason, or is fixed at once.
+READER_BUGS: dict[str, str] = {}
+
 
 CANARY = Path("/nonexistent-canary")  # hostile layers' names only; rebuilt per test
 
@@ -206,6 +158,13 @@ def test_a_layer_applies_as_containerd_applies_it(
             for path, (theirs_mtime, mine_mtime) in intended.mtimes.items():
                 assert theirs.tree[path].pop("mtime") == theirs_mtime
                 assert mine.tree[path].pop("mtime") == mine_mtime
+            assert mine.view() == theirs.view(), _explain(containerd_apply, tar, theirs, mine)
+        elif intended.extra_xattrs:
+            assert theirs.accepted and mine.accepted, (theirs.error, mine.error)
+            for path, xattrs in intended.extra_xattrs.items():
+                for name, value in xattrs.items():
+                    assert name not in theirs.tree[path]["xattrs"]
+                    assert mine.tree[path]["xattrs"].pop(name) == value
             assert mine.view() == theirs.view(), _explain(containerd_apply, tar, theirs, mine)
         elif intended.containerd:
             assert len(tars) == 1

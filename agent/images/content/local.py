@@ -24,7 +24,6 @@ digest verified) and the reader returned exactly the blob's bytes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -35,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.images import descriptors, digests, errors
+from agent.images import descriptors, digests, errors, syscalls
 from agent.images.content import store
 
 _READ_CHUNK = 1024 * 1024
@@ -327,7 +326,7 @@ class LocalWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.fchmod(self._file.fileno(), 0o444)
         os.rename(self._path / "data", target)
-        _fsync_dir(target.parent)
+        syscalls.fsync_dir(target.parent)
         info = store.Info(digest=expected, size=self._offset, created_at=time.time())
         if self._feed is not None:
             self._feed.finish(committed=True)
@@ -541,14 +540,3 @@ def _write_small(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # pragma: no cover - some filesystems refuse fsync on dirs
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)

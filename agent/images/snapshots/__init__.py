@@ -11,7 +11,6 @@
 This facade re-exports the public names; inside the package, import the modules.
 """
 
-from agent.images.snapshots.directory import syncfs
 from agent.images.snapshots.naive import NaiveSnapshotter
 from agent.images.snapshots.overlay import OverlaySnapshotter
 from agent.images.snapshots.snapshotter import (
@@ -26,6 +25,7 @@ from agent.images.snapshots.snapshotter import (
     mount_all,
     unmount,
 )
+from agent.images.syscalls import syncfs
 
 __all__ = [
     "CAP_OVERLAY_WHITEOUTS",

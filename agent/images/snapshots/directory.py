@@ -22,7 +22,6 @@ in the mounts they return.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import stat
@@ -32,27 +31,7 @@ from pathlib import Path
 
 from agent.images import errors
 from agent.images.snapshots import metadata, snapshotter
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def syncfs(path: str | os.PathLike[str]) -> None:
-    """``syncfs(2)``: flush the whole filesystem that holds ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs({os.fspath(path)}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from agent.images.syscalls import syncfs
 
 
 class DirectorySnapshotter:

@@ -2,7 +2,10 @@
 
 * :mod:`.compression` — open a layer blob as its uncompressed stream (gzip, zstd, none),
   with a decompression-bomb limit.
-* :mod:`.archive` — apply one layer tar to a directory, confined to it; computes the diff ID.
+* :mod:`.tar` — read a tar stream as Go's ``archive/tar`` reads it (headers, PAX and GNU
+  records, sparse maps); computes the diff ID.
+* :mod:`.archive` — apply one layer tar to a directory as containerd applies it, confined
+  to it.
 * :mod:`.whiteouts` — the overlay and remove whiteout strategies.
 * :mod:`.unpacker` — :class:`Unpacker`: all layers of an image into committed snapshots.
 

@@ -1,16 +1,17 @@
 """Apply one OCI layer (an uncompressed tar stream) to a directory, confined to it.
 
-The applier reads the tar stream itself (ustar, GNU long names and base-256 numbers, PAX
-records including ``SCHILY.xattr.*``) rather than using :mod:`tarfile`, so that file data
-goes from the decompressor's buffer to ``write(2)`` without copies, and so that no path is
-ever handed to a path-walking syscall: every entry is created through a directory file
-descriptor that was resolved inside the root.
+The entries come from :mod:`.tar` (Go's ``archive/tar`` rules); they are applied as
+containerd's ``archive.Apply`` applies them, with file data going from the decompressor's
+buffer to ``write(2)`` without copies, and no path ever handed to a path-walking syscall:
+every entry is created through a directory file descriptor resolved inside the root.
 
 Path rules (the applier runs as root on every node):
 
 * A name with a ``..`` component, an absolute name, or a NUL byte is refused
-  (:class:`~agent.images.errors.UnsafeLayer`). ``./`` prefixes are dropped; ``.`` is the
-  root directory itself (its owner, mode, xattrs and mtime are applied).
+  (:class:`~agent.images.errors.UnsafeLayer`; stricter than containerd, which clamps them
+  into the root). ``./`` prefixes are dropped; an entry naming the root itself (``./``, or
+  a PAX ``path`` of ``.``) is ignored, as containerd ignores it: a layer never changes the
+  owner or mode of the container's ``/``.
 * Parent directories are opened one component at a time with ``O_NOFOLLOW``; a missing one
   is created (0755, as containerd does). A parent that is a symlink is resolved by the
   kernel with ``openat2(RESOLVE_IN_ROOT)``, so it is followed as if the root were ``/`` and
@@ -18,14 +19,29 @@ Path rules (the applier runs as root on every node):
   kernel without ``openat2`` such a layer is refused.
 * The entry's own name is never followed: creation uses ``O_EXCL``/``O_NOFOLLOW`` and
   ``*at`` calls on the parent fd; metadata of symlinks is set with ``follow_symlinks=False``.
-* A hardlink's target is resolved by the same rules and must already exist in the root.
+* A hardlink's target is resolved as containerd resolves it: its directory inside the
+  root (an absolute ``/a/file`` or ``../a/file`` is ``a/file`` of the root), its last
+  component not followed. It must already exist in the root. The link header's owner,
+  mode and mtime then apply to the shared inode, as containerd applies them.
 * ``trusted.*`` xattrs (which include ``trusted.overlay.*``) are refused; ``user.*``,
   ``security.*`` (including ``security.capability``) and ``system.*`` are applied, and a
   filesystem that does not support one is ignored, as GNU tar and containerd do.
 
+Entry types are containerd's: regular files (sparse ones keep their holes as holes),
+directories, hard and symbolic links, devices and fifos. A PAX global header applies to
+nothing, but like containerd it removes what is at its name. Contiguous (``7``), old GNU
+sparse (``S``) and other types are refused, as containerd refuses them. Whiteouts are
+recognised by name before the type, so a ``.wh.`` entry of any type is a whiteout.
+
 Replacement: an entry replaces whatever non-directory is at its name, and a non-directory
 replaces a directory (recursively); a directory over a directory merges and takes the new
-owner, mode and xattrs. Directory mtimes are set last, after all their children.
+owner, mode and xattrs. Directory mtimes are set last, after all their children. Times
+before the epoch or after 2262 become the epoch, as containerd's ``boundTime`` makes them.
+
+Beyond containerd, for overlay upper directories: a directory re-created in the layer that
+whited it out is made opaque (the lower one's content must not show through), and an
+opaque marker at the layer's root (which overlayfs ignores on a root) is reported in
+:attr:`ApplyResult.opaque_root` for :func:`hide_lower_entries`.
 
 The diff ID is the digest of every uncompressed byte read (including the end-of-archive
 padding, which is drained), computed as the bytes pass.
@@ -33,40 +49,30 @@ padding, which is drained), computed as the bytes pass.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
-import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Final
 
-from agent.images import digests, errors
-from agent.images.unpack import compression, whiteouts
+from agent.images import digests, errors, syscalls
+from agent.images.unpack import compression, tar, whiteouts
 
-BLOCK: Final = 512
-_ZERO_BLOCK: Final = bytes(BLOCK)
-_CHUNK: Final = 1 << 20
-_MAX_META_BYTES: Final = 1 << 20  # PAX records and GNU long names, in all for one entry
 #: Deepest path a layer may name (Linux' PATH_MAX of 4096 allows at most 2048 components).
 _MAX_DEPTH: Final = 2048
 #: uid/gid a layer may set: 2**32-1 means "unchanged" to chown(2), so it is not an id.
 _MAX_ID: Final = 2**32 - 2
 _MAX_CACHED_DIRS: Final = 512
+#: containerd's boundTime: os.Chtimes' range on 64-bit Linux.
+_MAX_TIME_NS: Final = 2**63 - 1
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
-_XATTR_PREFIX: Final = b"SCHILY.xattr."
 _ALLOWED_XATTR_NAMESPACES: Final = ("user.", "security.", "system.")
-
-# Entry types.
-_REG = frozenset({b"0", b"\0", b"7"})
-_HARDLINK, _SYMLINK, _CHAR, _BLOCK, _DIR, _FIFO = b"1", b"2", b"3", b"4", b"5", b"6"
-_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
 # Errors that mean "this layer does not fit this root", not "the machine is broken".
 _LAYER_ERRNOS: Final = frozenset(
@@ -84,6 +90,7 @@ _LAYER_ERRNOS: Final = frozenset(
         errno.EXDEV,
         errno.E2BIG,  # an xattr value larger than the filesystem takes
         errno.ERANGE,
+        errno.EFBIG,  # a sparse file larger than the filesystem allows
     }
 )
 _SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -101,12 +108,16 @@ class ApplyResult:
             carry but that had to be created (0755, root) for its entries. On an overlay
             upper directory they shadow the lower layers' directories: see
             :func:`copy_up_parents`.
+        opaque_root: with overlay whiteouts, the layer holds ``.wh..wh..opq`` at its root:
+            every lower entry is to be hidden, which is :func:`hide_lower_entries`' job
+            once the lower layers are known (the remove strategy did it already).
     """
 
     diff_id: digests.Digest
     size: int
     entries: int
     implicit_dirs: tuple[str, ...] = ()
+    opaque_root: bool = False
 
 
 def apply(
@@ -143,205 +154,6 @@ def apply(
         os.close(root_fd)
 
 
-class _Input:
-    """The tar byte stream: buffered reads, hashed and counted as they are taken."""
-
-    __slots__ = ("_stream", "_hasher", "_on_progress", "buf", "view", "pos", "total", "_name")
-
-    def __init__(
-        self,
-        stream: compression.Readable,
-        on_progress: Callable[[int], None] | None,
-        name: str,
-    ):
-        self._stream = stream
-        self._hasher = digests.Hasher("sha256")
-        self._on_progress = on_progress
-        self._name = name
-        self.buf = b""
-        self.view = memoryview(self.buf)
-        self.pos = 0
-        self.total = 0
-
-    def _fill(self) -> bool:
-        data = self._stream.read(_CHUNK)
-        if not data:
-            return False
-        self._hasher.update(data)
-        self.total += len(data)
-        self.buf = data
-        self.view = memoryview(data)
-        self.pos = 0
-        if self._on_progress is not None:
-            self._on_progress(self.total)
-        return True
-
-    def _truncated(self) -> errors.UnsafeLayer:
-        return errors.UnsafeLayer(f"{self._name}: truncated tar archive after {self.total} bytes")
-
-    def header(self) -> bytes | None:
-        """The next 512-byte block, or ``None`` at a clean end of stream."""
-        if self.pos >= len(self.buf) and not self._fill():
-            return None
-        return self.read(BLOCK)
-
-    def read(self, n: int) -> bytes:
-        end = self.pos + n
-        if end <= len(self.buf):
-            data = self.buf[self.pos : end]
-            self.pos = end
-            return data
-        parts = [self.buf[self.pos :]]
-        need = n - len(parts[0])
-        self.pos = len(self.buf)
-        while need > 0:
-            if not self._fill():
-                raise self._truncated()
-            part = self.buf[:need]
-            parts.append(part)
-            self.pos = len(part)
-            need -= len(part)
-        return b"".join(parts)
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            avail = len(self.buf) - self.pos
-            if avail <= 0:
-                if not self._fill():
-                    raise self._truncated()
-                continue
-            k = min(avail, n)
-            self.pos += k
-            n -= k
-
-    def copy(self, fd: int, n: int) -> None:
-        """Write the next ``n`` bytes to ``fd``."""
-        write = os.write
-        while n > 0:
-            avail = len(self.buf) - self.pos
-            if avail <= 0:
-                if not self._fill():
-                    raise self._truncated()
-                continue
-            k = min(avail, n)
-            chunk = self.view[self.pos : self.pos + k]
-            while chunk:
-                written = write(fd, chunk)
-                chunk = chunk[written:]
-            self.pos += k
-            n -= k
-
-    def drain(self) -> None:
-        self.pos = len(self.buf)
-        while self._fill():
-            self.pos = len(self.buf)
-
-    def digest(self) -> digests.Digest:
-        return self._hasher.digest()
-
-
-@dataclass
-class _Header:
-    name: bytes
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    typeflag: bytes
-    linkname: bytes
-    devmajor: int
-    devminor: int
-    xattrs: dict[str, bytes]
-
-
-def _number(field: bytes, what: str, layer: str) -> int:
-    if field and field[0] & 0x80:
-        if field[0] == 0xFF:
-            raise errors.UnsafeLayer(f"{layer}: negative {what} in a tar header")
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise errors.UnsafeLayer(f"{layer}: corrupt {what} field in a tar header") from None
-
-
-# name mode uid gid size mtime chksum typeflag linkname magic version uname gname
-# devmajor devminor prefix
-_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
-
-
-def _parse_header(block: bytes, layer: str) -> _Header:
-    (name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic, _version, _u, _g,
-     devmajor, devminor, prefix) = _USTAR.unpack(block)  # fmt: skip
-    stored = _number(chksum, "checksum", layer)
-    unsigned = sum(block) - sum(chksum) + 256
-    if stored != unsigned:
-        signed = unsigned - 2 * sum(b for b in block if b > 127)
-        if stored != signed:
-            raise errors.UnsafeLayer(f"{layer}: tar header checksum mismatch (corrupt archive)")
-    name = name.split(b"\0", 1)[0]
-    if magic == b"ustar\x00" and prefix[0]:
-        name = prefix.split(b"\0", 1)[0] + b"/" + name
-    if typeflag in (_CHAR, _BLOCK):
-        major = _number(devmajor, "devmajor", layer)
-        minor = _number(devminor, "devminor", layer)
-    else:
-        major = minor = 0
-    return _Header(
-        name=name,
-        mode=_number(mode, "mode", layer),
-        uid=_number(uid, "uid", layer),
-        gid=_number(gid, "gid", layer),
-        size=_number(size, "size", layer),
-        mtime_ns=_number(mtime, "mtime", layer) * 1_000_000_000,
-        typeflag=typeflag,
-        linkname=linkname.split(b"\0", 1)[0] if linkname[0] else b"",
-        devmajor=major,
-        devminor=minor,
-        xattrs={},
-    )
-
-
-def _parse_pax(data: bytes, layer: str) -> dict[bytes, bytes]:
-    records: dict[bytes, bytes] = {}
-    pos = 0
-    try:
-        while pos < len(data):
-            if data[pos] == 0:  # NUL padding after the records
-                break
-            sp = data.index(b" ", pos)
-            length = int(data[pos:sp])
-            record = data[sp + 1 : pos + length]
-            if length <= 0 or not record.endswith(b"\n"):
-                raise ValueError("bad record length")
-            key, eq, value = record[:-1].partition(b"=")
-            if not eq:
-                raise ValueError("record without '='")
-            records[key] = value
-            pos += length
-    except ValueError as e:
-        raise errors.UnsafeLayer(f"{layer}: corrupt PAX header: {e}") from None
-    return records
-
-
-def _pax_time_ns(value: bytes, layer: str) -> int:
-    try:
-        whole, _, frac = value.decode("ascii").partition(".")
-        ns = int(whole) * 1_000_000_000
-        if frac:
-            part = int((frac + "000000000")[:9])
-            ns += -part if whole.startswith("-") else part
-        if not -(2**62) < ns < 2**62:
-            raise ValueError(value)
-        return ns
-    except ValueError:
-        raise errors.UnsafeLayer(f"{layer}: corrupt PAX mtime {value!r}") from None
-
-
 def _components(name: bytes, layer: str, what: str = "entry") -> list[bytes]:
     if name.startswith(b"/"):
         raise errors.UnsafeLayer(f"{layer}: {what} {name!r} is an absolute path")
@@ -376,7 +188,7 @@ class _Applier:
         cancel: threading.Event | None,
         name: str,
     ):
-        self.input = _Input(stream, on_progress, name)
+        self.reader = tar.Reader(stream, on_progress, name)
         self.root_fd = root_fd
         self.strategy = strategy
         self.cancel = cancel
@@ -388,9 +200,13 @@ class _Applier:
         # each has the setgid bit (new entries in it inherit its group).
         self.dirs: dict[bytes, int] = {}
         self.setgid: dict[bytes, bool] = {}
+        # Directory mtimes, set last (after all their children).
         self.dir_mtimes: dict[bytes, int] = {}
         self.created: set[bytes] = set()
         self.implicit: dict[bytes, None] = {}
+        # Overlay whiteouts written by this layer: a directory re-created there is opaque.
+        self.whited_out: set[bytes] = set()
+        self.opaque_root = False
         self.entries = 0
 
     # -- the loop ---------------------------------------------------------------------
@@ -404,107 +220,30 @@ class _Applier:
                 os.close(fd)
             self.dirs.clear()
         implicit = tuple(os.fsdecode(k) for k in self.implicit)
-        return ApplyResult(self.input.digest(), self.input.total, self.entries, implicit)
+        r = self.reader
+        return ApplyResult(r.digest(), r.total, self.entries, implicit, self.opaque_root)
 
     def _loop(self) -> None:
-        inp = self.input
         layer = self.name
-        pax: dict[bytes, bytes] = {}
-        meta_bytes = 0  # metadata pending for the next entry: bounded in total
-        long_name: bytes | None = None
-        long_link: bytes | None = None
         while True:
             if self.cancel is not None and self.cancel.is_set():
                 raise CancelledError(f"{layer}: unpack cancelled")
-            block = inp.header()
-            if block is None:
-                break  # end of stream without an end-of-archive marker (Go's reader allows it)
-            if block == _ZERO_BLOCK:
-                inp.drain()
+            h = self.reader.next()
+            if h is None:
                 break
-            h = _parse_header(block, layer)
-            t = h.typeflag
-            if t in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
-                meta_bytes += h.size
-                if meta_bytes > _MAX_META_BYTES:
-                    raise errors.UnsafeLayer(
-                        f"{layer}: more than {_MAX_META_BYTES} bytes of tar metadata for one entry"
-                    )
-                data = inp.read(h.size)
-                inp.skip(-h.size % BLOCK)
-                if t == _PAX:
-                    pax.update(_parse_pax(data, layer))
-                elif t == _PAX_GLOBAL:
-                    # Go's archive/tar returns a global header as an entry of its own and
-                    # containerd skips it: applying it to later entries would make this
-                    # reader see another tree than every Go-based tool does.
-                    pass
-                elif t == _GNU_LONGNAME:
-                    long_name = data.split(b"\0", 1)[0]
-                else:
-                    long_link = data.split(b"\0", 1)[0]
-                continue
-            meta_bytes = 0
-            if (long_name is not None and b"path" in pax) or (
-                long_link is not None and b"linkpath" in pax
-            ):
-                raise errors.UnsafeLayer(
-                    f"{layer}: an entry carries both a GNU long name and a PAX path; tar"
-                    " readers disagree on which one wins"
-                )
-            if long_name is not None:
-                h.name, long_name = long_name, None
-            if long_link is not None:
-                h.linkname, long_link = long_link, None
-            if pax:
-                self._apply_pax(h, pax)
-                pax = {}
-            if t not in _REG:
-                # Header-only types carry no data, whatever their size field says (Go's
-                # isHeaderOnlyType, GNU tar): bytes "inside" a directory or link entry are
-                # the next headers for every other reader, so they are for this one too.
-                h.size = 0
-            if h.uid > _MAX_ID or h.gid > _MAX_ID:
+            if h.uid > _MAX_ID or h.gid > _MAX_ID or h.uid < 0 or h.gid < 0:
                 raise errors.UnsafeLayer(f"{layer}: entry {h.name!r} has uid/gid out of range")
             if b"\0" in h.linkname:
                 raise errors.UnsafeLayer(f"{layer}: entry {h.name!r} links to a name with NUL")
+            if not 0 <= h.mtime_ns <= _MAX_TIME_NS:
+                h.mtime_ns = 0
             self.entries += 1
             try:
-                data_left = self._entry(h)
+                self._entry(h)
             except OSError as e:
                 raise self._os_error(e, h.name) from e
             except (OverflowError, ValueError) as e:  # a field out of the kernel's range
                 raise errors.UnsafeLayer(f"{layer}: cannot apply entry {h.name!r}: {e}") from e
-            if data_left:
-                inp.skip(data_left)
-            pad = -h.size % BLOCK
-            if pad:
-                inp.skip(pad)
-
-    def _apply_pax(self, h: _Header, records: dict[bytes, bytes]) -> None:
-        layer = self.name
-        for key, value in records.items():
-            try:
-                if key == b"path":
-                    h.name = value
-                elif key == b"linkpath":
-                    h.linkname = value
-                elif key == b"size":
-                    h.size = int(value)
-                elif key == b"uid":
-                    h.uid = int(value)
-                elif key == b"gid":
-                    h.gid = int(value)
-                elif key == b"mtime":
-                    h.mtime_ns = _pax_time_ns(value, layer)
-                elif key.startswith(_XATTR_PREFIX):
-                    h.xattrs[key[len(_XATTR_PREFIX) :].decode("utf-8", "surrogateescape")] = value
-                elif key.startswith(b"GNU.sparse."):
-                    raise errors.UnsafeLayer(f"{layer}: GNU sparse files are not supported")
-            except ValueError:
-                raise errors.UnsafeLayer(f"{layer}: corrupt PAX record {key!r}") from None
-        if h.size < 0 or h.uid < 0 or h.gid < 0:
-            raise errors.UnsafeLayer(f"{layer}: negative size, uid or gid in a PAX header")
 
     def _os_error(self, e: OSError, name: bytes) -> Exception:
         if e.errno in _SPACE_ERRNOS:
@@ -515,25 +254,22 @@ class _Applier:
 
     # -- entries ----------------------------------------------------------------------
 
-    def _entry(self, h: _Header) -> int:
-        """Apply one entry; returns how many of its data bytes are still to be skipped."""
+    def _entry(self, h: tar.Header) -> None:
+        """Apply one entry (its data, if not written, is skipped by the reader)."""
         layer = self.name
         if len(self.dirs) >= _MAX_CACHED_DIRS:
             self._forget_dirs()  # only between entries: no fd is in use here
-        for xname in h.xattrs:
+        xattrs = h.xattrs
+        for xname in xattrs:
             if xname.startswith("trusted."):
                 raise errors.UnsafeLayer(
                     f"{layer}: entry {h.name!r} carries the xattr {xname!r}; trusted.* xattrs"
                     " (including trusted.overlay.*) are never taken from a layer"
                 )
         parts = _components(h.name, layer)
-        t = h.typeflag
         if not parts:
-            if t != _DIR:
-                raise errors.UnsafeLayer(f"{layer}: a non-directory entry names the root")
-            fd = self._dir(b"")
-            self._dir_meta(fd, h, b"", self._chown_needed(h, b""))
-            return h.size
+            return  # the root itself: containerd ignores it, whatever its type
+        t = h.typeflag
         base = parts[-1]
         parent_key = b"/".join(parts[:-1])
         key = b"/".join(parts)
@@ -541,36 +277,52 @@ class _Applier:
 
         if base.startswith(whiteouts.PREFIX):
             if base == whiteouts.OPAQUE:
+                if not parent_key and not self.strategy.tracks_created:
+                    # overlayfs ignores the xattr on an upper root (containerd sets it all
+                    # the same): hide_lower_entries does the hiding at commit.
+                    self.opaque_root = True
                 self.strategy.opaque(d, lambda child: self._was_created(parent_key, child))
                 if self.strategy.tracks_created:
                     self._invalidate_below(parent_key)
-            elif not base.startswith(whiteouts.META_PREFIX):
+            else:
                 target = whiteouts.target_of(base)
-                self._invalidate(_join(parent_key, target))
+                target_key = _join(parent_key, target)
+                self._invalidate(target_key)
                 self.strategy.whiteout(d, target, h.uid, h.gid)
-            return h.size
+                if not self.strategy.tracks_created:
+                    self.whited_out.add(target_key)
+            return
 
+        if t == tar.XGLOBAL:
+            # containerd removes what is at a global header's name, then writes nothing.
+            self._remove(d, base, key)
+            return
         if self.strategy.tracks_created:
             self.created.add(key)
         chown = self._chown_needed(h, parent_key)
-        if t in _REG:
-            self._file(d, base, key, h, chown)
-            return 0
-        if t == _DIR:
-            self._mkdir(d, base, key, h, chown)
-            return h.size
+        if t == tar.REG:
+            self._file(d, base, key, h, xattrs, chown)
+            return
+        if t == tar.DIR:
+            self._mkdir(d, base, key, h, xattrs, chown)
+            return
         self.dir_mtimes.pop(key, None)
-        if t == _SYMLINK:
+        if t == tar.SYMLINK:
             self._replace(d, base, key, lambda: os.symlink(h.linkname, base, dir_fd=d))
-        elif t == _HARDLINK:
+        elif t == tar.LINK:
             self._hardlink(d, base, key, h)
-            return h.size
-        elif t in (_CHAR, _BLOCK, _FIFO):
-            if t == _FIFO:
+            # containerd then applies the link header's metadata to the shared inode (but
+            # never chmods a symlink).
+            linked = os.stat(base, dir_fd=d, follow_symlinks=False)
+            os.chown(base, h.uid, h.gid, dir_fd=d, follow_symlinks=False)
+            if not stat.S_ISLNK(linked.st_mode):
+                os.chmod(base, h.mode & 0o7777, dir_fd=d)  # not a symlink: nothing to follow
+        elif t in (tar.CHAR, tar.BLOCKDEV, tar.FIFO):
+            if t == tar.FIFO:
                 kind, dev = stat.S_IFIFO, 0
             else:
-                kind = stat.S_IFCHR if t == _CHAR else stat.S_IFBLK
-                dev = os.makedev(h.devmajor, h.devminor)
+                kind = stat.S_IFCHR if t == tar.CHAR else stat.S_IFBLK
+                dev = _go_mkdev(h.devmajor, h.devminor)
             perm = h.mode & 0o7777
             self._replace(d, base, key, lambda: os.mknod(base, kind | perm, dev, dir_fd=d))
             if chown:
@@ -580,21 +332,29 @@ class _Applier:
                 os.chmod(base, perm, dir_fd=d)
         else:
             raise errors.UnsafeLayer(
-                f"{layer}: entry {h.name!r} has the unsupported tar type {t!r}"
+                f"{layer}: entry {h.name!r} has the tar type {t!r}, which containerd does"
+                " not apply either"
             )
-        if t == _SYMLINK:
+        if t == tar.SYMLINK:
             if chown:
                 os.chown(base, h.uid, h.gid, dir_fd=d, follow_symlinks=False)
-        self._xattrs_at(d, base, h.xattrs)
+        self._xattrs_at(d, base, xattrs)
         os.utime(base, ns=(h.mtime_ns, h.mtime_ns), dir_fd=d, follow_symlinks=False)
-        return h.size
 
-    def _chown_needed(self, h: _Header, parent_key: bytes) -> bool:
+    def _chown_needed(self, h: tar.Header, parent_key: bytes) -> bool:
         if h.uid != self.euid or h.gid != self.egid:
             return True
         return self.setgid.get(parent_key, True)
 
-    def _file(self, d: int, base: bytes, key: bytes, h: _Header, chown: bool) -> None:
+    def _file(
+        self,
+        d: int,
+        base: bytes,
+        key: bytes,
+        h: tar.Header,
+        xattrs: dict[str, bytes],
+        chown: bool,
+    ) -> None:
         perm = h.mode & 0o7777
         self.dir_mtimes.pop(key, None)
         try:
@@ -603,19 +363,26 @@ class _Applier:
             self._remove(d, base, key)
             fd = os.open(base, _FILE_FLAGS, perm & 0o777, dir_fd=d)
         try:
-            if h.size:
-                self.input.copy(fd, h.size)
+            self.reader.write_to(fd, h)
             if chown:
                 os.fchown(fd, h.uid, h.gid)
             if chown or perm & (0o7000 | self.umask):
                 os.fchmod(fd, perm)
-            for xname, value in h.xattrs.items():
+            for xname, value in xattrs.items():
                 self._setxattr(fd, xname, value)
             os.utime(fd, ns=(h.mtime_ns, h.mtime_ns))
         finally:
             os.close(fd)
 
-    def _mkdir(self, d: int, base: bytes, key: bytes, h: _Header, chown: bool) -> None:
+    def _mkdir(
+        self,
+        d: int,
+        base: bytes,
+        key: bytes,
+        h: tar.Header,
+        xattrs: dict[str, bytes],
+        chown: bool,
+    ) -> None:
         self.implicit.pop(key, None)
         try:
             os.mkdir(base, 0o700, dir_fd=d)
@@ -628,37 +395,61 @@ class _Applier:
         if fd is None:
             fd = os.open(base, _DIR_FLAGS, dir_fd=d)
             self._cache(key, fd)
-        self._dir_meta(fd, h, key, chown)
+        if key in self.whited_out:
+            # Whited out and re-created by this layer: nothing of the lower one may show.
+            self.strategy.opaque(fd, lambda child: True)
+        self._dir_meta(fd, h, xattrs, key, chown)
 
-    def _dir_meta(self, fd: int, h: _Header, key: bytes, chown: bool) -> None:
+    def _dir_meta(
+        self, fd: int, h: tar.Header, xattrs: dict[str, bytes], key: bytes, chown: bool
+    ) -> None:
         if chown:
             os.fchown(fd, h.uid, h.gid)
         perm = h.mode & 0o7777
         os.fchmod(fd, perm)
         self.setgid[key] = bool(perm & stat.S_ISGID)
-        for xname, value in h.xattrs.items():
+        for xname, value in xattrs.items():
             self._setxattr(fd, xname, value)
         self.dir_mtimes[key] = h.mtime_ns
 
-    def _hardlink(self, d: int, base: bytes, key: bytes, h: _Header) -> None:
-        tparts = _components(h.linkname, self.name, "hardlink target")
-        if not tparts:
-            raise errors.UnsafeLayer(f"{self.name}: hardlink {h.name!r} points at the root")
-        tkey = b"/".join(tparts)
-        if tkey == key:
-            return  # a link to itself: nothing to do
-        td = self._dir(b"/".join(tparts[:-1]), create=False)
-        tbase = tparts[-1]
+    def _hardlink(self, d: int, base: bytes, key: bytes, h: tar.Header) -> None:
+        """Link to ``h.linkname`` resolved as containerd's ``hardlinkRootPath`` does."""
+        tdir, _, tbase = h.linkname.rpartition(b"/")
+        if tbase in (b"", b".", b".."):
+            raise errors.UnsafeLayer(
+                f"{self.name}: hardlink {h.name!r} points at the directory {h.linkname!r}"
+            )
+        try:
+            self._link(tdir, tbase, d, base, h)
+        except FileExistsError:
+            # Replace what is there; that may remove the target or its directory (whose
+            # fd is then closed): resolve it again, as containerd links after RemoveAll.
+            self._remove(d, base, key)
+            self._link(tdir, tbase, d, base, h)
+
+    def _link(self, tdir: bytes, tbase: bytes, d: int, base: bytes, h: tar.Header) -> None:
+        tparts = tdir.split(b"/")
+        owned = h.linkname.startswith(b"/") or b".." in tparts
+        try:
+            if owned:
+                td = syscalls.open_in_root(self.root_fd, tdir or b".", _DIR_FLAGS & ~os.O_NOFOLLOW)
+            else:
+                td = self._dir(b"/".join(p for p in tparts if p and p != b"."), create=False)
+        except FileNotFoundError:
+            raise self._link_target_missing(h) from None
         try:
             os.link(tbase, base, src_dir_fd=td, dst_dir_fd=d, follow_symlinks=False)
-        except FileExistsError:
-            self._remove(d, base, key)
-            os.link(tbase, base, src_dir_fd=td, dst_dir_fd=d, follow_symlinks=False)
         except FileNotFoundError:
-            raise errors.UnsafeLayer(
-                f"{self.name}: hardlink {h.name!r} points at {h.linkname!r},"
-                " which is not in this layer's root"
-            ) from None
+            raise self._link_target_missing(h) from None
+        finally:
+            if owned:
+                os.close(td)
+
+    def _link_target_missing(self, h: tar.Header) -> errors.UnsafeLayer:
+        return errors.UnsafeLayer(
+            f"{self.name}: hardlink {h.name!r} points at {h.linkname!r},"
+            " which is not in this layer's root"
+        )
 
     def _replace(self, d: int, base: bytes, key: bytes, create: Callable[[], None]) -> None:
         try:
@@ -723,9 +514,24 @@ class _Applier:
                 raise errors.UnsafeLayer(
                     f"{self.name}: {key!r} is used as a directory but is not one"
                 ) from None
-            fd = _open_in_root(self.root_fd, key, self.name)
+            fd = self._open_through_symlink(key)
         self._cache(key, fd, check_setgid=True)
         return fd
+
+    def _open_through_symlink(self, key: bytes) -> int:
+        """Open the directory ``key`` following symlinks as if the root were ``/``."""
+        try:
+            return syscalls.open_in_root(self.root_fd, key, _DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno == errno.ENOSYS:  # pragma: no cover - kernels before 5.6
+                raise errors.UnsafeLayer(
+                    f"{self.name}: {key!r} goes through a symlink, and this kernel has no"
+                    " openat2 to resolve it safely inside the root"
+                ) from None
+            raise errors.UnsafeLayer(
+                f"{self.name}: {key!r} goes through a symlink that does not resolve to a"
+                f" directory inside the root: {e.strerror}"
+            ) from None
 
     def _cache(self, key: bytes, fd: int, *, check_setgid: bool = False) -> None:
         self.dirs[key] = fd
@@ -760,16 +566,32 @@ class _Applier:
         return _join(parent_key, child) in self.created
 
     def _set_dir_mtimes(self) -> None:
+        """Directory mtimes, last, on the directories still there at their names (reached
+        without symlinks). containerd instead follows the names as they resolve then: a
+        directory replaced later in the layer by a file gives it its mtime, and one
+        replaced by a dangling symlink fails the layer; here neither happens."""
         for key, mtime_ns in self.dir_mtimes.items():
-            if not key:
-                os.utime(self._dir(b""), ns=(mtime_ns, mtime_ns))
-                continue
-            parent_key, _, base = key.rpartition(b"/")
+            fd = _open_under(self.root_fd, key.split(b"/"))
+            if fd is None:
+                continue  # replaced or removed later in the layer
             try:
-                d = self._dir(parent_key, create=False)
-                os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=d, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed later in the layer (a whiteout or a replacement)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+
+
+def _go_mkdev(major: int, minor: int) -> int:
+    """The device number containerd passes to mknod(2): Go's ``unix.Mkdev`` of the
+    numbers cut to 32 bits, then cut to the 32-bit ``dev`` mknod(2) takes."""
+    major &= 0xFFFFFFFF
+    minor &= 0xFFFFFFFF
+    dev = (
+        ((major & 0x00000FFF) << 8)
+        | ((major & 0xFFFFF000) << 32)
+        | (minor & 0x000000FF)
+        | ((minor & 0xFFFFFF00) << 12)
+    )
+    return dev & 0xFFFFFFFF
 
 
 def copy_up_parents(
@@ -803,6 +625,37 @@ def copy_up_parents(
             finally:
                 os.close(source)
                 os.close(fd)
+    finally:
+        os.close(upper_fd)
+
+
+def hide_lower_entries(upper: str | os.PathLike[str], lowers: list[str]) -> None:
+    """Make an overlay upper directory opaque at its root: hide every lower entry.
+
+    overlayfs ignores ``trusted.overlay.opaque`` on a layer's root directory (containerd
+    sets it there all the same, and the lower entries stay visible). So for a layer with
+    ``.wh..wh..opq`` at its root: a whiteout for every name in the root of a lower layer
+    (``lowers``) that the upper root does not hold, and every upper directory that shares
+    its name with a lower entry is made opaque. Names the upper holds as non-directories
+    hide the lower ones already.
+    """
+    names: set[bytes] = set()
+    for lower in lowers:
+        names.update(os.listdir(os.fsencode(lower)))
+    upper_fd = os.open(upper, _DIR_FLAGS)
+    try:
+        for name in sorted(names):
+            try:
+                st = os.stat(name, dir_fd=upper_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                whiteouts.OVERLAY.whiteout(upper_fd, name, 0, 0)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                fd = os.open(name, _DIR_FLAGS, dir_fd=upper_fd)
+                try:
+                    whiteouts.OVERLAY.opaque(fd, lambda child: True)
+                finally:
+                    os.close(fd)
     finally:
         os.close(upper_fd)
 
@@ -867,41 +720,3 @@ def _copy_dir_meta(src: int, dst: int) -> None:
 
 def _join(parent_key: bytes, name: bytes) -> bytes:
     return parent_key + b"/" + name if parent_key else name
-
-
-# -- openat2(RESOLVE_IN_ROOT) -----------------------------------------------------------
-
-_SYS_OPENAT2: Final = 437  # the same number on every architecture (new syscall table)
-_RESOLVE_NO_MAGICLINKS: Final = 0x02
-_RESOLVE_IN_ROOT: Final = 0x10
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _open_in_root(root_fd: int, key: bytes, layer: str) -> int:
-    """Open the directory ``key`` following symlinks as if ``root_fd`` were ``/``."""
-    how = _OpenHow(_DIR_FLAGS & ~os.O_NOFOLLOW, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(
-        ctypes.c_long(_SYS_OPENAT2),
-        ctypes.c_int(root_fd),
-        ctypes.c_char_p(key),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-    )
-    if fd >= 0:
-        return int(fd)
-    err = ctypes.get_errno()
-    if err == errno.ENOSYS:  # pragma: no cover - kernels before 5.6
-        raise errors.UnsafeLayer(
-            f"{layer}: {key!r} goes through a symlink, and this kernel has no openat2 to"
-            " resolve it safely inside the root"
-        )
-    raise errors.UnsafeLayer(
-        f"{layer}: {key!r} goes through a symlink that does not resolve to a directory"
-        f" inside the root: {os.strerror(err)}"
-    )

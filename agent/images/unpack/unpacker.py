@@ -380,11 +380,18 @@ class Unpacker:
     ) -> None:
         key = applied.key
         try:
-            if applied.result.implicit_dirs and parent and self._whiteouts is whiteouts.OVERLAY:
-                # Now that the parents are committed, give the directories this layer
-                # created implicitly their metadata from the layers below.
+            result = applied.result
+            if (result.implicit_dirs or result.opaque_root) and parent and (
+                self._whiteouts is whiteouts.OVERLAY
+            ):
+                # Now that the parents are committed: hide all of them under a layer opaque
+                # at its root, or give the directories this layer created implicitly their
+                # metadata from the layers below.
                 lowers = _lowers(self.snapshotter.mounts(parent))
-                archive.copy_up_parents(applied.target, lowers, applied.result.implicit_dirs)
+                if result.opaque_root:
+                    archive.hide_lower_entries(applied.target, lowers)
+                else:
+                    archive.copy_up_parents(applied.target, lowers, result.implicit_dirs)
                 if self.sync_fs:
                     with tracing.span(SPAN_PREFIX, "syncfs"):
                         snapshots.syncfs(applied.target)

@@ -1,8 +1,8 @@
 """How a layer's deletions are written: the whiteout strategies.
 
 An OCI layer says "delete ``dir/NAME`` from the layers below" with an entry ``dir/.wh.NAME``,
-and "hide everything below in ``dir``" with ``dir/.wh..wh..opq``. Names starting with
-``.wh..wh.`` are AUFS metadata and are skipped.
+and "hide everything below in ``dir``" with ``dir/.wh..wh..opq``. Other AUFS metadata names
+(``.wh..wh.plnk``) are whiteouts of ``.wh.plnk``, as containerd treats them.
 
 Two strategies, as containerd has (``pkg/archive``):
 
@@ -92,11 +92,8 @@ class _Overlay:
     tracks_created = False
 
     def whiteout(self, dir_fd: int, name: bytes, uid: int, gid: int) -> None:
-        try:
-            os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
-        except FileExistsError:
-            remove_at(dir_fd, name)
-            os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+        # Over an entry of the same layer this fails (EEXIST), as it does in containerd.
+        os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
         if uid or gid:
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 

@@ -135,7 +135,7 @@ def test_pax_global_headers_are_skipped_as_containerd_skips_them(tmp_path: Path)
     apply(tar, tmp_path / "r")
     assert os.stat(tmp_path / "r/f").st_uid == 0  # the global uid did not apply
     assert sorted(os.listdir(tmp_path / "r")) == ["f"]
-    assert stat.S_IMODE(os.stat(tmp_path / "r").st_mode) == 0o711  # the root entry did
+    assert stat.S_IMODE(os.stat(tmp_path / "r").st_mode) == 0o755  # "./" is ignored too
 
 
 def test_remove_whiteouts_delete_targets_and_opaque_keeps_the_layers_own_children(
