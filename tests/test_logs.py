@@ -227,6 +227,8 @@ def test_operator_and_agent_write_only_json_lines_when_asked_tracebacks_included
             "PREFETCHER_RUNTIME__METRICS_ADDRESS": "",
             "PREFETCHER_OPERATOR__STANDALONE": "true",
             "PREFETCHER_RUNTIME__ROOT": str(tmp_path / "root"),
+            # No container runtime here: the agent's own store (its default, auto, needs one).
+            "PREFETCHER_IMAGES__SNAPSHOTTER": "overlayfs",
             "NODE_NAME": "node-a",
         }
         levels = {"operator": "warning", "agent": "info"}
