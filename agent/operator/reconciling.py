@@ -30,6 +30,7 @@ from agent.operator import (
     dispatching,
     entries,
     errors,
+    heartbeats,
     kubeapi,
     nodes,
     prefetches,
@@ -110,8 +111,12 @@ class State:
     owner_missing: bool = False
     #: The one writer of NodeImageSet specs (coalesced per node; see :mod:`.writing`).
     writer: writing.NodeWriter = dataclasses.field(init=False)
+    #: The agents' heartbeat Leases as this process observed them (:mod:`.heartbeats`).
+    heartbeats: heartbeats.Heartbeats = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.heartbeats = heartbeats.Heartbeats(self.settings.agent_heartbeat_timeout,
+                                                on_change=self.wake_node)
         self.writer = writing.NodeWriter(
             self.client, self.node_sets.get, self.remember_node_set, self.forget_node_set,
             self.contributions)
@@ -123,6 +128,12 @@ class State:
         for key, event in self.wakers.items():
             if uid is None or key == uid:
                 event.set()
+
+    def wake_node(self, node: str) -> None:
+        """Wake the prefetches with entries on ``node`` (its agent came or went)."""
+        for uid, per_node in self.by_owner.items():
+            if node in per_node:
+                self.wake(uid)
 
     def owners_of(self, body: Mapping[str, Any] | None) -> set[str]:
         images = ((body or {}).get("spec") or {}).get("images") or []
@@ -188,17 +199,12 @@ class State:
             self.by_owner.setdefault(uid, {})[name] = ours
 
     def live_agents(self, now: datetime.datetime) -> set[str]:
-        """Nodes with a live agent: a fresh heartbeat, or a Ready agent pod that has not
-        written a heartbeat yet."""
-        live: set[str] = set()
-        horizon = now - datetime.timedelta(seconds=self.settings.agent_heartbeat_timeout)
-        for name, body in self.node_sets.items():
-            beat = parse_time(((body.get("status") or {}).get("agent") or {})
-                              .get("heartbeatTime"))
-            if beat is not None and beat >= horizon:
-                live.add(name)
-            elif beat is None and name in self.agent_pods_ready:
-                live.add(name)
+        """Nodes with a live agent: a heartbeat Lease renewal observed within
+        ``agent_heartbeat_timeout`` (:meth:`.heartbeats.Heartbeats.alive`), or a Ready agent
+        pod that has not renewed a heartbeat yet. ``now`` is unused (liveness is judged on
+        this process's monotonic clock)."""
+        live = self.heartbeats.alive_nodes()
+        live |= {n for n in self.agent_pods_ready if not self.heartbeats.known(n)}
         return live
 
     def forget(self, uid: str) -> None:

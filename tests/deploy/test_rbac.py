@@ -63,6 +63,7 @@ def report_ready(cluster: Cluster, node: str) -> None:
                   "storeCapacityBytes": 10**11, "storeFreeBytes": 5 * 10**10},
     }
     cluster.put(API, "nodeimagesets", nis)
+    cluster.renew_heartbeat(node, NAMESPACE)
 
 
 def prefetch(name: str, **spec: Any) -> JSON:
@@ -255,6 +256,12 @@ AGENT_CONTRACT = [
     rbac.Request("patch", "prefetcher.dev", "nodeimagesets", "status", name=NODE),
     rbac.Request("get", "", "secrets", namespace=NAMESPACE, name="ipf-0123456789-regcred"),
     rbac.Request("create", "", "events", namespace="default"),
+    # Its node's heartbeat Lease (agent.kube.leases.Heartbeat).
+    rbac.Request("get", "coordination.k8s.io", "leases", namespace=NAMESPACE,
+                 name=f"prefetcher-agent-{NODE}"),
+    rbac.Request("create", "coordination.k8s.io", "leases", namespace=NAMESPACE),
+    rbac.Request("update", "coordination.k8s.io", "leases", namespace=NAMESPACE,
+                 name=f"prefetcher-agent-{NODE}"),
 ]
 # What an agent must never be able to do.
 AGENT_FORBIDDEN = [

@@ -31,15 +31,25 @@ does and this emulator does too (everything below is what kmock 0.8 lacks or get
 - CRD schema **defaulting** and (when ``validate=True``) openAPIV3Schema validation with
   422 Invalid responses naming the field (CEL ``x-kubernetes-validations`` are not evaluated).
 
-Not emulated: authentication/RBAC (every request is allowed, but every request is recorded
+- **pagination**: ``limit`` and ``continue`` on lists (the continue token holds the last key;
+  later pages see the store as it is then, not a snapshot as etcd serves);
+- **bearer tokens** (opt-in): with :attr:`KubeAPI.tokens` set, a request without one of them
+  gets 401 Unauthorized; :meth:`KubeAPI.rotate_token` replaces them (as a kubelet rotating a
+  bound service-account token and the old one expiring);
+- **faults** (:meth:`KubeAPI.fail`): the next N matching requests get a status (409, 429 with
+  ``Retry-After``, 500…); a watch can be answered with 410 Gone; :meth:`KubeAPI.drop_watches`
+  cuts every open watch connection.
+
+Not emulated: authorization/RBAC (every request is allowed, but every request is recorded
 in :attr:`KubeAPI.calls` so RBAC can be compared with what was used), admission, controllers
 (no pods are created for a DaemonSet; tests create them), pruning of unknown fields, field
-managers, pagination (``limit`` is ignored; one page), protobuf.
+managers, protobuf.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import dataclasses
 import datetime
@@ -277,6 +287,10 @@ class KubeAPI(kmock.KubernetesEmulator):
     _last_rv: int = attrs.field(default=1000, init=False)
     _events: deque = attrs.field(init=False)
     _watchers: set[asyncio.Queue] = attrs.field(factory=set, init=False)
+    #: Bearer tokens accepted; empty = no authentication (every request allowed).
+    tokens: set[str] = attrs.field(factory=set)
+    #: Injected faults, consumed in order: (verb, plural, status, retry_after, remaining).
+    faults: list[list[Any]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         # Not calling kmock's own post-init: its fallbacks (discovery with "/v1", the simple
@@ -327,6 +341,31 @@ class KubeAPI(kmock.KubernetesEmulator):
         rt = self._type_by_api(api_version, plural)
         self._delete(rt, namespace if rt.namespaced else "", name)
 
+    def rotate_token(self, new: str) -> None:
+        """Accept only ``new`` from now on (the old token expired)."""
+        self.tokens = {new}
+
+    def fail(self, verb: str, plural: str, status: int, *, times: int = 1,
+             retry_after: float | None = None) -> None:
+        """Answer the next ``times`` requests of ``verb`` (get, list, watch, create, update,
+        patch, delete; "*" for any) on ``plural`` ("*" for any) with ``status`` (a watch
+        with 410 gets a 410 ERROR event, as an expired resourceVersion does)."""
+        self.faults.append([verb, plural, status, retry_after, times])
+
+    def drop_watches(self) -> None:
+        """Close every open watch connection (as a restarted API server or a proxy does)."""
+        for queue in list(self._watchers):
+            queue.put_nowait(None)
+
+    def _fault(self, verb: str, plural: str) -> list[Any] | None:
+        for fault in self.faults:
+            if fault[0] in (verb, "*") and fault[1] in (plural, "*"):
+                fault[4] -= 1
+                if fault[4] <= 0:
+                    self.faults.remove(fault)
+                return fault
+        return None
+
     def _type_by_api(self, api_version: str, plural: str) -> ResourceType:
         group, _, version = api_version.rpartition("/")
         rt = self.types.get((group, version, plural))
@@ -358,6 +397,10 @@ class KubeAPI(kmock.KubernetesEmulator):
                     "buildDate": "2025-01-01T00:00:00Z"}
         if path in ("/healthz", "/readyz", "/livez"):
             return rendering.Response(status=200, payload=b"ok")
+        if self.tokens:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token.strip() not in self.tokens:
+                raise APIError(401, "Unauthorized", "Unauthorized")
         if path == "/":
             return {"paths": ["/api", "/api/v1", "/apis", "/version"]}
         if path == "/api":
@@ -491,6 +534,19 @@ class KubeAPI(kmock.KubernetesEmulator):
             params.get("labelSelector", ""), params.get("fieldSelector", ""),
             request.headers.get("User-Agent", ""),
         ))
+        fault = self._fault(verb, plural)
+        if fault is not None:
+            status, retry_after = fault[2], fault[3]
+            if verb == "watch" and status == 410:
+                async def gone() -> AsyncIterator[Any]:
+                    yield {"type": "ERROR", "object": APIError(
+                        410, "Expired", "too old resource version (injected)").status()}
+                return rendering.Response(status=200, payload=gone(),
+                                          headers={"Content-Type": "application/json"})
+            error = APIError(status, {409: "Conflict", 429: "TooManyRequests"}.get(
+                status, "InternalError"), f"injected fault: {status}")
+            headers = {"Retry-After": str(int(retry_after))} if retry_after is not None else {}
+            return rendering.Response(status=status, payload=error.status(), headers=headers)
         if sub and sub != "status":
             raise APIError(404, "NotFound", f"subresource {sub!r} is not served by the emulator")
         if sub == "status" and not rt.status_subresource:
@@ -557,12 +613,30 @@ class KubeAPI(kmock.KubernetesEmulator):
         ]
 
     def _list(self, rt: ResourceType, ns: str, params: Mapping[str, str], accept: str) -> JSON:
-        items = [copy.deepcopy(obj) for obj in self._select(rt, ns, params)]
+        selected = self._select(rt, ns, params)
         rv = str(self._last_rv)
+        meta: JSON = {"resourceVersion": rv}
+        if params.get("continue"):
+            try:
+                after = tuple(json.loads(base64.urlsafe_b64decode(params["continue"])))
+            except ValueError as e:
+                raise APIError(400, "BadRequest", f"invalid continue token: {e}") from e
+            selected = [o for o in selected if self._page_key(o) > after]
+        limit = int(params.get("limit") or 0)
+        if 0 < limit < len(selected):
+            meta["remainingItemCount"] = len(selected) - limit
+            selected = selected[:limit]
+            last = json.dumps(list(self._page_key(selected[-1]))).encode()
+            meta["continue"] = base64.urlsafe_b64encode(last).decode()
+        items = [copy.deepcopy(obj) for obj in selected]
         if "as=Table" in accept:
             return self._table(rt, items, rv)
         return {"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
-                "metadata": {"resourceVersion": rv}, "items": items}
+                "metadata": meta, "items": items}
+
+    @staticmethod
+    def _page_key(obj: JSON) -> tuple[str, str]:
+        return (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
 
     def _table(self, rt: ResourceType, items: list[JSON], rv: str) -> JSON:
         columns = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
@@ -906,6 +980,8 @@ class KubeAPI(kmock.KubernetesEmulator):
                     wait = remaining if wait is None else min(wait, remaining)
                 try:
                     event = await asyncio.wait_for(queue.get(), wait)
+                    if event is None:  # drop_watches()
+                        return
                 except TimeoutError:
                     if bookmarks:
                         yield {"type": "BOOKMARK", "object": {

@@ -177,6 +177,8 @@ def report(cluster: Cluster, node: str, phase: str | None = "Ready", *,
                                "storeCapacityBytes": 10**11, "storeFreeBytes": 5 * 10**10}
         nis["status"] = status
         cluster.put(API, "nodeimagesets", nis)
+        if heartbeat:
+            cluster.renew_heartbeat(node, OPERATOR_NAMESPACE)
         return
     time.sleep(0.05)  # pragma: no cover
 
