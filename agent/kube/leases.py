@@ -141,10 +141,12 @@ class LeaderElector:
         return self._renewed_at is not None and \
             self.clock() - self._renewed_at < self.renew_deadline
 
-    def _spec(self, acquire_time: str, transitions: int) -> JSON:
+    def _spec(self, acquire_time: str | None, transitions: int) -> JSON:
+        """Our record; ``acquire_time`` None: acquired now."""
+        now = micro_time()
         return {"holderIdentity": self.identity,
                 "leaseDurationSeconds": max(1, round(self.lease_duration)),
-                "acquireTime": acquire_time, "renewTime": micro_time(),
+                "acquireTime": acquire_time or now, "renewTime": now,
                 "leaseTransitions": transitions}
 
     async def try_acquire_or_renew(self) -> bool:
@@ -153,7 +155,7 @@ class LeaderElector:
         body = await self.lease.read()
         if body is None:
             try:
-                await self.lease.create(self._spec(micro_time(), 0))
+                await self.lease.create(self._spec(None, 0))
             except (errors.Conflict, errors.APIError) as e:
                 logger.debug(f"cannot create the lease {self.lease.name}: {e}")
                 return False
@@ -170,9 +172,9 @@ class LeaderElector:
         if holder and not ours and self._observed_at + duration > now:
             return False  # held by another, not expired as we observe it
         transitions = int(spec.get("leaseTransitions") or 0)
-        acquire_time = spec.get("acquireTime") if ours and self.leader else micro_time()
+        acquire_time = spec.get("acquireTime") if ours else None
         try:
-            await self.lease.update(self._spec(acquire_time or micro_time(),
+            await self.lease.update(self._spec(acquire_time,
                                                transitions if ours else transitions + 1))
         except errors.APIError as e:
             logger.debug(f"cannot write the lease {self.lease.name}: {e}")

@@ -34,8 +34,9 @@ does and this emulator does too (everything below is what kmock 0.8 lacks or get
 - **pagination**: ``limit`` and ``continue`` on lists (the continue token holds the last key;
   later pages see the store as it is then, not a snapshot as etcd serves);
 - **bearer tokens** (opt-in): with :attr:`KubeAPI.tokens` set, a request without one of them
-  gets 401 Unauthorized; :meth:`KubeAPI.rotate_token` replaces them (as a kubelet rotating a
-  bound service-account token and the old one expiring);
+  gets 401 Unauthorized (except kubectl's: it sends no token to a plain-HTTP server);
+  :meth:`KubeAPI.rotate_token` replaces them (as a kubelet rotating a bound service-account
+  token and the old one expiring);
 - **faults** (:meth:`KubeAPI.fail`): the next N matching requests get a status (409, 429 with
   ``Retry-After``, 500…); a watch can be answered with 410 Gone; :meth:`KubeAPI.drop_watches`
   cuts every open watch connection.
@@ -397,7 +398,8 @@ class KubeAPI(kmock.KubernetesEmulator):
                     "buildDate": "2025-01-01T00:00:00Z"}
         if path in ("/healthz", "/readyz", "/livez"):
             return rendering.Response(status=200, payload=b"ok")
-        if self.tokens:
+        if self.tokens and not request.headers.get("User-Agent", "").startswith("kubectl"):
+            # (kubectl, the test's own tool, sends no bearer token to a plain-HTTP server.)
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or token.strip() not in self.tokens:
                 raise APIError(401, "Unauthorized", "Unauthorized")
@@ -1011,12 +1013,14 @@ class KubeAPI(kmock.KubernetesEmulator):
         return {"type": kind, "object": obj}
 
 
-def kubeconfig(server: str, context: str = "emulator") -> str:
-    """A kubeconfig text pointing at ``server`` with a dummy token (the emulator allows all)."""
+def kubeconfig(server: str, context: str = "emulator", token_file: str = "") -> str:
+    """A kubeconfig text pointing at ``server`` with a dummy token (the emulator allows all
+    unless :attr:`KubeAPI.tokens` is set), or with ``token_file`` (a projected token)."""
+    user = {"tokenFile": token_file} if token_file else {"token": "emulator"}
     return json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": context,
         "clusters": [{"name": context, "cluster": {"server": server}}],
-        "users": [{"name": context, "user": {"token": "emulator"}}],
+        "users": [{"name": context, "user": user}],
         "contexts": [{"name": context, "context": {"cluster": context, "user": context,
                                                     "namespace": "default"}}],
     }, indent=2)
