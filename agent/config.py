@@ -563,6 +563,14 @@ class OperatorSettings(BaseModel):
             "than this has no live agent and is reported AgentUnavailable. Default '1m30s'."
         ),
     )
+    secret_refresh_interval: Duration = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Read a pull secret an ImagePrefetch names (and its copy) again after this long; "
+            "a changed secret reaches the agents within it. Go duration. Default '1m'."
+        ),
+    )
     agent_daemonset: str = Field(
         default="",
         description=(

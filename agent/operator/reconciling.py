@@ -35,6 +35,7 @@ from agent.operator import (
     nodes,
     prefetches,
     resolving,
+    secretcache,
     secrets,
     status,
     throttling,
@@ -113,8 +114,12 @@ class State:
     writer: writing.NodeWriter = dataclasses.field(init=False)
     #: The agents' heartbeat Leases as this process observed them (:mod:`.heartbeats`).
     heartbeats: heartbeats.Heartbeats = dataclasses.field(init=False)
+    #: Pull secrets (sources and copies) as last read (:mod:`.secretcache`).
+    secrets: secretcache.SecretCache = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.secrets = secretcache.SecretCache(self.client,
+                                               self.settings.secret_refresh_interval)
         self.heartbeats = heartbeats.Heartbeats(self.settings.agent_heartbeat_timeout,
                                                 on_change=self.wake_node)
         self.writer = writing.NodeWriter(
@@ -252,7 +257,7 @@ async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
     names: list[str] = []
     sources: JSON = {}
     for index, name in enumerate(prefetch.pull_secrets):
-        source = await state.client.get(kubeapi.secret_path(prefetch.namespace, name))
+        source = await state.secrets.get(kubeapi.secret_path(prefetch.namespace, name))
         if source is None:
             logger.warning(f"pull secret {prefetch.namespace}/{name} does not exist; skipped")
             continue
@@ -266,19 +271,22 @@ async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
         copy_name = secrets.copy_name(prefetch.namespace, name)
         path = kubeapi.secret_path(state.namespace, copy_name)
         for _ in range(kubeapi.CONFLICT_RETRIES):
-            existing = await state.client.get(path)
+            existing = await state.secrets.get(path)
             if existing is not None and secrets.up_to_date(existing, source, prefetch.uid):
                 break
             users = (secrets.users(existing) if existing else []) + [prefetch.uid]
             body = secrets.build_copy(source, state.namespace, users)
             try:
                 if existing is None:
-                    await state.client.create(kubeapi.secret_path(state.namespace), body)
+                    written = await state.client.create(kubeapi.secret_path(state.namespace),
+                                                        body)
                 else:
                     body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                    await state.client.replace(path, body)
+                    written = await state.client.replace(path, body)
+                state.secrets.wrote(path, written)
                 break
-            except errors.Conflict:
+            except (errors.Conflict, errors.NotFound):  # changed or deleted meanwhile
+                state.secrets.forget(path)
                 continue
         names.append(copy_name)
     return names, sources
@@ -315,13 +323,15 @@ async def release_secret_copies(state: State, uid: str, keep: set[str] | None = 
             try:
                 if not remaining:
                     await state.client.delete(path, resource_version=version)
+                    state.secrets.wrote(path, None)
                 else:
-                    await state.client.merge_patch(path, {"metadata": {
+                    state.secrets.wrote(path, await state.client.merge_patch(path, {"metadata": {
                         "resourceVersion": version,
                         "annotations": {resources.ANNOTATION_USERS:
-                                        json.dumps(sorted(remaining))}}})
+                                        json.dumps(sorted(remaining))}}}))
                 break
             except errors.Conflict:
+                state.secrets.forget(path)
                 if attempt == kubeapi.CONFLICT_RETRIES:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -564,10 +574,11 @@ async def write_status(state: State, body: Mapping[str, Any], previous: Mapping[
 async def withdraw_everywhere(state: State, uid: str) -> None:
     """Remove ``uid`` from every NodeImageSet and every secret copy (on delete)."""
     state.writer.retired.add(uid)  # from now on, any put of this prefetch is a withdrawal
-    # The index may lag; read every NodeImageSet that may hold our entries, fresh.
-    fresh = await state.client.list(kubeapi.node_set_path())
-    for body in fresh:
-        state.remember_node_set(body)
+    # The index may lag; read every NodeImageSet that may hold our entries, fresh (page by
+    # page: all of them at once is ~100 MiB of JSON at 5,000 nodes).
+    async for page in state.client.pages(kubeapi.node_set_path()):
+        for body in page:
+            state.remember_node_set(body)
     nodes_with_ours = sorted(state.by_owner.get(uid) or {})
     drop = writing.Change(uid, None)
     failed = await state.writer.write({node: drop for node in nodes_with_ours})

@@ -97,6 +97,7 @@ def operator_flow(installed: Release, tmp_path_factory: pytest.TempPathFactory) 
         # Only the pacing is shortened, and nothing is resolved from a real registry.
         "PREFETCHER_OPERATOR__STATUS_INTERVAL": "200ms",
         "PREFETCHER_OPERATOR__RESYNC_INTERVAL": "1s",
+        "PREFETCHER_OPERATOR__SECRET_REFRESH_INTERVAL": "1s",
         "PREFETCHER_OPERATOR__DAEMONSET_CHECK_INTERVAL": "300ms",
         "PREFETCHER_OPERATOR__RESOLVE_DIGESTS": "false",
         "PREFETCHER_RUNTIME__HEALTH_ADDRESS": f"127.0.0.1:{port}",

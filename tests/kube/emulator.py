@@ -30,7 +30,6 @@ does and this emulator does too (everything below is what kmock 0.8 lacks or get
   (simple JSONPaths), so ``kubectl get ipf`` prints the columns a real cluster prints;
 - CRD schema **defaulting** and (when ``validate=True``) openAPIV3Schema validation with
   422 Invalid responses naming the field (CEL ``x-kubernetes-validations`` are not evaluated).
-
 - **pagination**: ``limit`` and ``continue`` on lists (the continue token holds the last key;
   later pages see the store as it is then, not a snapshot as etcd serves);
 - **bearer tokens** (opt-in): with :attr:`KubeAPI.tokens` set, a request without one of them

@@ -39,6 +39,7 @@ peering_name = "prefetcher"
 status_interval = "200ms"
 resync_interval = "1s"
 agent_heartbeat_timeout = "5s"
+secret_refresh_interval = "1s"
 daemonset_check_interval = "300ms"
 resolve_digests = false
 agent_daemonset = "{daemonset}"
