@@ -9,6 +9,7 @@ the same error for the same failure in both components. :meth:`Client.list` page
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import json
@@ -25,6 +26,11 @@ JSON = dict[str, Any]
 
 #: Items per page of a list (client-go's pager default is 500).
 PAGE_SIZE = 500
+#: Retries of a request answered with Retry-After (429, or 5xx with the header), as
+#: client-go's request retries (its default is 10).
+RETRY_AFTER_RETRIES = 10
+#: Longest wait honoured from one Retry-After (seconds).
+RETRY_AFTER_MAX = 30.0
 #: Namespace of Events about cluster-scoped objects (as kubectl and kopf use).
 CLUSTER_EVENTS_NAMESPACE = "default"
 
@@ -79,9 +85,15 @@ class Client:
     async def request(self, method: str, path: str, *, body: Any = None,
                       params: Mapping[str, str] | None = None,
                       content_type: str = "application/json", verb: str = "") -> JSON:
-        """Send one request; the JSON answer, or an :class:`errors.APIError`."""
+        """Send one request; the JSON answer, or an :class:`errors.APIError`.
+
+        Retried here: once after a 401 (the token file is re-read), and up to
+        :data:`RETRY_AFTER_RETRIES` times when the server says when to come back
+        (``Retry-After`` on a 429 or 5xx), as client-go does."""
         verb = verb or _VERBS.get(method, method.lower())
-        for attempt in (1, 2):
+        relogged = False
+        retries = 0
+        while True:
             self.requests += 1
             try:
                 response = await self._http.request(
@@ -91,9 +103,19 @@ class Client:
                 if self.on_error is not None:
                     self.on_error(verb, "network")
                 raise errors.Unavailable(0, "Unavailable", f"{method} {path}: {e}") from e
-            if response.status_code == 401 and attempt == 1 \
+            if response.status_code == 401 and not relogged \
                     and self.connection.token_rejected():
+                relogged = True
                 continue  # the token file may hold a rotated token by now
+            wait = _retry_after(response)
+            if wait is not None and (response.status_code == 429
+                                     or response.status_code >= 500) \
+                    and retries < RETRY_AFTER_RETRIES:
+                retries += 1
+                if self.on_error is not None:
+                    self.on_error(verb, response.status_code)
+                await asyncio.sleep(min(wait, RETRY_AFTER_MAX))
+                continue
             break
         if response.status_code >= 400:
             if self.on_error is not None:

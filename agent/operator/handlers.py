@@ -53,10 +53,13 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     settings.peering.standalone = True  # the leader Lease is the lock (see .main)
     settings.peering.mandatory = False
 
-    for node in await state.client.list("/api/v1/nodes"):
-        state.node_event("ADDED", node)
-    for body in await state.client.list(kubeapi.node_set_path()):
-        state.node_set_event("ADDED", body)
+    try:
+        for node in await state.client.list("/api/v1/nodes"):
+            state.node_event("ADDED", node)
+        for body in await state.client.list(kubeapi.node_set_path()):
+            state.node_set_event("ADDED", body)
+    except errors.APIError as e:  # retried in seconds, not after kopf's default minute
+        raise kopf.TemporaryError(f"cannot prime the index: {e}", delay=2) from e
     memo.keeper = asyncio.create_task(keep_daemonset(state))
     memo.heartbeats = asyncio.create_task(state.heartbeats.run(state.client, state.namespace))
 

@@ -379,13 +379,16 @@ class KubeAPI(kmock.KubernetesEmulator):
     async def _serve(self, request: rendering.Request) -> Any:
         # Always answer with an explicit status: kmock copies a nested Response's status onto
         # the (shared) fallback reaction, so a bare payload would inherit the previous status.
+        # Headers stick to the fallback reaction too: clear the ones a fault may have set.
+        clear = {"Retry-After": None}
         try:
             result = await self._dispatch(request)
         except APIError as e:
-            return rendering.Response(status=e.code, payload=e.status())
+            return rendering.Response(status=e.code, payload=e.status(), headers=clear)
         if isinstance(result, rendering.Response):
-            return result
-        return rendering.Response(status=200, payload=result)
+            return rendering.Response(status=result.status, payload=result.payload,
+                                      headers={**clear, **(result.headers or {})})
+        return rendering.Response(status=200, payload=result, headers=clear)
 
     async def _dispatch(self, request: rendering.Request) -> Any:
         path = request.url.path.rstrip("/") or "/"
