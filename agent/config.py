@@ -346,7 +346,7 @@ class ImagesSettings(BaseModel):
         gt=0,
         description=(
             "How often store usage (size, free space, counts) is measured for metrics and the "
-            "node heartbeat. Go duration. Default '10s', containerd's default."
+            "node's status.agent. Go duration. Default '10s', containerd's default."
         ),
     )
     registry: RegistrySettings = Field(
@@ -551,7 +551,7 @@ class OperatorSettings(BaseModel):
         gt=0,
         description=(
             "Reconcile every ImagePrefetch at least this often even without events (level-"
-            "triggered safety net; also drives TTL and heartbeat expiry). Default '30s'."
+            "triggered safety net; also drives TTL). Default '30s'."
         ),
     )
     agent_heartbeat_timeout: Duration = Field(
@@ -645,8 +645,10 @@ class NodeSettings(BaseModel):
         default=30.0,
         gt=0,
         description=(
-            "How often the agent renews status.agent (version, heartbeat time, store capacity "
-            "and free space); keep it well under operator.agent_heartbeat_timeout. Default '30s'."
+            "How often the agent renews its node's heartbeat Lease (prefetcher-agent-<node> in "
+            "runtime.namespace, as the kubelet's node lease; status.agent is written only when "
+            "version, capacity or free space change); keep it well under "
+            "operator.agent_heartbeat_timeout. Default '30s'."
         ),
     )
     backoff_initial: Duration = Field(
