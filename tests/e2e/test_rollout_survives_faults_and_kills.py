@@ -110,6 +110,11 @@ class Agents:
                          "renewTime": leases.micro_time()}
         self.api.put_object(leases.API_VERSION, "leases", lease)
 
+    def node_set(self, node: str) -> dict[str, Any]:
+        """The stored NodeImageSet, not copied (read only)."""
+        return self.api.store.get((("prefetcher.dev", "v1alpha1", "nodeimagesets"), "", node)) \
+            or {}
+
     def check_complete(self) -> None:
         """Complete (phase or condition) only when every targeted node has it all Ready."""
         for ipf in self.api.list_objects(API, "imageprefetches"):
@@ -121,7 +126,7 @@ class Agents:
                 continue  # (a deleted prefetch's entries are withdrawn; its status stays)
             uid = ipf["metadata"]["uid"]
             for node in NODES:
-                nis = self.api.get_object(API, "nodeimagesets", node) or {}
+                nis = self.node_set(node)
                 ours = [e["name"] for e in (nis.get("spec") or {}).get("images") or []
                         if any(o["uid"] == uid for o in e["owners"])]
                 ready = {s["name"] for s in (nis.get("status") or {}).get("images") or []
@@ -158,7 +163,8 @@ def holder(cluster: Cluster) -> str:
 
 def inject_faults(api: KubeAPI, rng: random.Random) -> None:
     api.fail("patch", "nodeimagesets", 409, times=rng.randint(1, 5))
-    api.fail("patch", "nodeimagesets", 500, times=rng.randint(1, 3))
+    api.fail("patch", rng.choice(["nodeimagesets", "imageprefetches"]), 500,
+             times=rng.randint(1, 3))
     api.fail("list", "*", 429, times=1, retry_after=1)
     api.fail("watch", rng.choice(["nodeimagesets", "nodes", "leases"]), 410)
     if rng.random() < 0.5:

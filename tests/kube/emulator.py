@@ -199,8 +199,9 @@ def _pointer(path: str) -> list[str]:
 
 
 def json_patch(doc: Any, ops: list[JSON]) -> Any:
-    """RFC 6902 JSON patch; a failed ``test`` raises a 409 Conflict (as the API server does...
-    almost: it answers 422 for a failed test; kopf treats both as a conflict to retry)."""
+    """RFC 6902 JSON patch; a failed ``test`` raises 422 Invalid, as the API server answers
+    (kopf relies on it: on 422 it re-applies the rest of its patch — a finalizer — at its
+    next cycle; any other status drops it)."""
     doc = copy.deepcopy(doc)
 
     def parent(path: str) -> tuple[Any, str]:
@@ -221,7 +222,7 @@ def json_patch(doc: Any, ops: list[JSON]) -> Any:
         try:
             if kind == "test":
                 if get(path) != op.get("value"):
-                    raise APIError(409, "Conflict", f"the JSON patch test at {path} failed")
+                    raise APIError(422, "Invalid", f"the JSON patch test at {path} failed")
                 continue
             if kind in ("move", "copy"):
                 value = copy.deepcopy(get(op["from"]))
