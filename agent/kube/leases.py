@@ -229,17 +229,34 @@ class LeaderElector:
 
 
 class Heartbeat:
-    """A node's heartbeat Lease, renewed by its agent (as the kubelet's node lease)."""
+    """A node's heartbeat Lease, renewed by its agent (as the kubelet's node lease).
+
+    Owned by the node's NodeImageSet once its uid is known (``owner_uid``), so the garbage
+    collector removes the Lease with it when the node goes."""
 
     def __init__(self, client: kube_client.Client, namespace: str, node: str, holder: str, *,
-                 duration: float) -> None:
+                 duration: float, owner_uid: Callable[[], str] = lambda: "") -> None:
+        self.node = node
         self.lease = LeaseObject(client, namespace, heartbeat_name(node),
                                  labels=heartbeat_labels(),
                                  annotations={NODE_ANNOTATION: node})
         self.holder = holder
         self.duration = duration
+        self.owner_uid = owner_uid
         #: Renewals written (tests, metrics).
         self.renewals = 0
+
+    def _owner(self) -> None:
+        """Put the NodeImageSet's ownerReference on the Lease (to be written) when known."""
+        uid = self.owner_uid()
+        if not uid:
+            return
+        ref = {"apiVersion": resources.API_VERSION, "kind": resources.NODE_SET_KIND,
+               "name": self.node, "uid": uid}
+        meta = self.lease.body.setdefault("metadata", {}) if self.lease.body is not None \
+            else None
+        if meta is not None and meta.get("ownerReferences") != [ref]:
+            meta["ownerReferences"] = [ref]
 
     def _spec(self) -> JSON:
         return {"holderIdentity": self.holder,
@@ -255,11 +272,13 @@ class Heartbeat:
                 return
             except errors.Conflict:
                 await self.lease.read()  # created meanwhile (a previous agent pod)
+        self._owner()
         try:
             await self.lease.update(self._spec())
         except errors.NotFound:
             await self.lease.create(self._spec())
         except errors.Conflict:
             await self.lease.read()
+            self._owner()
             await self.lease.update(self._spec())
         self.renewals += 1

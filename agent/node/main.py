@@ -119,7 +119,8 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
         heartbeat = leases.Heartbeat(
             client, rt.namespace, rt.node_name,
             holder=os.environ.get("POD_NAME") or f"agent-{rt.node_name}",
-            duration=LEASE_DURATION_FACTOR * node.heartbeat_interval)
+            duration=LEASE_DURATION_FACTOR * node.heartbeat_interval,
+            owner_uid=lambda: supervisor.uid)
         supervisor = supervising.Supervisor(
             node=rt.node_name, puller=puller, reporter=reporter, collector=collector, pool=pool,
             probes=probes, resync_interval=node.resync_interval,

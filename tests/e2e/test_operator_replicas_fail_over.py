@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fixtures import images, registries
 
@@ -65,10 +66,15 @@ def token_file(cluster: Cluster) -> Path:
     return cluster.kubeconfig_path.with_name("token")
 
 
+HEALTH_PORT = registries.free_port()
+
+
 def operator(cluster: Cluster, workdir: Path, pod: str) -> Process:
     config = workdir / "config.toml"
     config.write_text(OPERATOR_CONFIG)
     env = cluster.env() | {"POD_NAME": pod}
+    if pod == "op-2":  # the standby answers the chart's liveness/readiness probe
+        env["PREFETCHER_RUNTIME__HEALTH_ADDRESS"] = f"127.0.0.1:{HEALTH_PORT}"
     return Process([PREFETCHER, "operator", "--config", str(config),
                     "--kubeconfig", str(cluster.kubeconfig_path)],
                    workdir / f"{pod}.log", env)
@@ -119,8 +125,11 @@ def test_the_standby_takes_over_from_a_killed_leader_and_finishes_its_prefetch(
         agents: dict[str, Agent]) -> None:
     leader, standby = replicas["op-1"], replicas["op-2"]
     assert holder(cluster) == "op-1"
-    # The standby runs no handler at all: it has written nothing.
+    # The standby runs no handler at all: it has written nothing. It is healthy (so a
+    # rolling update with maxUnavailable 0 proceeds).
     assert "Activity 'configure'" not in standby.output()
+    probe = httpx.get(f"http://127.0.0.1:{HEALTH_PORT}/healthz")
+    assert probe.status_code == 200 and probe.json() == {"standby": True}
 
     image = images.Image([images.random_layer(300_000, seed=91)])
     images.push(registry, "failover/app", "1", image)
@@ -135,6 +144,9 @@ def test_the_standby_takes_over_from_a_killed_leader_and_finishes_its_prefetch(
     standby.wait_for_output("became the leader", timeout=30)
     assert time.monotonic() - killed < 30
     assert holder(cluster) == "op-2"
+    standby.wait_for_output("Activity 'configure' succeeded", timeout=30)
+    probe = httpx.get(f"http://127.0.0.1:{HEALTH_PORT}/healthz")  # kopf's own probe now
+    assert probe.status_code == 200 and "standby" not in probe.text
     cluster.wait_for(lambda: complete(cluster, "failover"), timeout=60,
                      message="the new leader completes the prefetch")
     for node in AGENT_NODES:
@@ -186,6 +198,16 @@ def test_heartbeats_renew_leases_and_leave_node_image_sets_alone(
     time.sleep(3.5)  # three heartbeat intervals of the agents (1s)
     assert renewals() != leases_before
     assert versions() == nis_before  # nothing changed on the nodes: nothing written
+
+    # Each Lease belongs to its node's NodeImageSet: it goes when the node's set goes.
+    for node in AGENT_NODES:
+        lease = cluster.get(leases.API_VERSION, "leases", leases.heartbeat_name(node),
+                            OPERATOR_NAMESPACE)
+        nis = cluster.get("prefetcher.dev/v1alpha1", "nodeimagesets", node)
+        assert lease is not None and nis is not None
+        assert lease["metadata"]["ownerReferences"] == [{
+            "apiVersion": "prefetcher.dev/v1alpha1", "kind": "NodeImageSet", "name": node,
+            "uid": nis["metadata"]["uid"]}]
 
 
 def test_a_rotated_token_is_followed_by_every_process(
