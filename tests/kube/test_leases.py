@@ -115,3 +115,50 @@ def test_an_agent_is_alive_while_the_operator_sees_renewals_whatever_its_clock()
     beats.check()
     assert not beats.alive("n1") and changed == ["n1", "n1"]
     assert beats.alive_nodes() == set() and beats.known("n1") and not beats.known("n2")
+
+
+def test_the_operator_follows_heartbeats_through_dropped_and_expired_watches(
+        cluster: Cluster) -> None:
+    """The heartbeat watch survives a dropped connection and a 410 Gone (relist), and a
+    deleted Lease stops counting."""
+    assert cluster.api is not None
+    cluster.put("v1", "namespaces", {"metadata": {"name": NS}})
+    seen: list[str] = []
+
+    async def main() -> None:
+        client = kube_client.Client(connections.Connection(server=cluster.url))
+        beats = heartbeats.Heartbeats(30.0, on_change=seen.append)
+        watching = asyncio.create_task(beats.run(client, NS))
+
+        async def until(predicate: object) -> None:
+            for _ in range(100):
+                if predicate():  # type: ignore[operator]
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("timed out")
+
+        def renew(node: str) -> None:
+            # From a thread: the emulator's loop is another thread.
+            cluster.renew_heartbeat(node, NS)
+
+        try:
+            await asyncio.to_thread(renew, "n1")
+            await until(lambda: beats.alive("n1"))
+            await asyncio.to_thread(cluster.call, cluster.api.drop_watches)  # type: ignore[union-attr]
+            await asyncio.to_thread(renew, "n2")
+            await until(lambda: beats.alive("n2"))
+            await asyncio.to_thread(cluster.call, cluster.api.fail,  # type: ignore[union-attr]
+                                    "watch", "leases", 410)
+            await asyncio.to_thread(cluster.call, cluster.api.drop_watches)  # type: ignore[union-attr]
+            await asyncio.to_thread(cluster.delete, leases.API_VERSION, "leases",
+                                    leases.heartbeat_name("n1"), NS)
+            await until(lambda: not beats.known("n1"))
+            assert beats.alive_nodes() == {"n2"}
+        finally:
+            watching.cancel()
+            await client.aclose()
+
+    asyncio.run(main())
+    assert seen == ["n1", "n2", "n1"]  # came, came, went
+    watches = [c for c in cluster.calls() if c.verb == "watch" and c.resource == "leases"]
+    assert len(watches) >= 3
