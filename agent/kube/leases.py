@@ -201,9 +201,12 @@ class LeaderElector:
         for ``renew_deadline`` (the caller stops writing at once)."""
         while True:
             await asyncio.sleep(self.retry_period)
+            # An attempt may not outlast the deadline: past it, a standby may take the lease
+            # (renew_deadline < lease_duration), so we must have stopped by then.
+            left = self.renew_deadline - (self.clock() - (self._renewed_at or self.clock()))
             try:
                 renewed = await asyncio.wait_for(self.try_acquire_or_renew(),
-                                                 timeout=self.renew_deadline)
+                                                 timeout=max(left, 0.01))
             except (errors.APIError, TimeoutError) as e:
                 logger.warning(f"cannot renew the lease {self.lease.name}: {e}")
                 renewed = False
