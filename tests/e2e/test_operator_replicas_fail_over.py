@@ -20,6 +20,7 @@ import httpx
 import pytest
 from fixtures import images, registries
 
+import agent
 from agent.kube import leases
 from tests.kube.cluster import Cluster
 from tests.kube.emulator import kubeconfig
@@ -220,6 +221,10 @@ def test_heartbeats_renew_leases_and_leave_node_image_sets_alone(
     time.sleep(3.5)  # three heartbeat intervals of the agents (1s)
     assert renewals() != leases_before
     assert versions() == nis_before  # nothing changed on the nodes: nothing written
+
+    # `kubectl get nis` shows the agent's version (no stale heartbeat column).
+    table = cluster.kubectl("get", "nis", *AGENT_NODES).stdout
+    assert "AGENT" in table and agent.__version__ in table and "HEARTBEAT" not in table, table
 
     # Each Lease belongs to its node's NodeImageSet: it goes when the node's set goes.
     for node in AGENT_NODES:
