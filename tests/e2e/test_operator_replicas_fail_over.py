@@ -262,3 +262,19 @@ def test_a_rotated_token_is_followed_by_every_process(
         assert lease is not None and lease["spec"]["renewTime"] != leases_before[node]
     assert all(agent.process.running() for agent in agents.values())
     assert replicas["op-1"].running()
+
+
+def test_a_leader_that_loses_its_lease_stops_at_once(
+        cluster: Cluster, replicas: dict[str, Process]) -> None:
+    """Another holder took the Lease (the leader was partitioned from the API server): the
+    leader must stop writing, so it exits (code 1, as controller-runtime) and restarts as
+    a standby."""
+    leader = replicas["op-1"]
+    lease = cluster.get(leases.API_VERSION, "leases", LEASE, OPERATOR_NAMESPACE)
+    assert lease is not None and lease["spec"]["holderIdentity"] == "op-1"
+    lease["spec"].update(holderIdentity="elsewhere", renewTime=leases.micro_time())
+    cluster.put(leases.API_VERSION, "leases", lease)
+    assert leader.process is not None
+    assert leader.process.wait(timeout=30) == 1
+    assert "leader election lost, exiting" in leader.output()
+    assert "holder now: elsewhere" in leader.output()
