@@ -140,8 +140,13 @@ class Client:
         except errors.NotFound:
             return None
 
-    async def pages(self, path: str, *, limit: int = PAGE_SIZE,
-                    **params: str) -> AsyncIterator[list[JSON]]:
+    def pages(self, path: str, *, limit: int = PAGE_SIZE,
+              **params: str) -> AsyncIterator[list[JSON]]:
+        """The list at ``path`` page by page (``limit``/``continue``); see :meth:`_pages`."""
+        return self._pages(path, limit, params)
+
+    async def _pages(self, path: str, limit: int,
+                     params: Mapping[str, str]) -> AsyncIterator[list[JSON]]:
         """The list at ``path`` page by page (``limit``/``continue``); a ``continue`` token
         that expired (410) restarts the list, as client-go's pager falls back to a full list."""
         query = {k: v for k, v in params.items() if v}
@@ -163,7 +168,7 @@ class Client:
     async def list(self, path: str, **params: str) -> list[JSON]:
         """Every item of the list at ``path`` (paginated)."""
         items: list[JSON] = []
-        async for page in self.pages(path, **params):
+        async for page in self._pages(path, PAGE_SIZE, params):
             items.extend(page)
         return items
 
