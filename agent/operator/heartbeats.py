@@ -108,6 +108,11 @@ class Heartbeats:
                                 self.observe(str(event.get("type")), obj)
                 except errors.Gone:
                     continue  # relist
+                except errors.Unauthorized as e:
+                    # A rotated token: the next request reads the token file again.
+                    client.connection.token_rejected()
+                    logger.warning(f"watching agent heartbeats: {e}; retrying")
+                    await asyncio.sleep(0.5)
                 except errors.APIError as e:
                     logger.warning(f"watching agent heartbeats: {e}; retrying")
                     await asyncio.sleep(2.0)
