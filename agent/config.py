@@ -377,7 +377,7 @@ class ImagesSettings(BaseModel):
         gt=0,
         description=(
             "How often store usage (size, free space, counts) is measured for metrics and the "
-            "node heartbeat. Go duration. Default '10s', containerd's default."
+            "node's status.agent. Go duration. Default '10s', containerd's default."
         ),
     )
     registry: RegistrySettings = Field(
@@ -527,7 +527,8 @@ class TracingSettings(BaseModel):
 
 
 class OperatorSettings(BaseModel):
-    """The cluster operator (``prefetcher operator``): peering, pacing, the agents' DaemonSet."""
+    """The cluster operator (``prefetcher operator``): leader election, pacing, the agents'
+    DaemonSet."""
 
     model_config = _STRICT
 
@@ -535,15 +536,41 @@ class OperatorSettings(BaseModel):
         default="prefetcher",
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
         description=(
-            "Name of the ClusterKopfPeering object the operator replicas elect their one active "
-            "replica through (created at start if missing). Default 'prefetcher'."
+            "Name of the Lease (coordination.k8s.io/v1, in runtime.namespace) the operator "
+            "replicas elect their one active replica through, as client-go's leader election "
+            "does (created at start if missing). Default 'prefetcher'."
         ),
     )
     standalone: bool = Field(
         default=False,
         description=(
-            "Run without peering (no leader election). Default false: only one replica is "
-            "active; use true only for a single local process."
+            "Run without leader election. Default false: only the replica holding the Lease "
+            "runs; use true only for a single local process."
+        ),
+    )
+    lease_duration: Duration = Field(
+        default=15.0,
+        gt=0,
+        description=(
+            "How long standby replicas wait, after they last saw the leader renew the Lease, "
+            "before taking it over (the failover time after the leader dies). Go duration. "
+            "Default '15s' (client-go's)."
+        ),
+    )
+    lease_renew_deadline: Duration = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "The leader exits (and stops writing) when it could not renew the Lease for this "
+            "long; must be less than lease_duration. Go duration. Default '10s'."
+        ),
+    )
+    lease_retry_period: Duration = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "How often the leader renews the Lease and standby replicas try to take it. Go "
+            "duration. Default '2s'."
         ),
     )
     status_interval: Duration = Field(
@@ -559,15 +586,24 @@ class OperatorSettings(BaseModel):
         gt=0,
         description=(
             "Reconcile every ImagePrefetch at least this often even without events (level-"
-            "triggered safety net; also drives TTL and heartbeat expiry). Default '30s'."
+            "triggered safety net; also drives TTL). Default '30s'."
         ),
     )
     agent_heartbeat_timeout: Duration = Field(
         default=90.0,
         gt=0,
         description=(
-            "A node whose agent heartbeat (NodeImageSet status.agent.heartbeatTime) is older "
+            "A node whose agent heartbeat Lease (prefetcher-agent-<node> in runtime.namespace) "
+            "this operator has not seen renewed for longer "
             "than this has no live agent and is reported AgentUnavailable. Default '1m30s'."
+        ),
+    )
+    secret_refresh_interval: Duration = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Read a pull secret an ImagePrefetch names (and its copy) again after this long; "
+            "a changed secret reaches the agents within it. Go duration. Default '1m'."
         ),
     )
     agent_daemonset: str = Field(
@@ -621,6 +657,14 @@ class OperatorSettings(BaseModel):
         description="Give up resolving one tag after this long. Go duration. Default '10s'.",
     )
 
+    @pydantic.model_validator(mode="after")
+    def _lease_timing(self) -> OperatorSettings:
+        if not self.lease_retry_period < self.lease_renew_deadline < self.lease_duration:
+            raise ValueError("operator.lease_retry_period < operator.lease_renew_deadline < "
+                             "operator.lease_duration is required (as client-go's leader "
+                             "election)")
+        return self
+
 
 class NodeSettings(BaseModel):
     """The node agent (``prefetcher agent``): pacing of pulls, retries, status and heartbeat."""
@@ -647,8 +691,10 @@ class NodeSettings(BaseModel):
         default=30.0,
         gt=0,
         description=(
-            "How often the agent renews status.agent (version, heartbeat time, store capacity "
-            "and free space); keep it well under operator.agent_heartbeat_timeout. Default '30s'."
+            "How often the agent renews its node's heartbeat Lease (prefetcher-agent-<node> in "
+            "runtime.namespace, as the kubelet's node lease; status.agent is written only when "
+            "version, capacity or free space change); keep it well under "
+            "operator.agent_heartbeat_timeout. Default '30s'."
         ),
     )
     backoff_initial: Duration = Field(

@@ -1,23 +1,30 @@
 """Operator scale run (a benchmark, not a test): N nodes x P prefetches x I images.
 
-Starts the emulator, the real ``prefetcher operator`` process, N nodes, and simulated agents
-(they mark every entry of their NodeImageSet Ready, with a heartbeat, as soon as it appears),
-then applies P ImagePrefetches of I images each over all nodes and measures the time until
-every prefetch is Complete, the operator's API requests per node per image, and its status
-writes per prefetch.
+Starts the emulator, the real ``prefetcher operator`` process (leader election on, as in the
+chart), N nodes, and simulated agents on the emulator's loop: every 0.5 s they report each
+new entry of their NodeImageSet Ready (one status merge patch per node per change, as an
+agent's PATCH of /status), and every ``--heartbeat-interval`` they renew their node's
+heartbeat Lease (spread evenly: N / interval renewals per second). Then it applies P
+ImagePrefetches of I images each over all nodes and measures, in phases:
 
-    python bench/operator_scale.py --nodes 1000 --prefetches 20 --images 5
+1. rollout: time until every prefetch is Complete, operator API requests per node per image,
+   NodeImageSet writes, status writes, agent status writes per node;
+2. steady state (``--steady`` seconds, heartbeats only): operator CPU % of one core, peak RSS,
+   API requests and writes per second;
+3. churn (``--churn``): a new prefetch, and mid-rollout 10 % of the nodes deleted (with their
+   NodeImageSets, as Node garbage collection would) and 10 % added; it must converge again.
 
-Results (bench/README.md has the details): 1,000 nodes x 20 prefetches x 5 images, all
-Complete in 73 s, 1,763 operator requests (0.018 per node per image; 1.03 NodeImageSet
-writes per node), 30 status writes per prefetch; 300 nodes: 16.5 s (before the per-node
-writer: 12/20 Complete after 300 s).
+    python bench/operator_scale.py --nodes 5000 --prefetches 20 --images 5 --steady 600 --churn
+    python bench/operator_scale.py --nodes 50 --prefetches 3 --images 2 --steady 20 --churn
+
+Targets (issue 14, at 5,000 x 20 x 5 on 2 cores): requests <= 0.05 per node per image,
+steady state CPU <= 5 % and peak RSS <= 256 MiB. Results: bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import os
 import signal
 import subprocess
@@ -27,13 +34,17 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.kube import leases  # noqa: E402
 from tests.kube.cluster import Cluster  # noqa: E402
-from tests.kube.emulator import KubeAPI  # noqa: E402
+from tests.kube.emulator import Call, KubeAPI  # noqa: E402
 
 API = "prefetcher.dev/v1alpha1"
+NAMESPACE = "prefetcher-system"
+WRITES = frozenset({"create", "update", "patch", "delete"})
 CONFIG = """\
 [runtime]
 namespace = "prefetcher-system"
@@ -42,44 +53,60 @@ metrics_address = ""
 [operator]
 status_interval = "1s"
 resync_interval = "30s"
+agent_heartbeat_timeout = "{timeout}s"
 resolve_digests = false
 """
 
 
-def _report_ready(api: KubeAPI) -> int:
-    """On the emulator's loop: every NodeImageSet whose entries are not all reported gets
-    them reported Ready, with a heartbeat, by a status merge patch (as an agent's PATCH of
-    /status would do, without the HTTP). Returns the number of status writes."""
-    rt = api.types[("prefetcher.dev", "v1alpha1", "nodeimagesets")]
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    writes = 0
-    for (key, _, name), nis in list(api.store.items()):
-        if key != rt.key:
-            continue
-        spec = (nis.get("spec") or {}).get("images") or []
-        done = {s["name"] for s in (nis.get("status") or {}).get("images") or []}
-        generation = nis["metadata"].get("generation")
-        if {e["name"] for e in spec} <= done and \
-                (nis.get("status") or {}).get("observedGeneration") == generation:
-            continue
-        status = {"agent": {"version": "bench", "heartbeatTime": now},
-                  # as agents do: the operator trusts results of the spec they saw only
-                  "observedGeneration": generation,
-                  "images": [{"name": e["name"], "phase": "Ready", "bytesDone": 1000,
-                              "bytesTotal": 1000} for e in spec]}
-        api._patch(rt, "", name, "status", "application/merge-patch+json",
-                   {"status": status}, {})
-        writes += 1
-    return writes
+class Agents:
+    """Simulated agents (on the emulator's loop)."""
 
+    def __init__(self, api: KubeAPI, heartbeat_interval: float) -> None:
+        self.api = api
+        self.heartbeat_interval = heartbeat_interval
+        self.counts: Counter[str] = Counter()
+        self.writes_per_node: Counter[str] = Counter()
+        self._next_beat: dict[str, float] = {}
 
-def simulate_agents(cluster: Cluster, stop: threading.Event, counts: Counter[str]) -> None:
-    """Agents that report every entry Ready as soon as it appears (polling every 0.5 s, so
-    one status write per node per change, as agents with a status_interval would)."""
-    assert cluster.api is not None
-    while not stop.is_set():
-        counts["status writes"] += cluster.call(_report_ready, cluster.api)
-        stop.wait(0.5)
+    def report_ready(self) -> None:
+        """Every NodeImageSet whose entries are not all reported gets them Ready."""
+        api = self.api
+        rt = api.types[("prefetcher.dev", "v1alpha1", "nodeimagesets")]
+        for (key, _, name), nis in list(api.store.items()):
+            if key != rt.key:
+                continue
+            spec = (nis.get("spec") or {}).get("images") or []
+            done = {s["name"] for s in (nis.get("status") or {}).get("images") or []}
+            generation = nis["metadata"].get("generation")
+            # as agents do: the operator trusts results of the spec generation they saw only
+            if {e["name"] for e in spec} == done and \
+                    (nis.get("status") or {}).get("observedGeneration") == generation:
+                continue
+            status = {"observedGeneration": generation,
+                      "images": [{"name": e["name"], "image": e["image"], "phase": "Ready",
+                                  "bytesDone": 1000, "bytesTotal": 1000} for e in spec]}
+            api._patch(rt, "", name, "status", "application/merge-patch+json",
+                       {"status": status}, {})
+            self.counts["status writes"] += 1
+            self.writes_per_node[name] += 1
+
+    def heartbeat(self, nodes: list[str], now: float) -> None:
+        """Renew the Leases that are due (each node every heartbeat_interval, spread)."""
+        for i, node in enumerate(nodes):
+            due = self._next_beat.setdefault(
+                node, now + self.heartbeat_interval * i / max(len(nodes), 1))
+            if due > now:
+                continue
+            self._next_beat[node] = now + self.heartbeat_interval
+            name = leases.heartbeat_name(node)
+            lease = self.api.get_object(leases.API_VERSION, "leases", name, NAMESPACE) or {
+                "metadata": {"name": name, "namespace": NAMESPACE,
+                             "labels": leases.heartbeat_labels(),
+                             "annotations": {leases.NODE_ANNOTATION: node}}}
+            lease["spec"] = {"holderIdentity": f"agent-{node}", "leaseDurationSeconds": 120,
+                             "renewTime": leases.micro_time()}
+            self.api.put_object(leases.API_VERSION, "leases", lease)
+            self.counts["heartbeats"] += 1
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -88,25 +115,56 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _operator_calls(cluster: Cluster, since: int) -> list[Call]:
+    return [c for c in cluster.calls()[since:]
+            if c.user_agent.startswith(("image-prefetcher-operator", "kopf"))]
+
+
+def _summary(calls: list[Call]) -> str:
+    verbs = Counter((c.verb, c.resource, c.subresource) for c in calls)
+    return "\n".join(f"  {n:8d} {v} {r}{'/' + s if s else ''}"
+                     for (v, r, s), n in verbs.most_common(10))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=5000)
     parser.add_argument("--prefetches", type=int, default=20)
     parser.add_argument("--images", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--history", type=int, default=5000,
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--steady", type=float, default=600,
+                        help="seconds of steady state with heartbeats (0: skip)")
+    parser.add_argument("--heartbeat-interval", type=float, default=30.0,
+                        help="seconds between two renewals of one node's Lease (agent default)")
+    parser.add_argument("--churn", action="store_true",
+                        help="then a churn run: 10%% of nodes deleted, 10%% added mid-rollout")
+    parser.add_argument("--history", type=int, default=20000,
                         help="watch events the emulator keeps for resumption")
     parser.add_argument("--profile", metavar="FILE",
                         help="run the operator under cProfile, writing the stats to FILE")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
+    results: dict[str, Any] = {"nodes": args.nodes, "prefetches": args.prefetches,
+                               "images": args.images}
     workdir = Path(tempfile.mkdtemp(prefix="operator-scale-"))
     with Cluster(workdir, bookmark_interval=30.0, history=args.history) as cluster:
+        assert cluster.api is not None
         cluster.install_crds()
-        for i in range(args.nodes):
-            cluster.add_node(f"node-{i:05d}", {"bench": "yes"})
-        (workdir / "config.toml").write_text(CONFIG)
-        env = cluster.env()
-        env["PREFETCHER_CONFIG"] = str(workdir / "config.toml")
+        cluster.put("v1", "namespaces", {"metadata": {"name": NAMESPACE}})
+        nodes = [f"node-{i:05d}" for i in range(args.nodes)]
+        for node in nodes:
+            cluster.add_node(node, {"bench": "yes"})
+        (workdir / "config.toml").write_text(
+            CONFIG.format(timeout=int(args.heartbeat_interval * 3)))
+        env = cluster.env() | {"PREFETCHER_CONFIG": str(workdir / "config.toml"),
+                               "POD_NAME": "operator-bench"}
         log = (workdir / "operator.log").open("wb")
         command = [str(Path(sys.executable).with_name("prefetcher")), "operator",
                    "--kubeconfig", str(cluster.kubeconfig_path)]
@@ -114,57 +172,125 @@ def main() -> int:
             command = [sys.executable, "-m", "cProfile", "-o", args.profile, *command]
         operator = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
+        agents = Agents(cluster.api, args.heartbeat_interval)
+        live_nodes = list(nodes)
         stop = threading.Event()
-        agent_counts: Counter[str] = Counter()
-        agents = threading.Thread(target=simulate_agents, args=(cluster, stop, agent_counts),
-                                  daemon=True)
+
+        def simulate() -> None:
+            while not stop.is_set():
+                cluster.call(agents.report_ready)
+                cluster.call(agents.heartbeat, list(live_nodes), time.monotonic())
+                stop.wait(0.5)
+
+        thread = threading.Thread(target=simulate, daemon=True)
+
+        def all_complete() -> bool:
+            return all((o.get("status") or {}).get("phase") == "Complete"
+                       for o in cluster.list(API, "imageprefetches", "default"))
+
+        def wait_complete(what: str) -> float:
+            start = time.monotonic()
+            try:
+                cluster.wait_for(all_complete, timeout=args.timeout, interval=1.0)
+            except AssertionError:
+                ready = Counter((o.get("status") or {}).get("summary", {}).get("ready")
+                                for o in cluster.list(API, "imageprefetches", "default"))
+                print(f"{what}: NOT all Complete after {args.timeout}s; READY: {dict(ready)}")
+            return time.monotonic() - start
+
         try:
             cluster.wait_for(lambda: b"'configure' succeeded" in
-                             (workdir / "operator.log").read_bytes(), timeout=60)
-            agents.start()
+                             (workdir / "operator.log").read_bytes(), timeout=120)
+            thread.start()
+            # 1. Rollout.
             before = len(cluster.calls())
+            cpu0, bench_cpu0 = _cpu_seconds(operator.pid), time.process_time()
+            agents.counts.clear()
             start = time.monotonic()
-            cpu_operator, cpu_bench = _cpu_seconds(operator.pid), time.process_time()
             for p in range(args.prefetches):
                 images = [f"registry.example.com/bench/app{p}-{i}:1" for i in range(args.images)]
                 cluster.put(API, "imageprefetches", {
                     "metadata": {"name": f"bench-{p}", "namespace": "default"},
                     "spec": {"images": images, "nodeSelector": {"matchLabels": {"bench": "yes"}}}})
-
-            def complete() -> bool:
-                return all(
-                    (o.get("status") or {}).get("phase") == "Complete"
-                    for o in cluster.list(API, "imageprefetches", "default"))
-
-            try:
-                cluster.wait_for(complete, timeout=args.timeout, interval=1.0)
-            except AssertionError:
-                phases = Counter((o.get("status") or {}).get("summary", {}).get("ready")
-                                 for o in cluster.list(API, "imageprefetches", "default"))
-                print(f"NOT all Complete after {args.timeout}s; READY columns: {dict(phases)}")
+            wait_complete("rollout")
             elapsed = time.monotonic() - start
-            cpu_operator = _cpu_seconds(operator.pid) - cpu_operator
-            cpu_bench = time.process_time() - cpu_bench
-            calls = [c for c in cluster.calls()[before:]
-                     if c.user_agent.startswith(("image-prefetcher", "kopf"))]
-            verbs = Counter((c.verb, c.resource, c.subresource) for c in calls)
+            calls = _operator_calls(cluster, before)
             pairs = args.nodes * args.prefetches * args.images
+            nis_writes = sum(1 for c in calls if c.resource == "nodeimagesets" and c.verb in WRITES)
+            status_writes = sum(1 for c in calls if c.resource == "imageprefetches"
+                                and c.subresource == "status" and c.verb == "patch")
+            per_node = agents.writes_per_node
+            rollout = {
+                "seconds": round(elapsed, 1),
+                "operator_cpu_s": round(_cpu_seconds(operator.pid) - cpu0, 1),
+                "bench_cpu_s": round(time.process_time() - bench_cpu0, 1),
+                "requests": len(calls),
+                "requests_per_node_per_image": round(len(calls) / pairs, 4),
+                "nodeimageset_writes_per_node": round(nis_writes / args.nodes, 2),
+                "status_writes_per_prefetch": round(status_writes / args.prefetches, 1),
+                "agent_status_writes_per_node_max": max(per_node.values(), default=0),
+                "agent_status_writes_per_node_mean": round(
+                    sum(per_node.values()) / max(len(per_node), 1), 2),
+            }
+            results["rollout"] = rollout
             print(f"nodes={args.nodes} prefetches={args.prefetches} images={args.images}")
-            print(f"time to all Complete: {elapsed:.1f}s (CPU: operator {cpu_operator:.0f}s,"
-                  f" emulator + simulated agents {cpu_bench:.0f}s)")
-            print(f"simulated agent status writes: {agent_counts['status writes']}")
-            nis_writes = sum(n for (v, r, _), n in verbs.items()
-                             if r == "nodeimagesets" and v in ("create", "patch", "update"))
-            print(f"NodeImageSet spec writes: {nis_writes}"
-                  f" ({nis_writes / args.nodes:.2f} per node)")
-            print(f"operator API requests: {len(calls)}"
-                  f" = {len(calls) / pairs:.3f} per node per image"
-                  f" ({len(calls) / args.nodes:.1f} per node)")
-            status_writes = verbs[("patch", "imageprefetches", "status")]
-            print(f"status writes: {status_writes} ({status_writes / args.prefetches:.1f}"
-                  " per prefetch)")
-            for (verb, resource, sub), n in verbs.most_common(8):
-                print(f"  {n:8d} {verb} {resource}{'/' + sub if sub else ''}")
+            print(f"rollout: {json.dumps(rollout)}")
+            print(_summary(calls))
+
+            # 2. Steady state: heartbeats only.
+            if args.steady > 0:
+                time.sleep(min(5.0, args.steady))  # the last status writes settle
+                before = len(cluster.calls())
+                cpu0, t0 = _cpu_seconds(operator.pid), time.monotonic()
+                beats0 = agents.counts["heartbeats"]
+                time.sleep(args.steady)
+                seconds = time.monotonic() - t0
+                calls = _operator_calls(cluster, before)
+                writes = [c for c in calls if c.verb in WRITES]
+                steady = {
+                    "seconds": round(seconds),
+                    "operator_cpu_percent": round(
+                        100 * (_cpu_seconds(operator.pid) - cpu0) / seconds, 2),
+                    "operator_peak_rss_mib": round(_peak_rss_mib(operator.pid), 1),
+                    "heartbeats_per_s": round((agents.counts["heartbeats"] - beats0) / seconds,
+                                              1),
+                    "api_requests_per_s": round(len(calls) / seconds, 3),
+                    "api_writes_per_s": round(len(writes) / seconds, 3),
+                }
+                results["steady"] = steady
+                print(f"steady state: {json.dumps(steady)}")
+                if writes:
+                    print(_summary(writes))
+
+            # 3. Churn: a new prefetch; mid-rollout 10 % of nodes go, 10 % come.
+            if args.churn:
+                before = len(cluster.calls())
+                start = time.monotonic()
+                k = max(1, args.nodes // 10)
+                cluster.put(API, "imageprefetches", {
+                    "metadata": {"name": "churn", "namespace": "default"},
+                    "spec": {"images": [f"registry.example.com/bench/churn-{i}:1"
+                                        for i in range(args.images)],
+                             "nodeSelector": {"matchLabels": {"bench": "yes"}}}})
+                time.sleep(1.0)
+                gone, new = live_nodes[:k], [f"node-new-{i:05d}" for i in range(k)]
+                for node in gone:
+                    live_nodes.remove(node)
+                    cluster.delete("v1", "nodes", node)
+                    if cluster.get(API, "nodeimagesets", node) is not None:
+                        cluster.delete(API, "nodeimagesets", node)
+                for node in new:
+                    cluster.add_node(node, {"bench": "yes"})
+                    live_nodes.append(node)
+                wait_complete("churn")
+                calls = _operator_calls(cluster, before)
+                left = [n for n in gone if cluster.get(API, "nodeimagesets", n) is not None]
+                churn = {"seconds": round(time.monotonic() - start, 1),
+                         "requests": len(calls), "deleted_nodes": k, "added_nodes": k,
+                         "nodeimagesets_of_deleted_nodes_left": len(left),
+                         "complete": all_complete()}
+                results["churn"] = churn
+                print(f"churn: {json.dumps(churn)}")
         finally:
             stop.set()
             os.killpg(operator.pid, signal.SIGTERM)
@@ -173,6 +299,9 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(operator.pid, signal.SIGKILL)
                 operator.wait()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"operator log: {workdir / 'operator.log'}")
     return 0
 
 

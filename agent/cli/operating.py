@@ -1,4 +1,5 @@
-"""``prefetcher operator``: run the cluster operator (kopf; one active replica via peering)."""
+"""``prefetcher operator``: run the cluster operator (kopf; one active replica: the holder of
+a leader-election Lease)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def register(subparsers: Any) -> None:
                    help="operator namespace for secret copies and the agent DaemonSet"
                         " (default: $POD_NAMESPACE or prefetcher-system)")
     p.add_argument("--standalone", action="store_true", default=None,
-                   help="no peering: assume this is the only replica")
-    p.add_argument("--peering", metavar="NAME", help="ClusterKopfPeering name to elect through")
+                   help="no leader election: assume this is the only replica")
+    p.add_argument("--peering", metavar="NAME",
+                   help="name of the Lease (in the operator namespace) replicas elect through")
     p.add_argument("--agent-daemonset", metavar="FILE",
                    help="DaemonSet manifest of the node agents to create and keep")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")

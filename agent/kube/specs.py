@@ -19,9 +19,11 @@ NodeImageSet (cluster-scoped, named after its node):
   last changed the entry.
 - ``status.images[]`` — written by the node agent only. One :class:`ImageStatus` per spec
   entry, same ``name``; an entry removed from the spec disappears from the status.
-- ``status.agent`` — the agent's heartbeat (:class:`AgentHeartbeat`), renewed periodically;
-  the operator treats a node whose heartbeat is older than
-  ``operator.agent_heartbeat_timeout`` as having no live agent.
+- ``status.agent`` — what the agent says about itself (:class:`AgentHeartbeat`: version,
+  store capacity and free space), written when it changes. The heartbeat itself is a Lease
+  per node (:mod:`agent.kube.leases`), renewed by the agent; the operator treats a node whose
+  Lease it has not seen renewed for ``operator.agent_heartbeat_timeout`` as having no live
+  agent. ``heartbeatTime`` is no longer written.
 """
 
 from __future__ import annotations

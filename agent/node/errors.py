@@ -78,8 +78,8 @@ def is_temporary(error: BaseException) -> bool:
 def to_kopf(error: BaseException) -> kopf.TemporaryError | kopf.PermanentError:
     """The kopf error a handler raises for ``error``."""
     if isinstance(error, kubeapi.APIError):
-        if error.status in (0, 409, 429) or error.status >= 500:
-            return kopf.TemporaryError(str(error), delay=KOPF_RETRY_DELAY)
+        if error.temporary:
+            return kopf.TemporaryError(str(error), delay=error.retry_after or KOPF_RETRY_DELAY)
         return kopf.PermanentError(str(error))
     if is_temporary(error):
         delay = getattr(error, "retry_after", None) or KOPF_RETRY_DELAY

@@ -22,6 +22,7 @@ from agent.images import service
 from agent.images.registry import client as registry_client
 from agent.images.registry import credentials as image_credentials
 from agent.images.registry import hosts
+from agent.kube import leases
 from agent.node import (
     collecting,
     credentials,
@@ -39,6 +40,8 @@ logger = logging.getLogger("agent.node")
 COMPONENT = "prefetcher-agent"
 #: Seconds one watch request lasts before kopf reconnects.
 WATCH_TIMEOUT = 600
+#: The heartbeat Lease's leaseDurationSeconds, in heartbeat intervals (kubelet: 40s / 10s).
+LEASE_DURATION_FACTOR = 4
 
 
 def run(settings: config.Settings, options: service.ServiceOptions, *,
@@ -56,6 +59,7 @@ def run(settings: config.Settings, options: service.ServiceOptions, *,
 
         @kopf.on.login()
         def login(**_: Any) -> kopf.ConnectionInfo:
+            # Re-reads a token file: kopf calls this again after a 401 (a rotated token).
             info: kopf.ConnectionInfo = connection.to_kopf()
             return info
 
@@ -129,12 +133,17 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
             svc, pool, reporter, collector, agent_metrics, post_event,
             pulling.PullOptions(rt.node_name, node.backoff_initial, node.backoff_max),
             max_concurrent_pulls=node.max_concurrent_pulls)
+        heartbeat = leases.Heartbeat(
+            client, rt.namespace, rt.node_name,
+            holder=os.environ.get("POD_NAME") or f"agent-{rt.node_name}",
+            duration=LEASE_DURATION_FACTOR * node.heartbeat_interval,
+            owner_uid=lambda: supervisor.uid)
         supervisor = supervising.Supervisor(
             node=rt.node_name, puller=puller, reporter=reporter, collector=collector, pool=pool,
             probes=probes, resync_interval=node.resync_interval,
             heartbeat_interval=node.heartbeat_interval, gc_period=rt.gc_period,
             stats_period=img.stats_collect_period,
-            failed_retry_interval=node.failed_retry_interval)
+            failed_retry_interval=node.failed_retry_interval, renew_lease=heartbeat.renew)
         ready = asyncio.Event()
         memo: Any = kopf.Memo(supervisor=supervisor, client=client, watch_timeout=WATCH_TIMEOUT)
         watching = asyncio.create_task(_mark_watching(ready, probes))

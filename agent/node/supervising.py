@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import agent
+from agent.kube import specs
 from agent.node import (
     collecting,
     credentials,
@@ -39,6 +40,10 @@ from agent.node import (
 logger = logging.getLogger("agent.node")
 
 SHUTDOWN_FLUSH_TIMEOUT = 5.0
+
+
+#: Free-space change (fraction of the store's capacity) that is worth a status write.
+FREE_SPACE_STEP = 0.05
 
 
 class Supervisor:
@@ -58,6 +63,7 @@ class Supervisor:
         gc_period: float = 600.0,
         stats_period: float = 10.0,
         failed_retry_interval: float = 300.0,
+        renew_lease: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
@@ -71,6 +77,8 @@ class Supervisor:
         self.gc_period = gc_period
         self.stats_period = stats_period
         self.failed_retry_interval = failed_retry_interval
+        #: Renews the node's heartbeat Lease (:class:`agent.kube.leases.Heartbeat`).
+        self.renew_lease = renew_lease
         self.clock = clock
         self.wanted: dict[str, reconciling.Entry] = {}
         self.generation: int | None = None
@@ -159,7 +167,7 @@ class Supervisor:
                 state.message = "the agent stopped; the pull resumes where it was when it restarts"
                 self.reporter.set_image(state.to_status(), urgent=True)
         if self._started:
-            self.heartbeat()
+            self.report_agent(force=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SHUTDOWN_FLUSH_TIMEOUT):
                 while not await self.reporter.flush():
@@ -270,17 +278,33 @@ class Supervisor:
 
     # Heartbeat and GC.
 
-    def heartbeat(self) -> None:
-        """Renew ``status.agent`` (the first one is written at once)."""
+    async def heartbeat(self) -> None:
+        """Renew the node's heartbeat Lease (the operator judges liveness by it), and
+        update ``status.agent`` when what it says changed (:meth:`report_agent`)."""
+        self.report_agent()
+        if self.renew_lease is not None:
+            await self.renew_lease()
+
+    def report_agent(self, *, force: bool = False) -> None:
+        """Set ``status.agent`` (version, store capacity and free space) when it is new,
+        the version or capacity changed, or free space moved by more than
+        :data:`FREE_SPACE_STEP` of the capacity: a steady agent writes no status at all
+        (the heartbeat is the Lease). ``force``: set the current values anyway (shutdown)."""
         usage = self.collector.usage()
-        first = self.reporter.document().get("agent") is None
-        self.reporter.set_heartbeat({
-            "version": agent.__version__,
-            "heartbeatTime": reconciling.timestamp(),
-            "storeCapacityBytes": usage.capacity,
-            "storeFreeBytes": usage.free,
-            "runtime": self.puller.svc.backend.info.to_json(),
-        }, urgent=first)
+        info: specs.AgentHeartbeat = {"version": agent.__version__,
+                                      "storeCapacityBytes": usage.capacity,
+                                      "storeFreeBytes": usage.free,
+                                      "runtime": self.puller.svc.backend.info.to_json()}
+        old = self.reporter.document().get("agent")
+        if old is None:
+            self.reporter.set_heartbeat(info, urgent=True)
+            return
+        moved = abs(int(old.get("storeFreeBytes") or 0) - usage.free) \
+            > FREE_SPACE_STEP * max(usage.capacity, 1)
+        if force or moved or old.get("version") != info["version"] \
+                or old.get("storeCapacityBytes") != info["storeCapacityBytes"] \
+                or old.get("runtime") != info["runtime"]:
+            self.reporter.set_heartbeat(info)
 
     async def collect(self) -> list[str]:
         """Remove the images no entry wants (pinned ones stay)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import kopf
 
 from agent.images import errors as image_errors
+from agent.kube.errors import APIError, Conflict, NotFound
+
+__all__ = ["APIError", "Conflict", "InvalidSpec", "NotFound", "to_kopf"]
 
 
 class InvalidSpec(ValueError):
@@ -20,32 +23,14 @@ class InvalidSpec(ValueError):
         self.message = message
 
 
-class APIError(Exception):
-    """A Kubernetes API request failed; ``status`` is the HTTP status (409 = conflict)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
-class Conflict(APIError):
-    """409: a stale resourceVersion, or the object already exists. Retry with a fresh read."""
-
-
-class NotFound(APIError):
-    """404."""
-
-
 def to_kopf(error: BaseException) -> BaseException:
     """The kopf error a handler should raise for ``error`` (temporary vs permanent)."""
     if isinstance(error, InvalidSpec | image_errors.InvalidReference):
         return kopf.PermanentError(str(error))
     if isinstance(error, Conflict):
         return kopf.TemporaryError(str(error), delay=1)
-    if isinstance(error, APIError) and error.status >= 500:
-        return kopf.TemporaryError(str(error), delay=5)
+    if isinstance(error, APIError) and error.temporary:
+        return kopf.TemporaryError(str(error), delay=error.retry_after or 5)
     if isinstance(error, image_errors.Unavailable | image_errors.TooManyRequests):
         return kopf.TemporaryError(str(error), delay=10)
     return kopf.TemporaryError(str(error), delay=10)

@@ -1,9 +1,12 @@
 """kopf handlers of the operator: thin; the work is in :mod:`.reconciling` and below.
 
 - startup: apply settings to ``kopf.OperatorSettings``, prime the index (nodes,
-  NodeImageSets, agent pods) with one list each, ensure the peering object, start the agent
-  DaemonSet keeper;
-- events of Nodes and NodeImageSets: keep the index, wake the prefetches concerned;
+  NodeImageSets, agent pods) with one (paginated) list each, start the agent DaemonSet keeper
+  and the watch of the agents' heartbeat Leases. kopf runs standalone: only the replica
+  holding the leader Lease runs kopf at all (:mod:`.main`), so kopf peering is off;
+- events of Nodes and NodeImageSets: keep the index, wake the prefetches concerned (``async``
+  handlers: kopf runs plain ``def`` handlers in threads, which would change the index while
+  a reconcile iterates it);
 - ImagePrefetch create/update/resume: wake its reconcile loop (a kopf daemon per object,
   level-triggered, which also re-runs every ``resync_interval``);
 - ImagePrefetch delete (kopf finalizer ``prefetcher.dev/node-entries``): withdraw the
@@ -27,7 +30,6 @@ logger = logging.getLogger("agent.operator")
 
 PREFETCHES = (resources.GROUP, resources.VERSION, resources.PREFETCHES)
 NODE_SETS = (resources.GROUP, resources.VERSION, resources.NODE_SETS)
-PEERINGS = "/apis/kopf.dev/v1/clusterkopfpeerings"
 #: Longest pause between two reconciles of one prefetch woken by events (seconds).
 MAX_COALESCE = 0.5
 
@@ -39,7 +41,7 @@ def _state(memo: Any) -> index.State:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    """Settings → kopf; prime the index; peering object; the DaemonSet keeper."""
+    """Settings → kopf; prime the index; the DaemonSet keeper; the heartbeat watch."""
     state = _state(memo)
     settings.persistence.finalizer = resources.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
@@ -49,42 +51,29 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     settings.posting.level = logging.WARNING  # only warnings become Events by themselves
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
-    settings.peering.name = memo.peering_name
-    settings.peering.standalone = memo.standalone
-    settings.peering.mandatory = not memo.standalone
-    settings.peering.clusterwide = True
-    if not memo.standalone:
-        await ensure_peering(state.client, memo.peering_name)
+    settings.peering.standalone = True  # the leader Lease is the lock (see .main)
+    settings.peering.mandatory = False
 
-    for node in await state.client.list("/api/v1/nodes"):
-        state.node_event("ADDED", node)
-    for body in await state.client.list(kubeapi.node_set_path()):
-        state.node_set_event("ADDED", body)
+    try:
+        for node in await state.client.list("/api/v1/nodes"):
+            state.node_event("ADDED", node)
+        for body in await state.client.list(kubeapi.node_set_path()):
+            state.node_set_event("ADDED", body)
+    except errors.APIError as e:  # retried in seconds, not after kopf's default minute
+        raise kopf.TemporaryError(f"cannot prime the index: {e}", delay=2) from e
     memo.keeper = asyncio.create_task(keep_daemonset(state))
     memo.sweeper = asyncio.create_task(sweep_periodically(state))
+    memo.heartbeats = asyncio.create_task(state.heartbeats.run(state.client, state.namespace))
 
 
 @kopf.on.cleanup()
 async def stop(memo: Any, **_: Any) -> None:
-    for name in ("keeper", "sweeper"):
+    for name in ("keeper", "sweeper", "heartbeats"):
         task = getattr(memo, name, None)
         if task is not None:
             task.cancel()
     await _state(memo).writer.close()
     await _state(memo).client.aclose()
-
-
-async def ensure_peering(client: kubeapi.Client, name: str) -> None:
-    """Create the ClusterKopfPeering object replicas elect their leader through."""
-    if await client.get(f"{PEERINGS}/{name}") is not None:
-        return
-    try:
-        await client.create(PEERINGS, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
-                                       "metadata": {"name": name}})
-    except errors.Conflict:
-        pass
-    except errors.APIError as e:
-        logger.warning(f"cannot create the peering object {name!r} (is the CRD installed?): {e}")
 
 
 @kopf.on.event("v1", "nodes")

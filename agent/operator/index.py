@@ -15,11 +15,11 @@ from typing import Any
 from agent import config
 from agent.kube import specs
 from agent.metrics import OperatorMetrics
-from agent.operator import dispatching, kubeapi, nodes, roles, throttling, writing
+from agent.operator import dispatching, kubeapi, nodes, roles, secretcache, throttling, writing
+from agent.operator import heartbeats as heartbeats_mod
 from agent.operator.digests import Memo
 from agent.operator.nodes import Node
 from agent.operator.placement import Placement
-from agent.operator.times import parse_time
 
 JSON = dict[str, Any]
 
@@ -77,8 +77,16 @@ class State:
     writer: writing.NodeWriter = dataclasses.field(init=False)
     #: The agents' Role over the pull-secret copies (see :mod:`.roles`).
     secret_readers: roles.PullSecretReaders = dataclasses.field(init=False)
+    #: The agents' heartbeat Leases as this process observed them (:mod:`.heartbeats`).
+    heartbeats: heartbeats_mod.Heartbeats = dataclasses.field(init=False)
+    #: Pull secrets (sources and copies) as last read (:mod:`.secretcache`).
+    secrets: secretcache.SecretCache = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.secrets = secretcache.SecretCache(self.client,
+                                               self.settings.secret_refresh_interval)
+        self.heartbeats = heartbeats_mod.Heartbeats(self.settings.agent_heartbeat_timeout,
+                                                    on_change=self.wake_node)
         self.writer = writing.NodeWriter(
             self.client, self.node_sets.get, self.remember_node_set, self.forget_node_set,
             self.contributions, node_uid=self.node_uid)
@@ -97,6 +105,12 @@ class State:
         for key, event in self.wakers.items():
             if uid is None or key == uid:
                 event.set()
+
+    def wake_node(self, node: str) -> None:
+        """Wake the prefetches with entries on ``node`` (its agent came or went)."""
+        for uid, per_node in self.by_owner.items():
+            if node in per_node:
+                self.wake(uid)
 
     def owners_of(self, body: Mapping[str, Any] | None) -> set[str]:
         images = ((body or {}).get("spec") or {}).get("images") or []
@@ -163,17 +177,12 @@ class State:
             self.by_owner.setdefault(uid, {})[name] = ours
 
     def live_agents(self, now: datetime.datetime) -> set[str]:
-        """Nodes with a live agent: a fresh heartbeat, or a Ready agent pod that has not
-        written a heartbeat yet."""
-        live: set[str] = set()
-        horizon = now - datetime.timedelta(seconds=self.settings.agent_heartbeat_timeout)
-        for name, body in self.node_sets.items():
-            beat = parse_time(((body.get("status") or {}).get("agent") or {})
-                              .get("heartbeatTime"))
-            if beat is not None and beat >= horizon:
-                live.add(name)
-            elif beat is None and name in self.agent_pods_ready:
-                live.add(name)
+        """Nodes with a live agent: a heartbeat Lease renewal observed within
+        ``agent_heartbeat_timeout`` (:meth:`.heartbeats.Heartbeats.alive`), or a Ready agent
+        pod that has not renewed a heartbeat yet. ``now`` is unused (liveness is judged on
+        this process's monotonic clock)."""
+        live = self.heartbeats.alive_nodes()
+        live |= {n for n in self.agent_pods_ready if not self.heartbeats.known(n)}
         return live
 
     def agent_down_for(self, node: str, live: set[str], clock: float) -> float:

@@ -1,17 +1,36 @@
-"""``prefetcher operator``: settings → connection → kopf, cluster-wide, one active replica."""
+"""``prefetcher operator``: settings → connection → leader election → kopf, cluster-wide.
+
+Replicas elect one leader through a ``coordination.k8s.io`` Lease (``operator.peering_name``
+in ``runtime.namespace``; :class:`agent.kube.leases.LeaderElector`, as client-go). Only the
+leader runs kopf, so only the leader writes anything (handlers, status, the agents'
+DaemonSet keeper). A standby replica waits for the Lease and answers ``/healthz`` meanwhile
+(so a rolling update with ``maxUnavailable: 0`` proceeds). The leader that cannot renew the
+Lease within ``lease_renew_deadline`` exits at once (exit code 1, as controller-runtime does):
+it stops writing and its pod restarts as a standby. On SIGTERM the leader stops kopf, then
+releases the Lease so a standby takes over within ``lease_retry_period``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
+import sys
 from typing import Any
 
+import aiohttp.web
 import kopf
 
 from agent import config, logs, metrics, telemetry
+from agent.kube import leases
 from agent.operator import handlers, kubeapi, reconciling, throttling
 
 logger = logging.getLogger("agent.operator")
+
+#: Exit code of a leader that lost its Lease.
+LOST_LEASE_EXIT = 1
 
 
 def _health_url(address: str) -> str | None:
@@ -19,6 +38,12 @@ def _health_url(address: str) -> str | None:
         return None
     host, _, port = address.rpartition(":")
     return f"http://{host or '0.0.0.0'}:{port}/healthz"
+
+
+def identity() -> str:
+    """This replica's leader-election identity: the pod name (a container restarted in the
+    same pod takes its lease back at once), else ``<hostname>_<pid>`` (unique per process)."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}_{os.getpid()}"
 
 
 def run(settings: config.Settings, *, verbose: bool = False) -> int:
@@ -31,7 +56,7 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
 
     @kopf.on.login()
     def login(**_: Any) -> kopf.ConnectionInfo:
-        return connection.to_kopf()
+        return connection.to_kopf()  # re-reads a token file (kopf calls it again after 401)
 
     operator_metrics = metrics.OperatorMetrics()
     tracing = telemetry.setup(
@@ -40,30 +65,76 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
         http_client_spans=settings.tracing.http_client_spans,
     )
 
-    async def main() -> None:
+    async def operate() -> None:
         state = reconciling.State(
             settings=op, namespace=rt.namespace,
             client=kubeapi.Client(connection, on_error=operator_metrics.api_error),
             registry_config_path=settings.images.registry.config_path,
             throttle=throttling.Throttle(op.status_interval), metrics=operator_metrics,
         )
-        memo: Any = kopf.Memo(state=state, peering_name=op.peering_name,
-                              standalone=op.standalone)
-        await kopf.operator(
-            clusterwide=True, standalone=op.standalone,
-            peering_name=None if op.standalone else op.peering_name,
-            liveness_endpoint=_health_url(rt.health_address), memo=memo,
-        )
+        memo: Any = kopf.Memo(state=state)
+        await kopf.operator(clusterwide=True, standalone=True,
+                            liveness_endpoint=_health_url(rt.health_address), memo=memo)
+
+    async def main() -> int:
+        if op.standalone:
+            await operate()
+            return 0
+        client = kubeapi.Client(connection)
+        elector = leases.LeaderElector(
+            client, rt.namespace, op.peering_name, identity(),
+            lease_duration=op.lease_duration, renew_deadline=op.lease_renew_deadline,
+            retry_period=op.lease_retry_period)
+        try:
+            async with _standby_health(rt.health_address):
+                await elector.acquire()
+            keeping = asyncio.create_task(elector.keep())
+            operating = asyncio.create_task(operate())
+            done, _ = await asyncio.wait({keeping, operating},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if keeping in done:
+                logger.error(f"leader election lost, exiting: {keeping.exception()}")
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(LOST_LEASE_EXIT)  # stop every write now, as controller-runtime does
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
+            operating.result()
+            await elector.release()
+        finally:
+            await client.aclose()
+        return 0
 
     assert handlers  # the handlers register themselves with kopf on import
     server = metrics.serve(rt.metrics_address, operator_metrics.registry)
     if server is not None:
         logger.info(f"metrics on {server.url}")
     try:
-        asyncio.run(main())
+        return asyncio.run(main())
     finally:
         if server is not None:
             server.close()
         tracing.shutdown()
-    return 0
 
+
+@contextlib.asynccontextmanager
+async def _standby_health(address: str) -> Any:
+    """Answer ``/healthz`` with 200 while standing by (kopf serves it once leading)."""
+    if not address:
+        yield
+        return
+    host, _, port = address.rpartition(":")
+
+    async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"standby": True})
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = aiohttp.web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, host or "0.0.0.0", int(port), reuse_address=True)
+    await site.start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()

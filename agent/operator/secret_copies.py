@@ -24,7 +24,7 @@ async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
     sources: JSON = {}
     missing: list[str] = []
     for index, name in enumerate(prefetch.pull_secrets):
-        source = await state.client.get(kubeapi.secret_path(prefetch.namespace, name))
+        source = await state.secrets.get(kubeapi.secret_path(prefetch.namespace, name))
         if source is None:
             logger.warning(f"pull secret {prefetch.namespace}/{name} does not exist; skipped")
             missing.append(name)
@@ -39,19 +39,22 @@ async def ensure_secret_copies(state: State, prefetch: prefetches.Prefetch,
         copy_name = secrets.copy_name(prefetch.namespace, name)
         path = kubeapi.secret_path(state.namespace, copy_name)
         for _ in range(kubeapi.CONFLICT_RETRIES):
-            existing = await state.client.get(path)
+            existing = await state.secrets.get(path)
             if existing is not None and secrets.up_to_date(existing, source, prefetch.uid):
                 break
             users = (secrets.users(existing) if existing else []) + [prefetch.uid]
             body = secrets.build_copy(source, state.namespace, users)
             try:
                 if existing is None:
-                    await state.client.create(kubeapi.secret_path(state.namespace), body)
+                    written = await state.client.create(kubeapi.secret_path(state.namespace),
+                                                        body)
                 else:
                     body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                    await state.client.replace(path, body)
+                    written = await state.client.replace(path, body)
+                state.secrets.wrote(path, written)
                 break
-            except errors.Conflict:
+            except (errors.Conflict, errors.NotFound):  # changed or deleted meanwhile
+                state.secrets.forget(path)
                 continue
         names.append(copy_name)
     await state.secret_readers.grant(names)  # before any node is told to read them
@@ -89,13 +92,15 @@ async def release_secret_copies(state: State, uid: str, keep: set[str] | None = 
             try:
                 if not remaining:
                     await state.client.delete(path, resource_version=version)
+                    state.secrets.wrote(path, None)
                 else:
-                    await state.client.merge_patch(path, {"metadata": {
+                    state.secrets.wrote(path, await state.client.merge_patch(path, {"metadata": {
                         "resourceVersion": version,
                         "annotations": {resources.ANNOTATION_USERS:
-                                        json.dumps(sorted(remaining))}}})
+                                        json.dumps(sorted(remaining))}}}))
                 break
             except errors.Conflict:
+                state.secrets.forget(path)
                 if attempt == kubeapi.CONFLICT_RETRIES:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))

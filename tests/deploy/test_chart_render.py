@@ -71,14 +71,13 @@ def test_chart_crds_are_the_repository_crds() -> None:
 def test_install_creates_the_crds_and_every_object(release: Release) -> None:
     crds = {c["metadata"]["name"] for c in release.cluster.list(
         "apiextensions.k8s.io/v1", "customresourcedefinitions")}
-    assert crds == {"imageprefetches.prefetcher.dev", "nodeimagesets.prefetcher.dev",
-                    "clusterkopfpeerings.kopf.dev"}
+    assert crds == {"imageprefetches.prefetcher.dev", "nodeimagesets.prefetcher.dev"}
     kinds = sorted(o["kind"] for o in release.objects)
     assert kinds == sorted([
         "ServiceAccount", "ServiceAccount", "ConfigMap", "ConfigMap", "ClusterRole",
-        "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Role",
-        "RoleBinding", "RoleBinding", "Service", "Service", "Deployment", "DaemonSet",
-        "ClusterKopfPeering", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+        "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Role", "Role",
+        "RoleBinding", "RoleBinding", "RoleBinding", "Service", "Service", "Deployment",
+        "DaemonSet", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
     ])
     deployment = release.cluster.get("apps/v1", "deployments", f"{RELEASE}-image-prefetcher"
                                      "-operator", NAMESPACE)
@@ -169,8 +168,11 @@ def test_config_toml_passes_prefetcher_config_check(which: str, tmp_path: Path,
     configmaps = {c["metadata"]["name"]: c for c in rel.all("ConfigMap")}
     assert {k for n in names for k in configmaps[n]["data"]} >= {"config.toml",
                                                                    "agent-daemonset.yaml"}
-    peering = rel.get("ClusterKopfPeering")
-    assert cfg["operator"]["peering_name"] == peering["metadata"]["name"]
+    # The leader Lease the operator's RBAC names is the one its config elects through.
+    operator_role = next(r for r in rel.all("Role") if r["metadata"]["name"].endswith("-operator"))
+    lease_rules = [r for r in operator_role["rules"]
+                   if "leases" in r["resources"] and r.get("resourceNames")]
+    assert [r["resourceNames"] for r in lease_rules] == [[cfg["operator"]["peering_name"]]]
 
 
 def test_config_values_reach_the_toml(release_all: Release, tmp_path: Path) -> None:
@@ -494,5 +496,4 @@ def test_upgrade_and_uninstall(tmp_path: Path) -> None:
         assert cluster.list("v1", "configmaps", NAMESPACE) == []
         assert cluster.list("apps/v1", "deployments", NAMESPACE) == []
         assert cluster.list("apps/v1", "daemonsets", NAMESPACE) == []
-        assert cluster.list("kopf.dev/v1", "clusterkopfpeerings") == []
-        assert len(cluster.list("apiextensions.k8s.io/v1", "customresourcedefinitions")) == 3
+        assert len(cluster.list("apiextensions.k8s.io/v1", "customresourcedefinitions")) == 2

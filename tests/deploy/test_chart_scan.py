@@ -29,7 +29,7 @@ from .conftest import Release
 CHECKOV = helm.REPO / ".venv-scan" / "bin" / "checkov"
 README = helm.CHART / "README.md"
 #: Kinds served by CRDs (no OpenAPI schema in kubernetes-validate's bundle).
-CUSTOM_KINDS = {"ClusterKopfPeering", "ServiceMonitor"}
+CUSTOM_KINDS = {"ServiceMonitor"}
 JSON = dict[str, Any]
 
 

@@ -67,6 +67,7 @@ def report_ready(cluster: Cluster, node: str) -> None:
                   "storeCapacityBytes": 10**11, "storeFreeBytes": 5 * 10**10},
     }
     cluster.put(API, "nodeimagesets", nis)
+    cluster.renew_heartbeat(node, NAMESPACE)
 
 
 def prefetch(name: str, **spec: Any) -> JSON:
@@ -100,6 +101,7 @@ def operator_flow(installed: Release, tmp_path_factory: pytest.TempPathFactory) 
         # Only the pacing is shortened, and nothing is resolved from a real registry.
         "PREFETCHER_OPERATOR__STATUS_INTERVAL": "200ms",
         "PREFETCHER_OPERATOR__RESYNC_INTERVAL": "1s",
+        "PREFETCHER_OPERATOR__SECRET_REFRESH_INTERVAL": "1s",
         "PREFETCHER_OPERATOR__DAEMONSET_CHECK_INTERVAL": "300ms",
         "PREFETCHER_OPERATOR__RESOLVE_DIGESTS": "false",
         "PREFETCHER_RUNTIME__HEALTH_ADDRESS": f"127.0.0.1:{port}",
@@ -308,6 +310,12 @@ AGENT_CONTRACT = [
     rbac.Request("patch", "prefetcher.dev", "nodeimagesets", "status", name=NODE),
     rbac.Request("get", "", "secrets", namespace=NAMESPACE, name=COPY),
     rbac.Request("create", "", "events", namespace="default"),
+    # Its node's heartbeat Lease (agent.kube.leases.Heartbeat).
+    rbac.Request("get", "coordination.k8s.io", "leases", namespace=NAMESPACE,
+                 name=f"prefetcher-agent-{NODE}"),
+    rbac.Request("create", "coordination.k8s.io", "leases", namespace=NAMESPACE),
+    rbac.Request("update", "coordination.k8s.io", "leases", namespace=NAMESPACE,
+                 name=f"prefetcher-agent-{NODE}"),
 ]
 # What an agent must never be able to do.
 AGENT_FORBIDDEN = [

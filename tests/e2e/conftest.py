@@ -39,6 +39,7 @@ standalone = true
 status_interval = "200ms"
 resync_interval = "1s"
 agent_heartbeat_timeout = "5s"
+secret_refresh_interval = "1s"
 resolve_digests = true
 resolve_timeout = "3s"
 """

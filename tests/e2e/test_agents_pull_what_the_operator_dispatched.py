@@ -74,7 +74,7 @@ def test_two_selected_nodes_pull_both_images_and_the_third_stays_untouched(
 
     # Each agent watches only its own NodeImageSet (server-side field selector), and makes
     # only the calls the chart's RBAC grants: get/patch-status its object, get secret copies
-    # in the operator namespace, create Events.
+    # in the operator namespace, create Events, renew its heartbeat Lease there.
     calls = cluster.calls()
     for node in agents:
         assert any(c.verb == "watch" and c.resource == "nodeimagesets"
@@ -83,7 +83,10 @@ def test_two_selected_nodes_pull_both_images_and_the_third_stays_untouched(
            if c.user_agent.startswith("image-prefetcher-agent")}
     assert own <= {("get", "nodeimagesets", "", ""), ("patch", "nodeimagesets", "status", ""),
                    ("get", "secrets", "", "prefetcher-system"),
-                   ("create", "events", "", "default")}, own
+                   ("create", "events", "", "default"),
+                   ("get", "leases", "", "prefetcher-system"),
+                   ("create", "leases", "", "prefetcher-system"),
+                   ("update", "leases", "", "prefetcher-system")}, own
 
     # The third node was not selected: nothing dispatched, nothing pulled.
     third = cluster.get("prefetcher.dev/v1alpha1", "nodeimagesets", "e2e-c") or {}

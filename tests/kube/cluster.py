@@ -152,6 +152,19 @@ class Cluster:
         }
         return self.put("v1", "nodes", node)
 
+    def renew_heartbeat(self, node: str, namespace: str) -> JSON:
+        """Renew ``node``'s agent heartbeat Lease in ``namespace`` as its agent would."""
+        from agent.kube import leases
+
+        name = leases.heartbeat_name(node)
+        lease = self.get(leases.API_VERSION, "leases", name, namespace) or {
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": leases.heartbeat_labels(),
+                         "annotations": {leases.NODE_ANNOTATION: node}}}
+        lease["spec"] = {"holderIdentity": f"agent-{node}", "leaseDurationSeconds": 40,
+                         "renewTime": leases.micro_time()}
+        return self.put(leases.API_VERSION, "leases", lease)
+
     def wait_for(self, predicate: Callable[[], T], timeout: float = 20,
                  interval: float = 0.1, message: str = "") -> T:
         """Poll until ``predicate()`` is truthy; return its value or fail with ``message``."""

@@ -30,16 +30,26 @@ does and this emulator does too (everything below is what kmock 0.8 lacks or get
   (simple JSONPaths), so ``kubectl get ipf`` prints the columns a real cluster prints;
 - CRD schema **defaulting** and (when ``validate=True``) openAPIV3Schema validation with
   422 Invalid responses naming the field (CEL ``x-kubernetes-validations`` are not evaluated).
+- **pagination**: ``limit`` and ``continue`` on lists (the continue token holds the last key;
+  later pages see the store as it is then, not a snapshot as etcd serves);
+- **bearer tokens** (opt-in): with :attr:`KubeAPI.tokens` set, a request without one of them
+  gets 401 Unauthorized (except kubectl's: it sends no token to a plain-HTTP server);
+  :meth:`KubeAPI.rotate_token` replaces them (as a kubelet rotating a bound service-account
+  token and the old one expiring);
+- **faults** (:meth:`KubeAPI.fail`): the next N matching requests get a status (409, 429 with
+  ``Retry-After``, 500…); a watch can be answered with 410 Gone; :meth:`KubeAPI.drop_watches`
+  cuts every open watch connection.
 
-Not emulated: authentication/RBAC (every request is allowed, but every request is recorded
+Not emulated: authorization/RBAC (every request is allowed, but every request is recorded
 in :attr:`KubeAPI.calls` so RBAC can be compared with what was used), admission, controllers
 (no pods are created for a DaemonSet; tests create them), pruning of unknown fields, field
-managers, pagination (``limit`` is ignored; one page), protobuf.
+managers, protobuf.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import dataclasses
 import datetime
@@ -189,8 +199,9 @@ def _pointer(path: str) -> list[str]:
 
 
 def json_patch(doc: Any, ops: list[JSON]) -> Any:
-    """RFC 6902 JSON patch; a failed ``test`` raises a 409 Conflict (as the API server does...
-    almost: it answers 422 for a failed test; kopf treats both as a conflict to retry)."""
+    """RFC 6902 JSON patch; a failed ``test`` raises 422 Invalid, as the API server answers
+    (kopf relies on it: on 422 it re-applies the rest of its patch — a finalizer — at its
+    next cycle; any other status drops it)."""
     doc = copy.deepcopy(doc)
 
     def parent(path: str) -> tuple[Any, str]:
@@ -211,7 +222,7 @@ def json_patch(doc: Any, ops: list[JSON]) -> Any:
         try:
             if kind == "test":
                 if get(path) != op.get("value"):
-                    raise APIError(409, "Conflict", f"the JSON patch test at {path} failed")
+                    raise APIError(422, "Invalid", f"the JSON patch test at {path} failed")
                 continue
             if kind in ("move", "copy"):
                 value = copy.deepcopy(get(op["from"]))
@@ -277,6 +288,10 @@ class KubeAPI(kmock.KubernetesEmulator):
     _last_rv: int = attrs.field(default=1000, init=False)
     _events: deque = attrs.field(init=False)
     _watchers: set[asyncio.Queue] = attrs.field(factory=set, init=False)
+    #: Bearer tokens accepted; empty = no authentication (every request allowed).
+    tokens: set[str] = attrs.field(factory=set)
+    #: Injected faults, consumed in order: (verb, plural, status, retry_after, remaining).
+    faults: list[list[Any]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         # Not calling kmock's own post-init: its fallbacks (discovery with "/v1", the simple
@@ -327,6 +342,31 @@ class KubeAPI(kmock.KubernetesEmulator):
         rt = self._type_by_api(api_version, plural)
         self._delete(rt, namespace if rt.namespaced else "", name)
 
+    def rotate_token(self, new: str) -> None:
+        """Accept only ``new`` from now on (the old token expired)."""
+        self.tokens = {new}
+
+    def fail(self, verb: str, plural: str, status: int, *, times: int = 1,
+             retry_after: float | None = None) -> None:
+        """Answer the next ``times`` requests of ``verb`` (get, list, watch, create, update,
+        patch, delete; "*" for any) on ``plural`` ("*" for any) with ``status`` (a watch
+        with 410 gets a 410 ERROR event, as an expired resourceVersion does)."""
+        self.faults.append([verb, plural, status, retry_after, times])
+
+    def drop_watches(self) -> None:
+        """Close every open watch connection (as a restarted API server or a proxy does)."""
+        for queue in list(self._watchers):
+            queue.put_nowait(None)
+
+    def _fault(self, verb: str, plural: str) -> list[Any] | None:
+        for fault in self.faults:
+            if fault[0] in (verb, "*") and fault[1] in (plural, "*"):
+                fault[4] -= 1
+                if fault[4] <= 0:
+                    self.faults.remove(fault)
+                return fault
+        return None
+
     def _type_by_api(self, api_version: str, plural: str) -> ResourceType:
         group, _, version = api_version.rpartition("/")
         rt = self.types.get((group, version, plural))
@@ -340,13 +380,16 @@ class KubeAPI(kmock.KubernetesEmulator):
     async def _serve(self, request: rendering.Request) -> Any:
         # Always answer with an explicit status: kmock copies a nested Response's status onto
         # the (shared) fallback reaction, so a bare payload would inherit the previous status.
+        # Headers stick to the fallback reaction too: clear the ones a fault may have set.
+        clear = {"Retry-After": None}
         try:
             result = await self._dispatch(request)
         except APIError as e:
-            return rendering.Response(status=e.code, payload=e.status())
+            return rendering.Response(status=e.code, payload=e.status(), headers=clear)
         if isinstance(result, rendering.Response):
-            return result
-        return rendering.Response(status=200, payload=result)
+            return rendering.Response(status=result.status, payload=result.payload,
+                                      headers={**clear, **(result.headers or {})})
+        return rendering.Response(status=200, payload=result, headers=clear)
 
     async def _dispatch(self, request: rendering.Request) -> Any:
         path = request.url.path.rstrip("/") or "/"
@@ -358,6 +401,11 @@ class KubeAPI(kmock.KubernetesEmulator):
                     "buildDate": "2025-01-01T00:00:00Z"}
         if path in ("/healthz", "/readyz", "/livez"):
             return rendering.Response(status=200, payload=b"ok")
+        if self.tokens and not request.headers.get("User-Agent", "").startswith("kubectl"):
+            # (kubectl, the test's own tool, sends no bearer token to a plain-HTTP server.)
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token.strip() not in self.tokens:
+                raise APIError(401, "Unauthorized", "Unauthorized")
         if path == "/":
             return {"paths": ["/api", "/api/v1", "/apis", "/version"]}
         if path == "/api":
@@ -491,6 +539,19 @@ class KubeAPI(kmock.KubernetesEmulator):
             params.get("labelSelector", ""), params.get("fieldSelector", ""),
             request.headers.get("User-Agent", ""),
         ))
+        fault = self._fault(verb, plural)
+        if fault is not None:
+            status, retry_after = fault[2], fault[3]
+            if verb == "watch" and status == 410:
+                async def gone() -> AsyncIterator[Any]:
+                    yield {"type": "ERROR", "object": APIError(
+                        410, "Expired", "too old resource version (injected)").status()}
+                return rendering.Response(status=200, payload=gone(),
+                                          headers={"Content-Type": "application/json"})
+            error = APIError(status, {409: "Conflict", 429: "TooManyRequests"}.get(
+                status, "InternalError"), f"injected fault: {status}")
+            headers = {"Retry-After": str(int(retry_after))} if retry_after is not None else {}
+            return rendering.Response(status=status, payload=error.status(), headers=headers)
         if sub and sub != "status":
             raise APIError(404, "NotFound", f"subresource {sub!r} is not served by the emulator")
         if sub == "status" and not rt.status_subresource:
@@ -557,12 +618,30 @@ class KubeAPI(kmock.KubernetesEmulator):
         ]
 
     def _list(self, rt: ResourceType, ns: str, params: Mapping[str, str], accept: str) -> JSON:
-        items = [copy.deepcopy(obj) for obj in self._select(rt, ns, params)]
+        selected = self._select(rt, ns, params)
         rv = str(self._last_rv)
+        meta: JSON = {"resourceVersion": rv}
+        if params.get("continue"):
+            try:
+                after = tuple(json.loads(base64.urlsafe_b64decode(params["continue"])))
+            except ValueError as e:
+                raise APIError(400, "BadRequest", f"invalid continue token: {e}") from e
+            selected = [o for o in selected if self._page_key(o) > after]
+        limit = int(params.get("limit") or 0)
+        if 0 < limit < len(selected):
+            meta["remainingItemCount"] = len(selected) - limit
+            selected = selected[:limit]
+            last = json.dumps(list(self._page_key(selected[-1]))).encode()
+            meta["continue"] = base64.urlsafe_b64encode(last).decode()
+        items = [copy.deepcopy(obj) for obj in selected]
         if "as=Table" in accept:
             return self._table(rt, items, rv)
         return {"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
-                "metadata": {"resourceVersion": rv}, "items": items}
+                "metadata": meta, "items": items}
+
+    @staticmethod
+    def _page_key(obj: JSON) -> tuple[str, str]:
+        return (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
 
     def _table(self, rt: ResourceType, items: list[JSON], rv: str) -> JSON:
         columns = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
@@ -755,7 +834,31 @@ class KubeAPI(kmock.KubernetesEmulator):
         self._emit(rt, "ADDED" if old is None else "MODIFIED", new, old)
         if rt.plural == "customresourcedefinitions":
             self._register_crd(new)
+        if new["metadata"].get("ownerReferences"):
+            self._orphan_check(key)
         return new
+
+    def _orphan_check(self, key: tuple) -> None:
+        """The garbage collector also deletes an object written with owners that are all
+        gone already (it verifies owners of new dependents), soon after the write."""
+        def present(ref: JSON) -> bool:
+            for rt in self.types.values():
+                if rt.api_version == ref.get("apiVersion") and rt.kind == ref.get("kind"):
+                    owner = self.store.get((rt.key, key[1] if rt.namespaced else "",
+                                            ref.get("name", "")))
+                    return owner is not None and owner["metadata"]["uid"] == ref.get("uid")
+            return True  # a kind not served here: assume it exists
+
+        def check() -> None:
+            obj = self.store.get(key)
+            owners = (obj or {}).get("metadata", {}).get("ownerReferences") or []
+            if owners and not any(present(ref) for ref in owners):
+                self._delete(self.types[key[0]], key[1], key[2])
+
+        try:
+            asyncio.get_running_loop().call_later(0.05, check)
+        except RuntimeError:  # pragma: no cover - not on the loop (no background GC)
+            pass
 
     def _delete(self, rt: ResourceType, ns: str, name: str, dry_run: bool = False) -> JSON:
         key = (rt.key, ns, name)
@@ -906,6 +1009,8 @@ class KubeAPI(kmock.KubernetesEmulator):
                     wait = remaining if wait is None else min(wait, remaining)
                 try:
                     event = await asyncio.wait_for(queue.get(), wait)
+                    if event is None:  # drop_watches()
+                        return
                 except TimeoutError:
                     if bookmarks:
                         yield {"type": "BOOKMARK", "object": {
@@ -935,12 +1040,14 @@ class KubeAPI(kmock.KubernetesEmulator):
         return {"type": kind, "object": obj}
 
 
-def kubeconfig(server: str, context: str = "emulator") -> str:
-    """A kubeconfig text pointing at ``server`` with a dummy token (the emulator allows all)."""
+def kubeconfig(server: str, context: str = "emulator", token_file: str = "") -> str:
+    """A kubeconfig text pointing at ``server`` with a dummy token (the emulator allows all
+    unless :attr:`KubeAPI.tokens` is set), or with ``token_file`` (a projected token)."""
+    user = {"tokenFile": token_file} if token_file else {"token": "emulator"}
     return json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": context,
         "clusters": [{"name": context, "cluster": {"server": server}}],
-        "users": [{"name": context, "user": {"token": "emulator"}}],
+        "users": [{"name": context, "user": user}],
         "contexts": [{"name": context, "context": {"cluster": context, "user": context,
                                                     "namespace": "default"}}],
     }, indent=2)

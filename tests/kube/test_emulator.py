@@ -109,15 +109,16 @@ def test_requests_are_recorded_for_rbac(cluster: Cluster) -> None:
     assert calls[-1].verb == "list" and calls[-1].label_selector == "a=b"
 
 
-def test_json_patch_test_op_conflicts() -> None:
+def test_a_failed_json_patch_test_is_422_as_kopf_expects() -> None:
     doc = {"metadata": {"resourceVersion": "5"}}
     ok = json_patch(doc, [{"op": "test", "path": "/metadata/resourceVersion", "value": "5"},
                           {"op": "add", "path": "/spec", "value": {}}])
     assert ok["spec"] == {}
     from .emulator import APIError
 
-    with pytest.raises(APIError):
+    with pytest.raises(APIError) as failed:
         json_patch(doc, [{"op": "test", "path": "/metadata/resourceVersion", "value": "4"}])
+    assert failed.value.code == 422  # kopf re-applies its finalizer patch only after a 422
 
 
 def test_kubectl_is_real() -> None:

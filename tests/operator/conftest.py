@@ -39,6 +39,7 @@ peering_name = "prefetcher"
 status_interval = "200ms"
 resync_interval = "1s"
 agent_heartbeat_timeout = "5s"
+secret_refresh_interval = "1s"
 daemonset_check_interval = "300ms"
 resolve_digests = false
 agent_daemonset = "{daemonset}"
@@ -178,6 +179,8 @@ def report(cluster: Cluster, node: str, phase: str | None = "Ready", *,
         status["observedGeneration"] = nis["metadata"]["generation"]  # as agents write it
         nis["status"] = status
         cluster.put(API, "nodeimagesets", nis)
+        if heartbeat:
+            cluster.renew_heartbeat(node, OPERATOR_NAMESPACE)
         return
     time.sleep(0.05)  # pragma: no cover
 

@@ -1,0 +1,165 @@
+"""Leader election on a coordination.k8s.io Lease (agent.kube.leases) against the emulator:
+one leader at a time, failover after the leader stops renewing, hand-over on release, and a
+leader that cannot renew learns it lost; the operator's view of agent heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import pytest
+
+from agent.kube import client as kube_client
+from agent.kube import connections, leases
+from agent.operator import heartbeats
+
+from .cluster import Cluster
+
+NS = "prefetcher"
+FAST = {"lease_duration": 1.5, "renew_deadline": 1.0, "retry_period": 0.1}
+
+
+def elector(client: kube_client.Client, identity: str) -> leases.LeaderElector:
+    return leases.LeaderElector(client, NS, "operator", identity, **FAST)  # type: ignore[arg-type]
+
+
+def lease(cluster: Cluster) -> dict:
+    got = cluster.get(leases.API_VERSION, "leases", "operator", NS)
+    assert got is not None
+    return dict(got["spec"])
+
+
+def test_one_leader_then_the_standby_takes_over_when_it_stops_renewing(
+        cluster: Cluster) -> None:
+    async def main() -> None:
+        client = kube_client.Client(connections.Connection(server=cluster.url))
+        a, b = elector(client, "a"), elector(client, "b")
+        try:
+            await a.acquire()
+            assert not await b.try_acquire_or_renew()  # held, not expired
+            spec = lease(cluster)
+            assert spec["holderIdentity"] == "a" and spec["leaseTransitions"] == 0
+            assert spec["leaseDurationSeconds"] == 2 and spec["renewTime"] == spec["acquireTime"]
+            # "a" is killed -9: it renews no more. "b" takes over once the lease expires,
+            # as b itself observed (its own clock), not at once.
+            last_renewal = datetime.datetime.fromisoformat(spec["renewTime"])
+            await asyncio.wait_for(b.acquire(), timeout=10)
+            spec = lease(cluster)
+            assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
+            taken = datetime.datetime.fromisoformat(spec["acquireTime"])
+            assert taken >= last_renewal + datetime.timedelta(seconds=2)  # leaseDuration
+            # "a" (if it were alive) learns it lost within its renew deadline.
+            with pytest.raises(leases.LostLeadership, match="holder now: b"):
+                await asyncio.wait_for(a.keep(), timeout=10)
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_released_lease_is_taken_at_once_and_a_restarted_holder_keeps_its_own(
+        cluster: Cluster) -> None:
+    async def main() -> None:
+        client = kube_client.Client(connections.Connection(server=cluster.url))
+        try:
+            a, b = elector(client, "pod-a"), elector(client, "pod-b")
+            await a.acquire()
+            assert not await b.try_acquire_or_renew()
+            await a.release()  # SIGTERM during a rolling update
+            assert lease(cluster)["holderIdentity"] is None
+            assert await b.try_acquire_or_renew()
+            # pod-b's container is killed -9 and restarts (same pod name): it does not wait
+            # out its own lease.
+            restarted = elector(client, "pod-b")
+            assert await restarted.try_acquire_or_renew()
+            assert lease(cluster)["leaseTransitions"] == 1
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_two_candidates_racing_for_a_free_lease_get_one_leader(cluster: Cluster) -> None:
+    async def main() -> list[bool]:
+        client = kube_client.Client(connections.Connection(server=cluster.url))
+        try:
+            candidates = [elector(client, f"c{i}") for i in range(5)]
+            await candidates[0].acquire()
+            await candidates[0].release()
+            return list(await asyncio.gather(*(c.try_acquire_or_renew() for c in candidates)))
+        finally:
+            await client.aclose()
+
+    won = asyncio.run(main())
+    assert won.count(True) == 1, won
+
+
+def test_an_agent_is_alive_while_the_operator_sees_renewals_whatever_its_clock() -> None:
+    now = [100.0]
+    changed: list[str] = []
+    beats = heartbeats.Heartbeats(5.0, clock=lambda: now[0], on_change=changed.append)
+
+    def renewal(node: str, renew_time: str) -> dict:
+        return {"metadata": {"name": leases.heartbeat_name(node),
+                             "annotations": {leases.NODE_ANNOTATION: node}},
+                "spec": {"renewTime": renew_time}}
+
+    # The node's clock is 20 years behind: what counts is that the operator saw a renewal.
+    beats.observe("ADDED", renewal("n1", "2006-01-01T00:00:00.000000Z"))
+    assert beats.alive("n1") and changed == ["n1"]
+    now[0] += 4
+    beats.observe("MODIFIED", renewal("n1", "2006-01-01T00:00:04.000000Z"))
+    now[0] += 4
+    assert beats.alive("n1")
+    beats.observe("MODIFIED", renewal("n1", "2006-01-01T00:00:04.000000Z"))  # not a renewal
+    now[0] += 2
+    beats.check()
+    assert not beats.alive("n1") and changed == ["n1", "n1"]
+    assert beats.alive_nodes() == set() and beats.known("n1") and not beats.known("n2")
+
+
+def test_the_operator_follows_heartbeats_through_dropped_and_expired_watches(
+        cluster: Cluster) -> None:
+    """The heartbeat watch survives a dropped connection and a 410 Gone (relist), and a
+    deleted Lease stops counting."""
+    assert cluster.api is not None
+    cluster.put("v1", "namespaces", {"metadata": {"name": NS}})
+    seen: list[str] = []
+
+    async def main() -> None:
+        client = kube_client.Client(connections.Connection(server=cluster.url))
+        beats = heartbeats.Heartbeats(30.0, on_change=seen.append)
+        watching = asyncio.create_task(beats.run(client, NS))
+
+        async def until(predicate: object) -> None:
+            for _ in range(100):
+                if predicate():  # type: ignore[operator]
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("timed out")
+
+        def renew(node: str) -> None:
+            # From a thread: the emulator's loop is another thread.
+            cluster.renew_heartbeat(node, NS)
+
+        try:
+            await asyncio.to_thread(renew, "n1")
+            await until(lambda: beats.alive("n1"))
+            await asyncio.to_thread(cluster.call, cluster.api.drop_watches)  # type: ignore[union-attr]
+            await asyncio.to_thread(renew, "n2")
+            await until(lambda: beats.alive("n2"))
+            await asyncio.to_thread(cluster.call, cluster.api.fail,  # type: ignore[union-attr]
+                                    "watch", "leases", 410)
+            await asyncio.to_thread(cluster.call, cluster.api.drop_watches)  # type: ignore[union-attr]
+            await asyncio.to_thread(cluster.delete, leases.API_VERSION, "leases",
+                                    leases.heartbeat_name("n1"), NS)
+            await until(lambda: not beats.known("n1"))
+            assert beats.alive_nodes() == {"n2"}
+        finally:
+            watching.cancel()
+            await client.aclose()
+
+    asyncio.run(main())
+    assert seen == ["n1", "n2", "n1"]  # came, came, went
+    watches = [c for c in cluster.calls() if c.verb == "watch" and c.resource == "leases"]
+    assert len(watches) >= 3
