@@ -175,7 +175,6 @@ async def keep_daemonset(state: index.State) -> None:
 
 async def check_daemonset(state: index.State, keeper: daemonsets.Keeper) -> None:
     ready = await keeper.check()
-    await state.secret_readers.verify()
     if keeper.live is not None:
         # The DaemonSet that actually schedules the agents says which nodes they can run on.
         placement = Placement.from_daemonset(keeper.live)
@@ -185,3 +184,5 @@ async def check_daemonset(state: index.State, keeper: daemonsets.Keeper) -> None
     if ready is not None and ready != state.agent_pods_ready:
         state.agent_pods_ready = ready
         state.wake()
+    # Last: a Role that cannot be read must not keep the agents' readiness from the index.
+    await state.secret_readers.verify()

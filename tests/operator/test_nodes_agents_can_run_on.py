@@ -7,8 +7,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from agent import config
-from agent.operator import dispatching, index, nodes, prefetches, sweeping, writing
+from agent.operator import (
+    dispatching,
+    errors,
+    handlers,
+    index,
+    nodes,
+    prefetches,
+    sweeping,
+    writing,
+)
 from agent.operator.placement import Placement
 
 JSON = dict[str, Any]
@@ -124,3 +135,27 @@ def test_a_node_deletion_missed_by_the_watch_is_noticed_by_the_resync() -> None:
     st.nodes = {"kept": node("kept"), "gone": node("gone")}
     assert asyncio.run(sweeping.resync_nodes(st)) == ["gone"]
     assert set(st.nodes) == {"kept"}
+
+
+def test_ready_agents_and_placement_are_taken_even_when_the_role_check_fails() -> None:
+    """The DaemonSet keeper's loop also verifies the agents' pull-secret Role; a failed
+    Role read (a 500, a Forbidden) must not keep the ready agent pods and the placement
+    from the index, or every node would show AgentUnavailable until the Role is readable.
+    (Stand-ins for the keeper and the Role keeper: the order inside one check is tested.)"""
+
+    class Keeper:
+        live = daemonset(nodeSelector={"pool": "main"})
+
+        async def check(self) -> set[str]:
+            return {"n1"}
+
+    class Readers:
+        async def verify(self) -> None:
+            raise errors.APIError(500, "InternalError", "etcd leader changed")
+
+    st = index.State(settings=config.OperatorSettings(), namespace="ops", client=None)  # type: ignore[arg-type]
+    st.secret_readers = Readers()  # type: ignore[assignment]
+    with pytest.raises(errors.APIError):
+        asyncio.run(handlers.check_daemonset(st, Keeper()))  # type: ignore[arg-type]
+    assert st.agent_pods_ready == {"n1"}
+    assert "pool" in st.placement.why_not(node("elsewhere"))
