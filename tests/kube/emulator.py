@@ -579,6 +579,9 @@ class KubeAPI(kmock.KubernetesEmulator):
             ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
             return self._patch(rt, ns, name, sub, ctype, body, params, dry_run)
         if verb == "delete":
+            old = self.store.get((rt.key, ns, name))
+            if old is not None:
+                self._delete_preconditions(rt, old, body or {})
             return self._delete(rt, ns, name, dry_run=dry_run)
         if verb == "deletecollection":
             for obj in self._select(rt, ns, params):
@@ -770,6 +773,20 @@ class KubeAPI(kmock.KubernetesEmulator):
             raise APIError(415, "UnsupportedMediaType", f"{ctype!r} is not a patch type")
         new = self._carry(rt, old, patched, sub)
         return self._finish_write(rt, key, old, new, dry_run)
+
+    def _delete_preconditions(self, rt: ResourceType, old: JSON, body: Mapping[str, Any]
+                              ) -> None:
+        """DeleteOptions ``preconditions`` (``uid``, ``resourceVersion``): 409 unless the
+        object is still the one named (as the API server does)."""
+        wanted = body.get("preconditions") or {} if isinstance(body, Mapping) else {}
+        meta = old["metadata"]
+        for field in ("uid", "resourceVersion"):
+            if wanted.get(field) and wanted[field] != meta.get(field):
+                raise APIError(
+                    409, "Conflict",
+                    f'Operation cannot be fulfilled on {rt.qualified} "{meta["name"]}":'
+                    f" Precondition failed: {field} in precondition: {wanted[field]},"
+                    f" {field} in object meta: {meta.get(field)}")
 
     def _precondition(self, rt: ResourceType, old: JSON, body: Mapping[str, Any]) -> None:
         """A body carrying ``metadata.resourceVersion`` must carry the current one (409)."""

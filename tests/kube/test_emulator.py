@@ -124,3 +124,28 @@ def test_a_failed_json_patch_test_is_422_as_kopf_expects() -> None:
 def test_kubectl_is_real() -> None:
     assert "Client Version" in subprocess.run(["kubectl", "version", "--client"],
                                               capture_output=True, text=True).stdout
+
+
+def test_delete_preconditions_refuse_a_changed_or_replaced_object(cluster: Cluster) -> None:
+    """A DELETE with ``preconditions`` deletes only the object as it was read: the
+    operator's conditional deletes (secret copies) depend on it."""
+    path = cluster.url + "/api/v1/namespaces/default/configmaps"
+    created = httpx.post(path, json={"apiVersion": "v1", "kind": "ConfigMap",
+                                     "metadata": {"name": "pre"}, "data": {"a": "1"}}).json()
+    meta = created["metadata"]
+    changed = httpx.put(path + "/pre", json={**created, "data": {"a": "2"}})
+    assert changed.status_code == 200
+
+    def delete(**preconditions: str) -> httpx.Response:
+        return httpx.request("DELETE", path + "/pre", json={
+            "apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions})
+
+    stale = delete(resourceVersion=meta["resourceVersion"])
+    assert stale.status_code == 409
+    assert "Precondition failed" in stale.json()["message"]
+    assert delete(uid="another-uid").status_code == 409
+    assert httpx.get(path + "/pre").status_code == 200
+    assert delete(uid=meta["uid"],
+                  resourceVersion=changed.json()["metadata"]["resourceVersion"]
+                  ).status_code == 200
+    assert httpx.get(path + "/pre").status_code == 404
