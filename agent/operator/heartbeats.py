@@ -116,6 +116,10 @@ class Heartbeats:
                 except errors.APIError as e:
                     logger.warning(f"watching agent heartbeats: {e}; retrying")
                     await asyncio.sleep(2.0)
+                except Exception as e:  # this watch is the only liveness
+                    # source: ending here would make every agent AgentUnavailable for good.
+                    logger.error(f"watching agent heartbeats failed: {e!r}; retrying")
+                    await asyncio.sleep(2.0)
         finally:
             expiry.cancel()
 

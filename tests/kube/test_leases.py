@@ -163,3 +163,47 @@ def test_the_operator_follows_heartbeats_through_dropped_and_expired_watches(
     assert seen == ["n1", "n2", "n1"]  # came, came, went
     watches = [c for c in cluster.calls() if c.verb == "watch" and c.resource == "leases"]
     assert len(watches) >= 3
+
+
+def test_the_heartbeat_watch_outlives_an_answer_that_is_not_an_api_error(
+        cluster: Cluster) -> None:
+    """The heartbeat watch is the operator's only source of agent liveness: if it ended on
+    anything but an API error (here a watch answer that is not JSON, as a proxy's HTML error
+    page), every agent would turn AgentUnavailable for good while the leader runs on. The
+    first watch fails that way (a stand-in: the emulator always answers JSON); the watch
+    must carry on and see the next renewal."""
+    cluster.put("v1", "namespaces", {"metadata": {"name": NS}})
+
+    class FlakyClient(kube_client.Client):
+        failed = False
+
+        async def watch(self, path: str, resource_version: str, *, timeout: int = 300,
+                        **params: str):  # type: ignore[no-untyped-def, override]
+            if not self.failed:
+                self.failed = True
+                raise ValueError("Expecting value: line 1 column 1 (char 0)")
+            async for event in super().watch(path, resource_version, timeout=timeout,
+                                             **params):
+                yield event
+
+    async def main() -> None:
+        client = FlakyClient(connections.Connection(server=cluster.url))
+        beats = heartbeats.Heartbeats(30.0)
+        watching = asyncio.create_task(beats.run(client, NS))
+        try:
+            for _ in range(200):
+                if client.failed:
+                    break
+                await asyncio.sleep(0.05)
+            assert client.failed
+            await asyncio.to_thread(cluster.renew_heartbeat, "later", NS)  # after the failure
+            for _ in range(200):
+                if beats.alive("later") or watching.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert beats.alive("later"), "the watch ended with the failure"
+        finally:
+            watching.cancel()
+            await client.aclose()
+
+    asyncio.run(main())
