@@ -177,7 +177,6 @@ class ImageStatus(TypedDict):
 
 class AgentHeartbeat(TypedDict, total=False):
     version: str
-    heartbeatTime: str
     storeCapacityBytes: int
     storeFreeBytes: int
     #: where the agent puts images (``agent.images.backends.RuntimeInfo.to_json()``)

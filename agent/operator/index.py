@@ -71,8 +71,6 @@ class State:
     placement: Placement = dataclasses.field(default_factory=Placement)
     #: node → monotonic time its agent was first seen not live (cleared when live again).
     dead_since: dict[str, float] = dataclasses.field(default_factory=dict)
-    #: The agent DaemonSet's owner ConfigMap was missing at the last check (logged once).
-    owner_missing: bool = False
     #: The one writer of NodeImageSet specs (coalesced per node; see :mod:`.writing`).
     writer: writing.NodeWriter = dataclasses.field(init=False)
     #: The agents' Role over the pull-secret copies (see :mod:`.roles`).

@@ -13,7 +13,6 @@ against the rules bound to the agents' ServiceAccount, both ways, plus what must
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import os
 import signal
@@ -50,10 +49,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def report_ready(cluster: Cluster, node: str) -> None:
     """Write the node's status as its agent would: every entry Ready, a fresh heartbeat."""
     nis = cluster.get(API, "nodeimagesets", node)
@@ -63,7 +58,7 @@ def report_ready(cluster: Cluster, node: str) -> None:
         "images": [{"name": e["name"], "image": e["image"], "phase": "Ready",
                     "digest": e.get("digest", ""), "bytesDone": 10, "bytesTotal": 10,
                     "attempts": 1} for e in nis["spec"]["images"]],
-        "agent": {"version": "0.1.0", "heartbeatTime": now(),
+        "agent": {"version": "0.1.0",
                   "storeCapacityBytes": 10**11, "storeFreeBytes": 5 * 10**10},
     }
     cluster.put(API, "nodeimagesets", nis)
@@ -356,7 +351,6 @@ def test_agent_service_account_is_the_daemonsets(installed: Release) -> None:
     assert pod["serviceAccountName"] == AGENT_SA
     operator_pod = installed.get("Deployment")["spec"]["template"]["spec"]
     assert operator_pod["serviceAccountName"] == OPERATOR_SA
-
 
 
 def test_without_copies_the_agents_role_has_no_rule() -> None:

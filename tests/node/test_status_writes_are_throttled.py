@@ -92,13 +92,13 @@ async def test_nothing_is_written_until_the_object_exists(
         running: tuple[reporting.StatusReporter, Writes]) -> None:
     reporter, writes = running
     writes.failures.append(kubeapi.APIError(404, "NotFound", "not found"))
-    reporter.set_heartbeat({"version": "0.1.0", "heartbeatTime": "t0"})
+    reporter.set_heartbeat({"version": "0.1.0", "storeFreeBytes": 7})
     await asyncio.sleep(10)
     assert writes.done == [] and reporter.pending
     assert await reporter.flush()  # nothing to write to: shutdown does not wait for it
     reporter.object_exists()
     await asyncio.sleep(0.01)
-    assert [d["agent"]["heartbeatTime"] for _, d in writes.done] == ["t0"]
+    assert [d["agent"]["storeFreeBytes"] for _, d in writes.done] == [7]
 
 
 @pytest.mark.looptime

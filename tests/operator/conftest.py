@@ -9,7 +9,6 @@ operator keeps), and helpers to act as node agents (``report``).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import signal
 import subprocess
@@ -142,10 +141,6 @@ def operator(cluster: Cluster, agent_daemonset_file: Path,
         yield running
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def node_set(cluster: Cluster, node: str) -> dict[str, Any] | None:
     return cluster.get(API, "nodeimagesets", node)
 
@@ -174,7 +169,7 @@ def report(cluster: Cluster, node: str, phase: str | None = "Ready", *,
                 for e in (nis.get("spec") or {}).get("images") or []
             ]
         if heartbeat:
-            status["agent"] = {"version": "0.1.0", "heartbeatTime": now(),
+            status["agent"] = {"version": "0.1.0",
                                "storeCapacityBytes": 10**11, "storeFreeBytes": 5 * 10**10}
         status["observedGeneration"] = nis["metadata"]["generation"]  # as agents write it
         nis["status"] = status
