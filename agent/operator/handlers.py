@@ -1,9 +1,10 @@
 """kopf handlers of the operator: thin; the work is in :mod:`.reconciling` and below.
 
 - startup: apply settings to ``kopf.OperatorSettings``, prime the index (nodes,
-  NodeImageSets, agent pods) with one (paginated) list each, start the agent DaemonSet keeper
-  and the watch of the agents' heartbeat Leases. kopf runs standalone: only the replica
-  holding the leader Lease runs kopf at all (:mod:`.main`), so kopf peering is off;
+  NodeImageSets, the agents' heartbeat Leases) with one (paginated) list each, start the
+  agent DaemonSet keeper and the watch of the heartbeat Leases. kopf runs standalone: only
+  the replica holding the leader Lease runs kopf at all (:mod:`.main`), so kopf peering is
+  off;
 - events of Nodes and NodeImageSets: keep the index, wake the prefetches concerned (``async``
   handlers: kopf runs plain ``def`` handlers in threads, which would change the index while
   a reconcile iterates it);
@@ -61,9 +62,17 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
             state.node_set_event("ADDED", body)
     except errors.APIError as e:  # retried in seconds, not after kopf's default minute
         raise kopf.TemporaryError(f"cannot prime the index: {e}", delay=2) from e
+    # The heartbeats too, before the first reconcile: until they are listed every agent
+    # looks dead (a restart or failover would show every pulling node AgentUnavailable).
+    try:
+        version = await state.heartbeats.prime(state.client, state.namespace)
+    except errors.APIError as e:  # the watch lists them again
+        logger.warning(f"cannot list the agents' heartbeat Leases yet: {e}")
+        version = ""
     memo.keeper = asyncio.create_task(keep_daemonset(state))
     memo.sweeper = asyncio.create_task(sweep_periodically(state))
-    memo.heartbeats = asyncio.create_task(state.heartbeats.run(state.client, state.namespace))
+    memo.heartbeats = asyncio.create_task(
+        state.heartbeats.run(state.client, state.namespace, version))
 
 
 @kopf.on.cleanup()

@@ -89,15 +89,23 @@ class Heartbeats:
 
     # The watch.
 
-    async def run(self, client: kube_client.Client, namespace: str) -> None:
-        """List and watch the heartbeat Leases of ``namespace`` until cancelled."""
+    async def prime(self, client: kube_client.Client, namespace: str) -> str:
+        """Observe every heartbeat Lease once (before the first reconcile: until then every
+        agent would look dead); the list's resourceVersion, for :meth:`run`."""
+        return await self._relist(client, kube_client.lease_path(namespace),
+                                  leases.heartbeat_selector())
+
+    async def run(self, client: kube_client.Client, namespace: str, version: str = "") -> None:
+        """List (unless :meth:`prime` did, giving ``version``) and watch the heartbeat
+        Leases of ``namespace`` until cancelled."""
         expiry = asyncio.create_task(self._expire())
         path = kube_client.lease_path(namespace)
         selector = leases.heartbeat_selector()
         try:
             while True:
                 try:
-                    version = await self._relist(client, path, selector)
+                    if not version:
+                        version = await self._relist(client, path, selector)
                     while True:
                         async for event in client.watch(path, version,
                                                         labelSelector=selector):
@@ -107,18 +115,22 @@ class Heartbeats:
                             if event.get("type") != "BOOKMARK":
                                 self.observe(str(event.get("type")), obj)
                 except errors.Gone:
-                    continue  # relist
+                    version = ""  # relist
+                    continue
                 except errors.Unauthorized as e:
                     # A rotated token: the next request reads the token file again.
                     client.connection.token_rejected()
                     logger.warning(f"watching agent heartbeats: {e}; retrying")
+                    version = ""
                     await asyncio.sleep(0.5)
                 except errors.APIError as e:
                     logger.warning(f"watching agent heartbeats: {e}; retrying")
+                    version = ""
                     await asyncio.sleep(2.0)
                 except Exception as e:  # this watch is the only liveness
                     # source: ending here would make every agent AgentUnavailable for good.
                     logger.error(f"watching agent heartbeats failed: {e!r}; retrying")
+                    version = ""
                     await asyncio.sleep(2.0)
         finally:
             expiry.cancel()

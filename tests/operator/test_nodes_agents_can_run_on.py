@@ -5,22 +5,27 @@ noticed by the periodic resync."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 from typing import Any
 
+import kopf
 import pytest
 
 from agent import config
+from agent.kube import connections
 from agent.operator import (
     dispatching,
     errors,
     handlers,
     index,
+    kubeapi,
     nodes,
     prefetches,
     sweeping,
     writing,
 )
 from agent.operator.placement import Placement
+from tests.kube.cluster import Cluster
 
 JSON = dict[str, Any]
 
@@ -159,3 +164,25 @@ def test_ready_agents_and_placement_are_taken_even_when_the_role_check_fails() -
         asyncio.run(handlers.check_daemonset(st, Keeper()))  # type: ignore[arg-type]
     assert st.agent_pods_ready == {"n1"}
     assert "pool" in st.placement.why_not(node("elsewhere"))
+
+
+def test_a_new_leader_knows_the_live_agents_before_its_first_reconcile(
+        cluster: Cluster) -> None:
+    """After a restart or failover, kopf resumes every prefetch right after the startup
+    handler: the agents' heartbeats must be known by then, or every node still pulling is
+    reported AgentUnavailable (conditions, Events) until the heartbeat watch catches up."""
+    cluster.put("v1", "namespaces", {"metadata": {"name": "beats"}})
+    cluster.add_node("beats-a")
+    cluster.renew_heartbeat("beats-a", "beats")
+
+    async def main() -> None:
+        client = kubeapi.Client(connections.Connection(server=cluster.url))
+        st = index.State(settings=config.OperatorSettings(), namespace="beats", client=client)
+        memo = kopf.Memo(state=st)
+        await handlers.configure(settings=kopf.OperatorSettings(), memo=memo)
+        try:
+            assert "beats-a" in st.live_agents(datetime.datetime.now(datetime.UTC))
+        finally:
+            await handlers.stop(memo=memo)
+
+    asyncio.run(main())
