@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,7 +113,13 @@ def operator_flow(installed: Release, tmp_path_factory: pytest.TempPathFactory) 
         cluster.wait_for(lambda: "Activity 'configure' succeeded" in log.read_text()
                          or process.poll() is not None, timeout=20)
         assert process.poll() is None, log.read_text()
-        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        def probe() -> Any:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            except urllib.error.URLError:  # kopf's server may start after 'configure'
+                return None
+
+        health = cluster.wait_for(probe, timeout=10, message="the operator answers /healthz")
 
         cluster.add_node("rbac-a", {"pool": "rbac"})
         cluster.add_node("rbac-b", {"pool": "rbac"})
