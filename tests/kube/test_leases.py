@@ -48,7 +48,10 @@ def test_one_leader_then_the_standby_takes_over_when_it_stops_renewing(
             assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
             taken = datetime.datetime.fromisoformat(spec["acquireTime"])
             assert taken >= last_renewal + datetime.timedelta(seconds=2)  # leaseDuration
-            # "a" (if it were alive) learns it lost within its renew deadline.
+            # "a" (if it were alive) learns it lost within its renew deadline. (It reads the
+            # lease first: its renew deadline passed long ago, so keep()'s own attempt gets
+            # no time at all, and on a loaded machine would not read who holds it.)
+            assert not await a.try_acquire_or_renew()
             with pytest.raises(leases.LostLeadership, match="holder now: b"):
                 await asyncio.wait_for(a.keep(), timeout=10)
         finally:
