@@ -179,6 +179,8 @@ class ContainerdBackend:
                 pinned=job.pinned,
                 sync_fs=job.sync_fs,
                 on_layer=on_layer,
+                max_uncompressed_bytes=job.max_uncompressed_bytes,
+                max_image_uncompressed_bytes=job.max_image_uncompressed_bytes,
             )
         # containerd holds the layers now; the local copies would only duplicate them.
         for layer in job.manifest.layers:
@@ -269,6 +271,8 @@ class ContainerdBackend:
         pinned: bool = False,
         sync_fs: bool = False,
         on_layer: unpacker_mod.OnProgress | None = None,
+        max_uncompressed_bytes: int | None = None,
+        max_image_uncompressed_bytes: int | None = None,
     ) -> ImportResult:
         """Import one image into containerd; see the module doc for the steps.
 
@@ -285,6 +289,8 @@ class ContainerdBackend:
                 GC keeps them); ``False`` removes the label.
             sync_fs: ``syncfs`` each layer's filesystem before its snapshot is committed.
             on_layer: called with each layer's :class:`UnpackEvent`, from worker threads.
+            max_uncompressed_bytes, max_image_uncompressed_bytes: this import's limits
+                (``None``: the backend's own; the image service passes its options).
 
         Raises:
             DigestMismatch, UnsafeLayer, UnsupportedMediaType: a layer cannot be used; no
@@ -309,7 +315,21 @@ class ContainerdBackend:
         lease = await asyncio.to_thread(self.leases.create, expire=self.lease_expire)
         try:
             job = _Import(self, lease, content, ref, on_layer)
-            chain_id = await job.unpack_and_copy_layers(manifest, diff_ids, sync_fs=sync_fs)
+            chain_id = await job.unpack_and_copy_layers(
+                manifest,
+                diff_ids,
+                sync_fs=sync_fs,
+                max_uncompressed_bytes=(
+                    self.max_uncompressed_bytes
+                    if max_uncompressed_bytes is None
+                    else max_uncompressed_bytes
+                ),
+                max_image_uncompressed_bytes=(
+                    self.max_image_uncompressed_bytes
+                    if max_image_uncompressed_bytes is None
+                    else max_image_uncompressed_bytes
+                ),
+            )
             await asyncio.to_thread(
                 job.copy_metadata, target, manifest_desc, manifest, config_desc, chain_id
             )
@@ -359,7 +379,13 @@ class _Import:
         self.layers_present: set[str] = set()
 
     async def unpack_and_copy_layers(
-        self, manifest: descriptors.Manifest, diff_ids: Sequence[digests.Digest], *, sync_fs: bool
+        self,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+        *,
+        sync_fs: bool,
+        max_uncompressed_bytes: int,
+        max_image_uncompressed_bytes: int,
     ) -> digests.Digest:
         copy_layers = self.backend.copy_layers is not False
         copying = asyncio.ensure_future(
@@ -369,8 +395,8 @@ class _Import:
             _Blobs(self.provider, self.content),
             self.snapshotter,
             sync_fs=sync_fs,
-            max_uncompressed_bytes=self.backend.max_uncompressed_bytes,
-            max_image_uncompressed_bytes=self.backend.max_image_uncompressed_bytes,
+            max_uncompressed_bytes=max_uncompressed_bytes,
+            max_image_uncompressed_bytes=max_image_uncompressed_bytes,
             concurrency=1,
             on_progress=self._on_layer,
         )

@@ -1,0 +1,43 @@
+"""A pull through the image service into containerd keeps the service's limits: the per-image
+uncompressed cap of ``ServiceOptions`` refuses a bomb spread over small layers, as in the
+local store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fixtures import images
+from fixtures.registries import Registry
+
+from agent.images import errors, service
+from agent.images.registry import client, hosts
+from tests.images.pulling import FAST_RETRY
+from tests.images.test_image_uncompressed_cap import AMD64, MiB, _zeros
+
+from .conftest import Containerd
+
+pytestmark = pytest.mark.root
+
+
+async def test_the_per_image_cap_refuses_an_image_in_containerd_mode(
+    ctrd: Containerd, registry: Registry, tmp_root: Path
+) -> None:
+    bomb = images.Image([*(_zeros(100 + i) for i in range(4))])
+    images.push(registry, "ctrdcap/bomb", "1", bomb)
+    ref = f"{registry.host}/ctrdcap/bomb:1"
+    # The backend built without a cap of its own: the service's option is the one that counts.
+    backend = ctrd.backend()
+    backend.start()
+    options = service.ServiceOptions(max_image_uncompressed_bytes=8 * MiB)
+    async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
+        svc = service.ImageService(tmp_root, rc, options, backend=backend)
+        try:
+            with pytest.raises(errors.UnsafeLayer) as failed:
+                await svc.pull(ref, platform=AMD64)
+        finally:
+            svc.close()
+
+    assert "images.max_image_uncompressed_bytes" in str(failed.value)
+    assert ref not in ctrd.ctr("images", "ls", "-q").stdout.split()
+
