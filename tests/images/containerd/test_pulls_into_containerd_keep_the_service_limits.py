@@ -1,9 +1,11 @@
-"""A pull through the image service into containerd keeps the service's limits: the per-image
-uncompressed cap of ``ServiceOptions`` refuses a bomb spread over small layers, as in the
-local store."""
+"""A pull through the image service into containerd keeps the service's limits and uses what
+containerd already has: the per-image uncompressed cap of ``ServiceOptions`` refuses a bomb
+spread over small layers, as in the local store; a layer blob containerd holds as content
+(without its snapshot) is not downloaded again and is applied from containerd."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,28 @@ async def test_the_per_image_cap_refuses_an_image_in_containerd_mode(
     assert "images.max_image_uncompressed_bytes" in str(failed.value)
     assert ref not in ctrd.ctr("images", "ls", "-q").stdout.split()
 
+
+async def test_a_layer_containerd_has_as_content_only_is_applied_from_there(
+    ctrd: Containerd, registry: Registry, tmp_root: Path
+) -> None:
+    layer = images.layer({"srv/only-in-containerd": "kept\n"})
+    image = images.Image([layer])
+    images.push(registry, "ctrdcap/content", "1", image)
+    ref = f"{registry.host}/ctrdcap/content:1"
+    backend = ctrd.backend()
+    backend.start()
+    # containerd has the blob (fetched without unpacking, or for another snapshotter).
+    backend.content.write(
+        "test-content-only", io.BytesIO(layer.data), layer.size, layer.digest,
+        {"containerd.io/gc.root": "test"},
+    )
+    assert layer.diff_id not in ctrd.snapshots()  # a one-layer chain ID is its diff ID
+    async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
+        svc = service.ImageService(tmp_root, rc, backend=backend)
+        try:
+            result = await svc.pull(ref, platform=AMD64)
+        finally:
+            svc.close()
+
+    assert ctrd.snapshots().get(result.chain_id) == "Committed"
+    assert result.bytes_downloaded == image.config.size
