@@ -462,7 +462,7 @@ class ImageService:
                     if unpacking:
                         job = self._unpacking(
                             ref, top, manifest_desc, manifest, config, progress, blobs_in,
-                            timeout, pinned, labels,
+                            timeout, pinned, labels, lease,
                         )
                         if fetches:
                             group.create_task(
@@ -495,7 +495,7 @@ class ImageService:
         )
         await asyncio.to_thread(self.records.put, record)
         if chain_id and self.options.discard_unpacked_layers and self.snapshotter is not None:
-            await asyncio.to_thread(self._discard_layers, record, manifest, lease)
+            await asyncio.to_thread(self._discard_layers, manifest.layers, lease)
         return PullResult(
             reference=str(ref),
             digest=top.digest,
@@ -525,6 +525,7 @@ class ImageService:
         timeout: float,
         pinned: bool,
         labels: dict[str, str],
+        lease: leases.Lease,
     ) -> backend_api.Unpacking:
         loop = asyncio.get_running_loop()
 
@@ -553,15 +554,16 @@ class ImageService:
             max_image_uncompressed_bytes=self.options.max_image_uncompressed_bytes,
             concurrency=self.options.unpack_concurrency,
             labels=labels,
+            discard_layers=lambda layers: self._discard_layers(layers, lease),
         )
 
     def _discard_layers(
-        self, record: records.ImageRecord, manifest: descriptors.Manifest, lease: leases.Lease
+        self, layers: Sequence[descriptors.Descriptor], lease: leases.Lease
     ) -> None:
-        """Delete this image's layer blobs unless an image that is not unpacked, or another
-        pull in flight, needs them."""
+        """Delete these layer blobs unless an image that is not unpacked, or another pull in
+        flight, needs them."""
         needed = {str(b) for r in self.records if not r.chain_id for b in r.blobs}
-        for layer in manifest.layers:
+        for layer in layers:
             with self.leases.lock:
                 if str(layer.digest) in needed or self.leases.is_leased(
                     str(layer.digest), besides=lease

@@ -121,6 +121,9 @@ class Unpacking:
     max_image_uncompressed_bytes: int = 0
     concurrency: int = 2
     labels: dict[str, str] = field(default_factory=dict)
+    #: delete these local layer blobs, except those another pull in flight or an image
+    #: that is not unpacked still needs (blocking; a backend that keeps the layers itself)
+    discard_layers: Callable[[Sequence[descriptors.Descriptor]], None] = lambda layers: None
 
     def on_unpack_event(self, event: Any) -> None:
         """An unpacker's ``on_progress`` (called from worker threads): bytes written go to

@@ -182,10 +182,9 @@ class ContainerdBackend:
                 max_uncompressed_bytes=job.max_uncompressed_bytes,
                 max_image_uncompressed_bytes=job.max_image_uncompressed_bytes,
             )
-        # containerd holds the layers now; the local copies would only duplicate them.
-        for layer in job.manifest.layers:
-            with contextlib.suppress(errors.NotFound):
-                job.content.delete(layer.digest)
+        # containerd holds the layers now; the local copies would only duplicate them (a
+        # concurrent pull of an image sharing a layer may still be about to read it).
+        await asyncio.to_thread(job.discard_layers, job.manifest.layers)
         return str(imported.chain_id)
 
     def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:

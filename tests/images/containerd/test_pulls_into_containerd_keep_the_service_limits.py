@@ -1,7 +1,8 @@
 """A pull through the image service into containerd keeps the service's limits and uses what
 containerd already has: the per-image uncompressed cap of ``ServiceOptions`` refuses a bomb
 spread over small layers, as in the local store; a layer blob containerd holds as content
-(without its snapshot) is not downloaded again and is applied from containerd."""
+(without its snapshot) is not downloaded again and is applied from containerd; the local
+copy of a layer another pull in flight holds is not deleted after the import."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fixtures.registries import Registry
 
 from agent.images import errors, service
 from agent.images.registry import client, hosts
-from tests.images.pulling import FAST_RETRY
+from tests.images.pulling import FAST_RETRY, stored_blobs
 from tests.images.test_image_uncompressed_cap import AMD64, MiB, _zeros
 
 from .conftest import Containerd
@@ -68,3 +69,28 @@ async def test_a_layer_containerd_has_as_content_only_is_applied_from_there(
 
     assert ctrd.snapshots().get(result.chain_id) == "Committed"
     assert result.bytes_downloaded == image.config.size
+
+
+async def test_a_local_layer_another_pull_still_needs_is_kept_after_an_import(
+    ctrd: Containerd, registry: Registry, tmp_root: Path
+) -> None:
+    shared = images.layer({"srv/shared": "base\n"})
+    own = images.layer({"srv/own": "app\n"})
+    image = images.Image([shared, own])
+    images.push(registry, "ctrdcap/shared", "1", image)
+    backend = ctrd.backend()
+    backend.start()
+    async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
+        svc = service.ImageService(tmp_root, rc, backend=backend)
+        try:
+            # Another pull in flight that has found the shared layer in the store (it holds
+            # it in its lease) and has yet to read it.
+            with svc.leases.held() as other:
+                svc.leases.hold(other, shared.digest)
+                await svc.pull(f"{registry.host}/ctrdcap/shared:1", platform=AMD64)
+                kept = stored_blobs(tmp_root)
+        finally:
+            svc.close()
+
+    assert shared.digest in kept
+    assert own.digest not in kept  # the layer nothing else needs is containerd's alone
