@@ -2,7 +2,8 @@
 containerd already has: the per-image uncompressed cap of ``ServiceOptions`` refuses a bomb
 spread over small layers, as in the local store; a layer blob containerd holds as content
 (without its snapshot) is not downloaded again and is applied from containerd; the local
-copy of a layer another pull in flight holds is not deleted after the import."""
+copy of a layer another pull in flight holds is not deleted after the import; what the
+import unpacks reaches the pull's progress (the agent's disk budget)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from fixtures import images
 from fixtures.registries import Registry
 
 from agent.images import errors, service
+from agent.images.progress import events
 from agent.images.registry import client, hosts
 from tests.images.pulling import FAST_RETRY, stored_blobs
 from tests.images.test_image_uncompressed_cap import AMD64, MiB, _zeros
+from tests.images.test_unpacked_bytes_reach_the_pull_progress import (
+    assert_every_layer_counted,
+    two_layer_image,
+)
 
 from .conftest import Containerd
 
@@ -94,3 +100,22 @@ async def test_a_local_layer_another_pull_still_needs_is_kept_after_an_import(
 
     assert shared.digest in kept
     assert own.digest not in kept  # the layer nothing else needs is containerd's alone
+
+
+async def test_what_an_import_unpacks_reaches_the_pull_progress(
+    ctrd: Containerd, registry: Registry, tmp_root: Path
+) -> None:
+    image = two_layer_image(72)
+    images.push(registry, "ctrdcap/written", "1", image)
+    backend = ctrd.backend()
+    backend.start()
+    seen: list[events.ProgressEvent] = []
+    async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
+        svc = service.ImageService(tmp_root, rc, backend=backend)
+        try:
+            await svc.pull(f"{registry.host}/ctrdcap/written:1", platform=AMD64,
+                           on_event=seen.append)
+        finally:
+            svc.close()
+
+    assert_every_layer_counted(image, seen)
