@@ -35,7 +35,7 @@ import dataclasses
 import fcntl
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,14 +158,23 @@ class ImageService:
         snapshot directories, ingests whose blob was published, a backend's leftovers. Only
         when no other process has the store open (the lock can be held exclusively): a live
         agent's unpack in progress looks like a leftover from outside."""
+        with self._alone() as alone:
+            if alone:
+                self.content.clean_finished_ingests()
+                self.backend.cleanup()
+
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[bool]:
+        """Hold the store's lock exclusively for the block if no other process has the store
+        open; yields whether it could. Shared again afterwards (blocking: a thread's job)."""
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # a failed upgrade drops the lock
+            yield False
             return
         try:
-            self.content.clean_finished_ingests()
-            self.backend.cleanup()
+            yield True
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
@@ -204,28 +213,24 @@ class ImageService:
         Raises:
             Unavailable: another process has this store open (its pulls are not leased here).
         """
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            # A failed upgrade drops the lock; taking it back may wait (off the event loop).
-            await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_SH)
-            raise errors.Unavailable(
-                f"the store {self.root} is in use by another prefetcher process (the node"
-                " agent?); garbage collection runs there, or stop it first"
-            ) from e
-        try:
-            with tracing.span(SPAN_PREFIX, "gc"):
-                return await asyncio.to_thread(
-                    gc.collect,
-                    self.content,
-                    self.snapshotter,
-                    list(self.records),
-                    leased=self.leases.is_leased,
-                    lease_lock=self.leases.lock,
-                    discard_unpacked_layers=self.options.discard_unpacked_layers,
+        with tracing.span(SPAN_PREFIX, "gc"):
+            return await asyncio.to_thread(self._gc)
+
+    def _gc(self) -> gc.Result:
+        with self._alone() as alone:
+            if not alone:
+                raise errors.Unavailable(
+                    f"the store {self.root} is in use by another prefetcher process (the node"
+                    " agent?); garbage collection runs there, or stop it first"
                 )
-        finally:
-            await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_SH)
+            return gc.collect(
+                self.content,
+                self.snapshotter,
+                list(self.records),
+                leased=self.leases.is_leased,
+                lease_lock=self.leases.lock,
+                discard_unpacked_layers=self.options.discard_unpacked_layers,
+            )
 
     def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
         """Mount the image's root filesystem at ``target`` (a view snapshot), ``ro,nosuid,nodev``:
@@ -364,22 +369,16 @@ class ImageService:
     def _drop_unused(self, lease: leases.Lease) -> None:
         """Remove the blobs and snapshots ``lease`` names that no image record and no other
         pull uses; skipped while another process has the store open (GC does it later)."""
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # a failed upgrade drops the lock
-            return
-        try:
-            gc.collect(
-                self.content,
-                self.snapshotter,
-                list(self.records),
-                leased=lambda name: self.leases.is_leased(name, besides=lease),
-                lease_lock=self.leases.lock,
-                only=set(lease),
-            )
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        with self._alone() as alone:
+            if alone:
+                gc.collect(
+                    self.content,
+                    self.snapshotter,
+                    list(self.records),
+                    leased=lambda name: self.leases.is_leased(name, besides=lease),
+                    lease_lock=self.leases.lock,
+                    only=set(lease),
+                )
 
     async def _pull(
         self,
