@@ -207,16 +207,7 @@ class ImageService:
         with contextlib.suppress(errors.ImageError):
             await asyncio.to_thread(self.backend.release, record)
 
-    async def gc(self) -> gc.Result:
-        """Remove blobs and snapshots no image record, mount or in-flight pull needs.
-
-        Raises:
-            Unavailable: another process has this store open (its pulls are not leased here).
-        """
-        with tracing.span(SPAN_PREFIX, "gc"):
-            return await asyncio.to_thread(self._gc)
-
-    def _gc(self) -> gc.Result:
+    def _collect(self) -> gc.Result:
         with self._alone() as alone:
             if not alone:
                 raise errors.Unavailable(
@@ -231,6 +222,15 @@ class ImageService:
                 lease_lock=self.leases.lock,
                 discard_unpacked_layers=self.options.discard_unpacked_layers,
             )
+
+    async def gc(self) -> gc.Result:
+        """Remove blobs and snapshots no image record, mount or in-flight pull needs.
+
+        Raises:
+            Unavailable: another process has this store open (its pulls are not leased here).
+        """
+        with tracing.span(SPAN_PREFIX, "gc"):
+            return await asyncio.to_thread(self._collect)
 
     def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
         """Mount the image's root filesystem at ``target`` (a view snapshot), ``ro,nosuid,nodev``:
