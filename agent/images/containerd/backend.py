@@ -498,26 +498,37 @@ class _Import:
             if optional:
                 return False
             raise
+        ref = content_mod.ingest_ref(kind, desc.digest)
         with blob:
-            for attempt in range(_LOCKED_TRIES):
-                try:
-                    if self.content.write(
-                        content_mod.ingest_ref(kind, desc.digest),
-                        blob,
-                        desc.size,
-                        desc.digest,
-                        labels,
-                        cancel=self.cancel,
-                    ):
-                        with self.lock:
-                            self.blobs_written += 1
-                            self.bytes_written += desc.size
-                    return True
-                except errors.Unavailable:
-                    # Another writer holds the ref (a concurrent import of a shared layer).
-                    if self.cancel.is_set() or attempt == _LOCKED_TRIES - 1:
-                        raise
-                    time.sleep(min(0.05 * 2**attempt, 1.0))
+            try:
+                return self._write(ref, desc, blob, labels)
+            except errors.DigestMismatch:
+                # Read while it downloaded: the bytes may be a corrupt copy the fetcher has
+                # discarded and fetched again. Once the good one is committed, copy that.
+                outcome = getattr(blob, "outcome", None)
+                if outcome is None or not outcome():
+                    raise
+        self.content.abort(ref)  # containerd kept the bad bytes for a resume
+        with self.provider.open_blob(desc.digest) as blob:
+            return self._write(ref, desc, blob, labels)
+
+    def _write(
+        self, ref: str, desc: descriptors.Descriptor, blob: BinaryIO, labels: dict[str, str]
+    ) -> bool:
+        for attempt in range(_LOCKED_TRIES):
+            try:
+                if self.content.write(
+                    ref, blob, desc.size, desc.digest, labels, cancel=self.cancel
+                ):
+                    with self.lock:
+                        self.blobs_written += 1
+                        self.bytes_written += desc.size
+                return True
+            except errors.Unavailable:
+                # Another writer holds the ref (a concurrent import of a shared layer).
+                if self.cancel.is_set() or attempt == _LOCKED_TRIES - 1:
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 1.0))
         return True  # pragma: no cover - the loop returns or raises
 
 

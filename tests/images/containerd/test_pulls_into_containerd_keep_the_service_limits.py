@@ -3,7 +3,8 @@ containerd already has: the per-image uncompressed cap of ``ServiceOptions`` ref
 spread over small layers, as in the local store; a layer blob containerd holds as content
 (without its snapshot) is not downloaded again and is applied from containerd; the local
 copy of a layer another pull in flight holds is not deleted after the import; what the
-import unpacks reaches the pull's progress (the agent's disk budget)."""
+import unpacks reaches the pull's progress (the agent's disk budget); a blob corrupted once
+is fetched again, and containerd gets the good copy."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import images
+from fixtures.faultproxy import FaultProxy, Rule
 from fixtures.registries import Registry
 
 from agent.images import errors, service
@@ -119,3 +121,28 @@ async def test_what_an_import_unpacks_reaches_the_pull_progress(
             svc.close()
 
     assert_every_layer_counted(image, seen)
+
+
+async def test_a_blob_corrupted_once_is_fetched_again_and_lands_in_containerd(
+    ctrd: Containerd, fault_proxy: FaultProxy, tmp_root: Path
+) -> None:
+    victim = images.random_layer(400_000, files=4, seed=403)
+    image = images.Image([images.layer({"etc/hostname": "corrupt\n"}), victim])
+    images.push(fault_proxy.upstream, "ctrdcap/corrupt", "1", image)
+    # Corrupt, and slow enough that containerd's copy reads it while it downloads.
+    fault_proxy.add(Rule(f"/blobs/{victim.digest}", "GET", times=1, corrupt=(150_000, 3),
+                         drip=(50_000, 0.05)))
+    backend = ctrd.backend()
+    backend.start()
+    async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
+        svc = service.ImageService(tmp_root, rc, backend=backend)
+        try:
+            result = await svc.pull(f"{fault_proxy.host}/ctrdcap/corrupt:1", platform=AMD64)
+        finally:
+            svc.close()
+
+    assert result.retries == 1
+    assert len(fault_proxy.requests_to(f"/blobs/{victim.digest}", "GET")) == 2
+    assert ctrd.snapshots().get(result.chain_id) == "Committed"
+    # containerd keeps the good copy of the layer as content, as after its own pull.
+    assert victim.digest in ctrd.ctr("content", "ls", "-q").stdout.split()
