@@ -432,7 +432,7 @@ class ImageService:
                     if unpacking:
                         job = self._unpacking(
                             ref, top, manifest_desc, manifest, config, progress, blobs_in,
-                            fetches, timeout, pinned, labels,
+                            timeout, pinned, labels,
                         )
                         if fetches:
                             group.create_task(
@@ -492,7 +492,6 @@ class ImageService:
         config: descriptors.ImageConfig,
         progress: tracker.PullProgress,
         blobs: arriving.ArrivingBlobs,
-        fetches: Sequence[asyncio.Task[int]],
         timeout: float,
         pinned: bool,
         labels: dict[str, str],
@@ -502,10 +501,6 @@ class ImageService:
         def layer_unpacked(digest: digests.Digest) -> None:  # from any thread
             loop.call_soon_threadsafe(progress.layer_unpacked, digest)
 
-        async def fetched() -> None:
-            if fetches:
-                await asyncio.gather(*fetches)
-
         return backend_api.Unpacking(
             ref=ref,
             target=top,
@@ -513,7 +508,6 @@ class ImageService:
             manifest=manifest,
             config=config,
             blobs=blobs,
-            fetched=fetched,
             content=self.content,
             layer_unpacked=layer_unpacked,
             progress=progress,

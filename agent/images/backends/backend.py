@@ -29,7 +29,7 @@ Lifecycle of one pull, as the service drives it::
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -95,9 +95,10 @@ class RuntimeInfo:
 class Unpacking:
     """One image for :meth:`Backend.unpack`: what the service resolved and is fetching.
 
-    ``blobs`` opens a layer as it arrives (waiting for its download to start); ``fetched()``
-    waits until every fetch of the pull is over; ``content`` is the service's store (only
-    committed blobs); ``layer_unpacked(digest)`` may be called from any thread.
+    ``blobs`` opens a layer as it arrives (waiting for its download to start; a reader of a
+    blob still downloading must be confirmed before what was read from it is committed, as
+    the :class:`~agent.images.unpack.unpacker.Unpacker` does); ``content`` is the service's
+    store (only committed blobs); ``layer_unpacked(digest)`` may be called from any thread.
     """
 
     ref: references.Reference
@@ -106,7 +107,6 @@ class Unpacking:
     manifest: descriptors.Manifest
     config: descriptors.ImageConfig
     blobs: store.BlobProvider
-    fetched: Callable[[], Awaitable[None]]
     content: local.LocalStore
     layer_unpacked: Callable[[digests.Digest], None]
     progress: tracker.PullProgress

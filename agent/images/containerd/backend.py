@@ -159,8 +159,9 @@ class ContainerdBackend:
         ]
 
     async def unpack(self, job: backend_api.Unpacking) -> str:
-        """Import the image while its layers download (each layer is unpacked and streamed
-        into containerd's content store as its bytes arrive), then drop the local copies."""
+        """Import the image while its layers download: each layer is applied, and streamed
+        into containerd's content store, from its ingest as the bytes arrive, verified before
+        its snapshot or blob is committed; then the local layer copies are dropped."""
 
         def on_layer(event: unpacker_mod.UnpackEvent) -> None:  # from worker threads
             if event.kind in ("done", "skipped"):
@@ -180,7 +181,7 @@ class ContainerdBackend:
                 sync_fs=job.sync_fs,
                 on_layer=on_layer,
             )
-        await job.fetched()
+        # Every fetched layer was read and confirmed (committed locally) by the import.
         # containerd holds the layers now; the local copies would only duplicate them.
         for layer in job.manifest.layers:
             with contextlib.suppress(errors.NotFound):

@@ -114,7 +114,9 @@ class ContainerdContent:
         *,
         cancel: threading.Event | None = None,
     ) -> bool:
-        """Copy ``size`` bytes from ``source`` (seekable) into containerd as ``expected``.
+        """Copy ``size`` bytes from ``source`` into containerd as ``expected``. ``source`` may
+        be a blob still downloading (a follower of its ingest): containerd verifies the digest
+        before it commits, so bytes that turn out wrong are never committed.
 
         An interrupted ingest of the same ``ref`` is resumed where containerd has it. Returns
         ``False`` when the blob was already there (its labels are then merged in).
@@ -148,7 +150,7 @@ class ContainerdContent:
                 )
                 status = next(responses)
                 offset = status.offset if 0 <= status.offset <= size else 0
-                source.seek(offset)
+                _skip(source, offset)
                 sent = offset
                 while sent < size:
                     if cancel is not None and cancel.is_set():
@@ -423,3 +425,19 @@ def _info(info: content_pb2.Info) -> store.Info:
         created_at=info.created_at.ToNanoseconds() / 1e9,
         labels=dict(info.labels),
     )
+
+
+def _skip(source: BinaryIO, offset: int) -> None:
+    """Move ``source`` to ``offset``: seek when it can, else read past the bytes."""
+    if not offset:
+        return
+    seekable = getattr(source, "seekable", None)
+    if seekable is not None and seekable():
+        source.seek(offset)
+        return
+    left = offset
+    while left:
+        data = source.read(min(CHUNK, left))
+        if not data:
+            raise errors.SizeMismatch(f"the local copy ended before {offset} bytes")
+        left -= len(data)

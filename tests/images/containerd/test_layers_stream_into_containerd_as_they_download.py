@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fixtures import images
+from fixtures import layers as L
 
 from agent.images import containerd, errors, service
 from agent.images.containerd import content as content_mod
@@ -20,7 +21,17 @@ from agent.images.content import local
 from agent.images.registry import client, hosts
 from tests.images.containerd.conftest import Containerd
 from tests.images.registry.test_client_faults import HOST
-from tests.images.test_unpack_while_downloading import AMD64, PausingRegistry, one_layer_image
+from tests.images.test_unpack_while_downloading import AMD64, PausingRegistry
+
+
+def one_layer_image() -> images.Image:
+    """Small files first (applied from the first bytes), then incompressible data; unlike
+    other tests' images, so containerd has none of it yet."""
+    layer = L.Layer().dir("srv")
+    for i in range(40):
+        layer.file(f"srv/small-{i}", f"streamed {i}\n".encode() * 50)
+    tar = layer.file("blob.bin", L.random_bytes(3_000_000, seed=1313)).tar()
+    return images.Image([images.Layer(images.compress(tar, "gzip"), images.sha256(tar))])
 
 
 async def pull_into(
