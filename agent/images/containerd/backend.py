@@ -179,6 +179,7 @@ class ContainerdBackend:
                 manifest_desc=job.manifest_desc,
                 pinned=job.pinned,
                 sync_fs=job.sync_fs,
+                concurrency=job.concurrency,
                 on_layer=on_layer,
             )
         # Every fetched layer was read and confirmed (committed locally) by the import.
@@ -270,6 +271,7 @@ class ContainerdBackend:
         manifest_desc: descriptors.Descriptor | None = None,
         pinned: bool = False,
         sync_fs: bool = False,
+        concurrency: int = unpacker_mod.DEFAULT_CONCURRENCY,
         on_layer: unpacker_mod.OnProgress | None = None,
     ) -> ImportResult:
         """Import one image into containerd; see the module doc for the steps.
@@ -286,6 +288,8 @@ class ContainerdBackend:
             pinned: label the records ``io.cri-containerd.pinned=pinned`` (kubelet's image
                 GC keeps them); ``False`` removes the label.
             sync_fs: ``syncfs`` each layer's filesystem before its snapshot is committed.
+            concurrency: layers applied at once (each into its own snapshot, moved onto its
+                parent at commit: see :class:`~.snapshotter.ContainerdSnapshotter`).
             on_layer: called with each layer's :class:`UnpackEvent`, from worker threads.
 
         Raises:
@@ -311,7 +315,9 @@ class ContainerdBackend:
         lease = await asyncio.to_thread(self.leases.create, expire=self.lease_expire)
         try:
             job = _Import(self, lease, content, ref, on_layer)
-            chain_id = await job.unpack_and_copy_layers(manifest, diff_ids, sync_fs=sync_fs)
+            chain_id = await job.unpack_and_copy_layers(
+                manifest, diff_ids, sync_fs=sync_fs, concurrency=concurrency
+            )
             await asyncio.to_thread(
                 job.copy_metadata, target, manifest_desc, manifest, config_desc, chain_id
             )
@@ -361,7 +367,12 @@ class _Import:
         self.layers_present: set[str] = set()
 
     async def unpack_and_copy_layers(
-        self, manifest: descriptors.Manifest, diff_ids: Sequence[digests.Digest], *, sync_fs: bool
+        self,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+        *,
+        sync_fs: bool,
+        concurrency: int,
     ) -> digests.Digest:
         copy_layers = self.backend.copy_layers is not False
         if copy_layers:
@@ -374,7 +385,7 @@ class _Import:
             self.snapshotter,
             sync_fs=sync_fs,
             max_uncompressed_bytes=self.backend.max_uncompressed_bytes,
-            concurrency=1,
+            concurrency=concurrency,
             on_progress=self._on_layer,
         )
         chain_id = await unpacker.unpack(manifest.layers, diff_ids)
