@@ -391,6 +391,8 @@ class _Applier:
             if not stat.S_ISDIR(st.st_mode):
                 self._remove(d, base, key)
                 os.mkdir(base, 0o700, dir_fd=d)
+            else:
+                chown = True  # not a new inode: it keeps its owner unless chowned
         fd = self.dirs.get(key)
         if fd is None:
             fd = os.open(base, _DIR_FLAGS, dir_fd=d)
@@ -506,6 +508,9 @@ class _Applier:
             if self.strategy.tracks_created:
                 self.created.add(key)
             fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
+            # Exactly 0755, as containerd's mkparent chmods it: no setgid bit inherited
+            # from a setgid parent, no umask.
+            os.fchmod(fd, 0o755)
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
