@@ -287,6 +287,9 @@ def stacked() -> dict[str, list[bytes]]:
         "lower-file-replaced-by-a-directory-with-implicit-subdirectories": [
             base, L.Layer().dir("a").file("a/b/c", b"c").tar()
         ],
+        "lower-symlink-loop-replaced-by-a-directory-with-implicit-subdirectories": [
+            L.Layer().symlink("a", "a").tar(), L.Layer().dir("a").file("a/a/a", b"a").tar()
+        ],
         "opaque-at-layer-root-over-lower": [
             base, L.Layer().add(L.Entry(b".wh..wh..opq")).file("new", b"n").tar()
         ],
