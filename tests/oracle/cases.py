@@ -290,6 +290,10 @@ def stacked() -> dict[str, list[bytes]]:
         "lower-symlink-loop-replaced-by-a-directory-with-implicit-subdirectories": [
             L.Layer().symlink("a", "a").tar(), L.Layer().dir("a").file("a/a/a", b"a").tar()
         ],
+        "implicit-directories-in-a-lower-setgid-directory": [
+            L.Layer().dir("d", mode=0o2750, uid=1000, gid=1000).tar(),
+            L.Layer().file("d/a/b/f", b"f").tar(),
+        ],
         "opaque-at-layer-root-over-lower": [
             base, L.Layer().add(L.Entry(b".wh..wh..opq")).file("new", b"n").tar()
         ],

@@ -138,6 +138,19 @@ def test_implicit_parents_are_0755_even_under_a_setgid_directory(tmp_path: Path)
     assert stat.S_IMODE(os.stat(root / "s" / "a").st_mode) == 0o755
 
 
+def test_a_new_directory_in_a_copied_up_setgid_parent_takes_its_group(tmp_path: Path) -> None:
+    """Found by test_fuzz: containerd copies a lower setgid directory's metadata to the
+    implicit parent before creating the next component in it, which the kernel gives the
+    parent's group; ours kept root's group."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    apply(L.Layer().dir("d", mode=0o2750, uid=1000, gid=1000).tar(), lower)
+    result = apply(L.Layer().char("d/a/c", 1, 3).tar(), upper)
+    archive.copy_up_parents(upper, [str(lower)], result.implicit_dirs)
+    d, a = os.stat(upper / "d"), os.stat(upper / "d" / "a")
+    assert (stat.S_IMODE(d.st_mode), d.st_uid, d.st_gid) == (0o2750, 1000, 1000)
+    assert (stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid) == (0o755, 0, 1000)
+
+
 def test_hardlinks_share_an_inode_and_need_a_target_in_the_root(tmp_path: Path) -> None:
     apply(L.Layer().file("a", b"x").hardlink("b", "a").hardlink("c", "./a").tar(), tmp_path / "r")
     inodes = {os.stat(tmp_path / "r" / n).st_ino for n in "abc"}
