@@ -12,8 +12,9 @@ blob's commit, compare what it read) before it commits the layer's snapshot — 
 layer from the committed blob if that fails (see ``Unpacker``).
 
 ``arrived()`` (the fetch is over, whatever its outcome) and ``close()`` wake the waiters
-(``close()`` also fails every feed); a blob that is not in the store then raises
-:class:`~agent.images.errors.Unavailable`.
+(``close()`` also fails every feed); an expected blob that is not in the store then raises
+:class:`~agent.images.errors.Unavailable`, a blob this pull does not fetch
+:class:`~agent.images.errors.NotFound` unless the store has it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class ArrivingBlobs:
                 feed = self._feeds.get(key)
                 if feed is not None and not feed.finished:
                     return cast(BinaryIO, feed.reader())
+        if event is None:
+            # Not fetched by this pull: the store's answer (NotFound lets a backend read it
+            # from where it already is, as containerd's backend does).
+            return self._content.open_blob(digest)
         if not self._content.exists(digest):
             raise errors.Unavailable(f"blob {digest} did not arrive: its download failed")
         return self._content.open_blob(digest)

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from agent.images import descriptors, durations, errors, locks, references, tracing
+from agent.images import descriptors, digests, durations, errors, locks, references, tracing
 from agent.images.content import local
 from agent.images.progress import stall, tracker
 from agent.images.registry import client as registry_client
@@ -84,7 +84,10 @@ class Fetcher:
         async with self._blob_locks.hold(str(desc.digest)):
             if self.content.exists(desc.digest):
                 return
-            writer = self.content.writer(str(desc.digest), total=len(data))
+            writer = await self._open_writer(desc.digest, len(data))
+            if self.content.exists(desc.digest):  # the process that held it published it
+                writer.abort()
+                return
             try:
                 writer.truncate(0)
                 writer.write(data)
@@ -102,7 +105,7 @@ class Fetcher:
         progress_timeout: float,
         on_writer: OnWriter | None,
     ) -> int:
-        writer = await self._open_writer(desc)
+        writer = await self._open_writer(desc.digest, desc.size)
         if self.content.exists(desc.digest):
             # Another process held the ingest and published the blob while we waited.
             writer.abort()
@@ -187,12 +190,12 @@ class Fetcher:
         finally:
             tracing.set_attributes({"blob.retries": stalls + resumes, "blob.stalls": stalls})
 
-    async def _open_writer(self, desc: descriptors.Descriptor) -> local.LocalWriter:
-        """Open the ingest for ``desc``; wait while another process writes it."""
+    async def _open_writer(self, digest: digests.Digest, size: int) -> local.LocalWriter:
+        """Open the ingest of ``digest``; wait while another process writes it."""
         delay = 0.05
         while True:
             try:
-                return self.content.writer(str(desc.digest), total=desc.size)
+                return self.content.writer(str(digest), total=size)
             except errors.Unavailable:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

@@ -35,7 +35,7 @@ import dataclasses
 import fcntl
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,14 +158,23 @@ class ImageService:
         snapshot directories, ingests whose blob was published, a backend's leftovers. Only
         when no other process has the store open (the lock can be held exclusively): a live
         agent's unpack in progress looks like a leftover from outside."""
+        with self._alone() as alone:
+            if alone:
+                self.content.clean_finished_ingests()
+                self.backend.cleanup()
+
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[bool]:
+        """Hold the store's lock exclusively for the block if no other process has the store
+        open; yields whether it could. Shared again afterwards (blocking: a thread's job)."""
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # a failed upgrade drops the lock
+            yield False
             return
         try:
-            self.content.clean_finished_ingests()
-            self.backend.cleanup()
+            yield True
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
@@ -198,34 +207,30 @@ class ImageService:
         with contextlib.suppress(errors.ImageError):
             await asyncio.to_thread(self.backend.release, record)
 
+    def _collect(self) -> gc.Result:
+        with self._alone() as alone:
+            if not alone:
+                raise errors.Unavailable(
+                    f"the store {self.root} is in use by another prefetcher process (the node"
+                    " agent?); garbage collection runs there, or stop it first"
+                )
+            return gc.collect(
+                self.content,
+                self.snapshotter,
+                list(self.records),
+                leased=self.leases.is_leased,
+                lease_lock=self.leases.lock,
+                discard_unpacked_layers=self.options.discard_unpacked_layers,
+            )
+
     async def gc(self) -> gc.Result:
         """Remove blobs and snapshots no image record, mount or in-flight pull needs.
 
         Raises:
             Unavailable: another process has this store open (its pulls are not leased here).
         """
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            # A failed upgrade drops the lock; taking it back may wait (off the event loop).
-            await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_SH)
-            raise errors.Unavailable(
-                f"the store {self.root} is in use by another prefetcher process (the node"
-                " agent?); garbage collection runs there, or stop it first"
-            ) from e
-        try:
-            with tracing.span(SPAN_PREFIX, "gc"):
-                return await asyncio.to_thread(
-                    gc.collect,
-                    self.content,
-                    self.snapshotter,
-                    list(self.records),
-                    leased=self.leases.is_leased,
-                    lease_lock=self.leases.lock,
-                    discard_unpacked_layers=self.options.discard_unpacked_layers,
-                )
-        finally:
-            await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_SH)
+        with tracing.span(SPAN_PREFIX, "gc"):
+            return await asyncio.to_thread(self._collect)
 
     def mount(self, reference: str | references.Reference, target: str | os.PathLike[str]) -> None:
         """Mount the image's root filesystem at ``target`` (a view snapshot), ``ro,nosuid,nodev``:
@@ -364,22 +369,16 @@ class ImageService:
     def _drop_unused(self, lease: leases.Lease) -> None:
         """Remove the blobs and snapshots ``lease`` names that no image record and no other
         pull uses; skipped while another process has the store open (GC does it later)."""
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # a failed upgrade drops the lock
-            return
-        try:
-            gc.collect(
-                self.content,
-                self.snapshotter,
-                list(self.records),
-                leased=lambda name: self.leases.is_leased(name, besides=lease),
-                lease_lock=self.leases.lock,
-                only=set(lease),
-            )
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        with self._alone() as alone:
+            if alone:
+                gc.collect(
+                    self.content,
+                    self.snapshotter,
+                    list(self.records),
+                    leased=lambda name: self.leases.is_leased(name, besides=lease),
+                    lease_lock=self.leases.lock,
+                    only=set(lease),
+                )
 
     async def _pull(
         self,
@@ -462,7 +461,7 @@ class ImageService:
                     if unpacking:
                         job = self._unpacking(
                             ref, top, manifest_desc, manifest, config, progress, blobs_in,
-                            timeout, pinned, labels,
+                            timeout, pinned, labels, lease,
                         )
                         if fetches:
                             group.create_task(
@@ -495,7 +494,7 @@ class ImageService:
         )
         await asyncio.to_thread(self.records.put, record)
         if chain_id and self.options.discard_unpacked_layers and self.snapshotter is not None:
-            await asyncio.to_thread(self._discard_layers, record, manifest, lease)
+            await asyncio.to_thread(self._discard_layers, manifest.layers, lease)
         return PullResult(
             reference=str(ref),
             digest=top.digest,
@@ -525,6 +524,7 @@ class ImageService:
         timeout: float,
         pinned: bool,
         labels: dict[str, str],
+        lease: leases.Lease,
     ) -> backend_api.Unpacking:
         loop = asyncio.get_running_loop()
 
@@ -553,15 +553,16 @@ class ImageService:
             max_image_uncompressed_bytes=self.options.max_image_uncompressed_bytes,
             concurrency=self.options.unpack_concurrency,
             labels=labels,
+            discard_layers=lambda layers: self._discard_layers(layers, lease),
         )
 
     def _discard_layers(
-        self, record: records.ImageRecord, manifest: descriptors.Manifest, lease: leases.Lease
+        self, layers: Sequence[descriptors.Descriptor], lease: leases.Lease
     ) -> None:
-        """Delete this image's layer blobs unless an image that is not unpacked, or another
-        pull in flight, needs them."""
+        """Delete these layer blobs unless an image that is not unpacked, or another pull in
+        flight, needs them."""
         needed = {str(b) for r in self.records if not r.chain_id for b in r.blobs}
-        for layer in manifest.layers:
+        for layer in layers:
             with self.leases.lock:
                 if str(layer.digest) in needed or self.leases.is_leased(
                     str(layer.digest), besides=lease

@@ -3,10 +3,11 @@
 Replicas elect one leader through a ``coordination.k8s.io`` Lease (``operator.peering_name``
 in ``runtime.namespace``; :class:`agent.kube.leases.LeaderElector`, as client-go). Only the
 leader runs kopf, so only the leader writes anything (handlers, status, the agents'
-DaemonSet keeper). A standby replica waits for the Lease and answers ``/healthz`` meanwhile
-(so a rolling update with ``maxUnavailable: 0`` proceeds). The leader that cannot renew the
-Lease within ``lease_renew_deadline`` exits at once (exit code 1, as controller-runtime does):
-it stops writing and its pod restarts as a standby. On SIGTERM the leader stops kopf, then
+DaemonSet keeper). Every replica answers ``/healthz`` from start to exit, with its role
+(``standby`` or ``leader``), so a rolling update with ``maxUnavailable: 0`` proceeds and a
+probe never falls between two servers. The leader that cannot renew the Lease within
+``lease_renew_deadline`` exits at once (exit code 1, as controller-runtime does): it stops
+writing and its pod restarts as a standby. On SIGTERM the leader stops kopf, then
 releases the Lease so a standby takes over within ``lease_retry_period``.
 """
 
@@ -31,13 +32,6 @@ logger = logging.getLogger("agent.operator")
 
 #: Exit code of a leader that lost its Lease.
 LOST_LEASE_EXIT = 1
-
-
-def _health_url(address: str) -> str | None:
-    if not address:
-        return None
-    host, _, port = address.rpartition(":")
-    return f"http://{host or '0.0.0.0'}:{port}/healthz"
 
 
 def identity() -> str:
@@ -73,21 +67,27 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
             throttle=throttling.Throttle(op.status_interval), metrics=operator_metrics,
         )
         memo: Any = kopf.Memo(state=state)
-        await kopf.operator(clusterwide=True, standalone=True,
-                            liveness_endpoint=_health_url(rt.health_address), memo=memo)
+        await kopf.operator(clusterwide=True, standalone=True, memo=memo)
 
     async def main() -> int:
-        if op.standalone:
-            await operate()
-            return 0
+        # One /healthz for the process's whole life, standing by and leading alike: no gap
+        # between a standby's server and kopf's for a probe to fall into.
+        role = {"role": "standby" if not op.standalone else "leader"}
+        async with _health(rt.health_address, role):
+            if op.standalone:
+                await operate()
+                return 0
+            return await elect_and_operate(role)
+
+    async def elect_and_operate(role: dict[str, str]) -> int:
         client = kubeapi.Client(connection)
         elector = leases.LeaderElector(
             client, rt.namespace, op.peering_name, identity(),
             lease_duration=op.lease_duration, renew_deadline=op.lease_renew_deadline,
             retry_period=op.lease_retry_period)
         try:
-            async with _standby_health(rt.health_address):
-                await elector.acquire()
+            await elector.acquire()
+            role["role"] = "leader"
             keeping = asyncio.create_task(elector.keep())
             operating = asyncio.create_task(operate())
             done, _ = await asyncio.wait({keeping, operating},
@@ -118,15 +118,15 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _standby_health(address: str) -> Any:
-    """Answer ``/healthz`` with 200 while standing by (kopf serves it once leading)."""
+async def _health(address: str, role: dict[str, str]) -> Any:
+    """Answer ``/healthz`` with 200 and this replica's role while the event loop runs."""
     if not address:
         yield
         return
     host, _, port = address.rpartition(":")
 
     async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        return aiohttp.web.json_response({"standby": True})
+        return aiohttp.web.json_response(role)
 
     app = aiohttp.web.Application()
     app.router.add_get("/healthz", healthz)

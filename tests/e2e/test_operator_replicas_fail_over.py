@@ -136,7 +136,7 @@ def test_the_standby_takes_over_from_a_killed_leader_and_finishes_its_prefetch(
     # rolling update with maxUnavailable 0 proceeds).
     assert "Activity 'configure'" not in standby.output()
     probe = httpx.get(f"http://127.0.0.1:{HEALTH_PORT}/healthz")
-    assert probe.status_code == 200 and probe.json() == {"standby": True}
+    assert probe.status_code == 200 and probe.json() == {"role": "standby"}
 
     image = images.Image([images.random_layer(300_000, seed=91)])
     images.push(registry, "failover/app", "1", image)
@@ -152,8 +152,8 @@ def test_the_standby_takes_over_from_a_killed_leader_and_finishes_its_prefetch(
     assert time.monotonic() - killed < 30
     assert holder(cluster) == "op-2"
     standby.wait_for_output("Activity 'configure' succeeded", timeout=30)
-    probe = httpx.get(f"http://127.0.0.1:{HEALTH_PORT}/healthz")  # kopf's own probe now
-    assert probe.status_code == 200 and "standby" not in probe.text
+    probe = httpx.get(f"http://127.0.0.1:{HEALTH_PORT}/healthz")  # the same server, leading
+    assert probe.status_code == 200 and probe.json() == {"role": "leader"}
     cluster.wait_for(lambda: complete(cluster, "failover"), timeout=60,
                      message="the new leader completes the prefetch")
     for node in AGENT_NODES:

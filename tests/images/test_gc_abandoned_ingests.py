@@ -27,8 +27,15 @@ def _age(ingest: Path, seconds: float) -> None:
     os.utime(ingest / "data", (then, then))
 
 
-async def _started(proxy: FaultProxy, digest: str) -> None:
-    while not any(r.bytes_sent for r in proxy.requests_to(f"/blobs/{digest}")):
+async def _stalled(root: Path, digest: str, size: int) -> None:
+    """Wait until the ingest of ``digest`` holds ``size`` bytes (where the proxy stalls)."""
+    def written() -> int:
+        for ingest in ingests(root):
+            if (ingest / "ref").read_text() == digest:
+                return (ingest / "data").stat().st_size
+        return 0
+
+    while written() < size:
         await asyncio.sleep(0.02)
 
 
@@ -53,8 +60,8 @@ async def test_gc_removes_a_cancelled_pulls_partial_download_but_not_an_active_o
             running = asyncio.create_task(
                 svc.pull(f"{fault_proxy.host}/ingest/active:1", platform=AMD64)
             )
-            await _started(fault_proxy, cancelled.layers[0].digest)
-            await _started(fault_proxy, active.layers[0].digest)
+            await _stalled(tmp_root, cancelled.layers[0].digest, 100_000)
+            await _stalled(tmp_root, active.layers[0].digest, 100_000)
             doomed.cancel()  # as the agent does when the entry is edited or deleted
             await asyncio.gather(doomed, return_exceptions=True)
             assert len(ingests(tmp_root)) == 2

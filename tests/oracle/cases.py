@@ -168,6 +168,15 @@ def ordinary() -> dict[str, list[bytes]]:
         "directory-replaced-by-a-file": [
             L.Layer().dir("d").file("d/x", b"x").file("d", b"f", mtime=MTIME_FILE).tar()
         ],
+        "implicit-directory-replaced-by-a-file": [
+            L.Layer().dir("a/a").file("a", b"f").tar()
+        ],
+        "directory-repeated-with-another-owner": [
+            L.Layer().dir("d/a", uid=1000, gid=1000).dir("d/a", uid=0, gid=0).tar()
+        ],
+        "implicit-directory-under-a-setgid-directory": [
+            L.Layer().dir("s", mode=0o2750).symlink("s/a/l", "a").tar()
+        ],
         "whiteout-of-an-entry-of-the-same-layer": [
             L.Layer().dir("c/a/c").whiteout("c/a/c").tar()
         ],
@@ -277,6 +286,13 @@ def stacked() -> dict[str, list[bytes]]:
         ],
         "lower-file-replaced-by-a-directory-with-implicit-subdirectories": [
             base, L.Layer().dir("a").file("a/b/c", b"c").tar()
+        ],
+        "lower-symlink-loop-replaced-by-a-directory-with-implicit-subdirectories": [
+            L.Layer().symlink("a", "a").tar(), L.Layer().dir("a").file("a/a/a", b"a").tar()
+        ],
+        "implicit-directories-in-a-lower-setgid-directory": [
+            L.Layer().dir("d", mode=0o2750, uid=1000, gid=1000).tar(),
+            L.Layer().file("d/a/b/f", b"f").tar(),
         ],
         "opaque-at-layer-root-over-lower": [
             base, L.Layer().add(L.Entry(b".wh..wh..opq")).file("new", b"n").tar()

@@ -7,14 +7,20 @@ devices and fifos, whiteouts and opaque markers, PAX or GNU long names, and now 
 ``..`` component or an absolute name. Derandomized with no example database, so CI runs the
 same examples every time; bounded to well under a minute.
 
-Shapes the differential suite already pins as known differences (issue #15 items 9 and 10,
-hardlink header metadata, a hardlink replacing its own target or the directory holding it,
-a whiteout of an entry of the same layer, mtimes before 1970, a directory replaced by a
-non-directory in the same layer) are not generated. Intended
-differences pass: a layer we refuse for a ``..``/absolute name or a symlink leaving the
-root while containerd re-roots it, and one containerd refuses for its own bug (its
-directory mtime pass following a symlink). Any other divergence found here is minimised
-into a named case in ``cases.py``.
+It also writes the shapes issue #15 and the differential suite found we once got wrong:
+a ``./`` entry with its own mode and owner (item 9), hardlinks to absolute targets (item
+10), hardlink headers with their own mode, owner, mtime and xattrs, a hardlink replacing its
+own target or the directory holding it, whiteouts of this layer's own entries, and mtimes
+before 1970 (negative PAX and base-256 mtimes).
+
+Shapes that are intended differences (``test_differential.INTENDED_DIFFERENCES``,
+``test_merged_views.BEYOND_CONTAINERD``) whose trees cannot be compared are not generated:
+a directory replaced by a non-directory in the same layer (containerd's mtime pass), and a
+directory whited out and re-created in the same layer (ours is opaque). Intended
+differences in verdict pass: a layer we refuse for a ``..``/absolute name or a symlink
+leaving the root while containerd re-roots it, and one containerd refuses for its own bug
+(its directory mtime pass following a symlink). Any other divergence found here is
+minimised into a named case in ``cases.py``.
 
 The grammar also writes PAX records (fractional mtimes, atime/ctime, large uid/gid,
 uname/gname, comments), directory names held only in a PAX ``path`` record, PAX global
@@ -42,18 +48,24 @@ from . import rawtar as R
 #: Our refusals that are intended differences (we are stricter than containerd).
 STRICTER = re.compile(r"has a '\.\.' component|is an absolute path|goes through a symlink")
 #: containerd's refusals that are its bugs (test_differential.INTENDED_DIFFERENCES: its
-#: directory mtime pass follows a symlink that replaced the directory).
-CONTAINERD_BUGS = re.compile(r"UtimesNanoAt .*: no such file or directory|too many links")
+#: directory mtime pass follows a symlink that replaced the directory, or goes through a
+#: file that replaced a parent).
+CONTAINERD_BUGS = re.compile(
+    r"UtimesNanoAt .*: no such file or directory|too many links|lstat .*: not a directory"
+)
 
 COMPONENTS = st.sampled_from(["a", "b", "c", "d", "x" * 110])
 MODES = st.sampled_from([0o644, 0o755, 0o600, 0o4755, 0o2750, 0o1777, 0o000, 0o777])
 OWNERS = st.sampled_from([(0, 0), (1000, 1000), (0, 42)])
 XATTRS = st.sampled_from([{}, {}, {"user.k": b"v"}, {"user.bin": b"\x00\xff"}])
+#: Header mtimes, before 1970 too (written in base-256, two's complement).
+MTIMES = st.sampled_from([L.MTIME, L.MTIME, L.MTIME, 0, 1, -1, -86400 * 365])
 #: PAX records beside the ones names and xattrs need.
 PAX = st.sampled_from([
     {}, {}, {},
     {b"mtime": b"1600000000.123456789"},
     {b"mtime": b"0.5"},
+    {b"mtime": b"-86400.25"},
     {b"atime": b"1500000000", b"ctime": b"1500000001"},
     {b"uid": b"70000", b"gid": b"70001"},
     {b"uname": b"nobody", b"gname": b"nogroup"},
@@ -82,7 +94,6 @@ def layers(draw: st.DrawFn, hostile: bool = True) -> bytes:
     """One layer; with ``hostile``, now and then a name or symlink leaving the root."""
     layer = L.Layer(long_names=draw(st.sampled_from(["pax", "gnu"])))
     files: dict[str, L.Entry] = {}  # the regular file each (normalised) name holds now
-    written: set[str] = set()
     dirs: set[str] = set()
     whited: set[str] = set()
     for _ in range(draw(st.integers(1, 8))):
@@ -91,29 +102,34 @@ def layers(draw: st.DrawFn, hostile: bool = True) -> bytes:
              "whiteout", "opaque"]
         ))
         name = draw(names(hostile))
+        if kind == "dir" and draw(st.integers(0, 7)) == 0:
+            name = draw(st.sampled_from([".", "./"]))  # the root's own entry: item 9
         key = _norm(name)
-        mode, (uid, gid) = draw(MODES), draw(OWNERS)
-        if kind == "whiteout" and any(w == key or w.startswith(key + "/") for w in written):
-            continue  # a whiteout of this layer's own entry: cases.py has it
+        mode, (uid, gid), mtime = draw(MODES), draw(OWNERS), draw(MTIMES)
+        if key in dirs and kind != "dir":
+            continue  # containerd gives it the directory's mtime: cases.py has it
+        if key in whited and kind == "dir":
+            continue  # issue #15 "beyond containerd": test_merged_views has it
         if kind == "hardlink":
             if not files:
                 continue
             target = files[draw(st.sampled_from(sorted(files)))]
             tkey = _norm(target.name.decode())
-            if tkey == key or tkey.startswith(key + "/"):
-                continue  # a link replacing its own target: cases.py has both
-            layer.add(replace(target, name=name.encode(), type=L.HARDLINK, data=b"",
-                              linkname=target.name, xattrs={}))
-        if key in dirs and kind != "dir":
-            continue  # containerd gives it the directory's mtime: cases.py has it
-        if key in whited and kind == "dir":
-            continue  # issue #15 "beyond containerd": test_merged_views has it
+            linkname = draw(st.sampled_from([target.name, b"/" + tkey.encode()]))  # item 10
+            if draw(st.booleans()):  # as tar writers emit it: the target's metadata
+                layer.add(replace(target, name=name.encode(), type=L.HARDLINK, data=b"",
+                                  linkname=linkname, xattrs={}))
+            else:  # metadata of its own, which containerd gives the shared inode
+                layer.add(L.Entry(name.encode(), L.HARDLINK, b"", mode, uid, gid, mtime,
+                                  linkname=linkname, xattrs=draw(XATTRS), pax=draw(PAX)))
+        if kind == "whiteout":
+            for gone in [k for k in files if k == key or k.startswith(key + "/")]:
+                del files[gone]
         files.pop(key, None)
-        written.add(key)
         if kind == "file":
             data = draw(st.binary(max_size=700))
-            entry = L.Entry(name.encode(), L.REG, data, mode, uid, gid, xattrs=draw(XATTRS),
-                            pax=draw(PAX))
+            entry = L.Entry(name.encode(), L.REG, data, mode, uid, gid, mtime,
+                            xattrs=draw(XATTRS), pax=draw(PAX))
             files[key] = entry
             layer.add(entry)
         elif kind == "dir":
@@ -122,7 +138,7 @@ def layers(draw: st.DrawFn, hostile: bool = True) -> bytes:
             ustar_name = name.encode()
             if draw(st.booleans()):  # the name only in a PAX path record
                 ustar_name, pax[b"path"] = b"decoy/" + ustar_name[-50:], ustar_name
-            layer.add(L.Entry(ustar_name, L.DIR, b"", mode | 0o700, uid, gid,
+            layer.add(L.Entry(ustar_name, L.DIR, b"", mode | 0o700, uid, gid, mtime,
                               xattrs=draw(XATTRS), pax=pax))
         elif kind == "symlink":
             inside = ["a", "b/c", "/a", "/", "nowhere"]
@@ -158,6 +174,8 @@ _NUMERIC_FIELDS = {"mode": (100, 8), "uid": (108, 8), "gid": (116, 8), "mtime": 
 
 
 def _numeric(value: int, width: int, style: str) -> bytes | None:
+    if value < 0:  # only base-256 (two's complement) holds it
+        return value.to_bytes(width, "big", signed=True)
     digits = b"%o" % value
     if style == "space" and len(digits) < width:
         return digits.rjust(width - 1, b"0") + b" "
@@ -178,7 +196,8 @@ def _encode(draw: st.DrawFn, e: L.Entry, long_names: str) -> bytes:
         cut = e.name.rfind(b"/", 0, 156)
         if 0 < cut and 0 < len(e.name) - cut - 1 <= 100 and draw(st.booleans()):
             split = (e.name[:cut], e.name[cut + 1 :])
-    out = L.entry_bytes(replace(e, name=b"p") if split else e, long_names=long_names)
+    header_e = replace(e, name=b"p") if split else e
+    out = L.entry_bytes(replace(header_e, mtime=max(e.mtime, 0)), long_names=long_names)
     data = len(R.pad(e.data)) if e.type == L.REG and e.data else 0
     at = len(out) - data - 512
     block = bytearray(out[at : at + 512])
@@ -193,8 +212,10 @@ def _encode(draw: st.DrawFn, e: L.Entry, long_names: str) -> bytes:
 
 
 #: containerd's refusals of a stack that are its bugs (test_merged_views.CONTAINERD_REFUSES:
-#: WithParents' mkparent takes ENOTDIR from a lower layer for an error).
-CONTAINERD_STACK_BUGS = re.compile(r"lstat .*: not a directory")
+#: WithParents' mkparent takes ENOTDIR or ELOOP from a lower layer for an error).
+CONTAINERD_STACK_BUGS = re.compile(
+    r"lstat .*: (not a directory|too many levels of symbolic links)"
+)
 
 
 def _intended(theirs_error: str, ours_error: str, stacked: bool = False) -> bool:

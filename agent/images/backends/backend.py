@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.images import descriptors, digests, records, references
 from agent.images.content import store
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from agent.images.progress import tracker
     from agent.images.registry import client as registry_client
     from agent.images.snapshots import snapshotter as snapshotter_api
+    from agent.images.unpack import unpacker
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,11 @@ class Unpacking:
     max_image_uncompressed_bytes: int = 0
     concurrency: int = 2
     labels: dict[str, str] = field(default_factory=dict)
+    #: delete these local layer blobs, except those another pull in flight or an image
+    #: that is not unpacked still needs (blocking; a backend that keeps the layers itself)
+    discard_layers: Callable[[Sequence[descriptors.Descriptor]], None] = lambda layers: None
 
-    def on_unpack_event(self, event: Any) -> None:
+    def on_unpack_event(self, event: unpacker.UnpackEvent) -> None:
         """An unpacker's ``on_progress`` (called from worker threads): bytes written go to
         :attr:`layer_written`, finished layers to :attr:`layer_unpacked`."""
         if event.kind == "progress":

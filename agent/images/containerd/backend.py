@@ -10,9 +10,12 @@ holding one containerd lease for the whole import:
    the previous chain ID (key ``extract-<unique> <chainID>``), write the layer with overlay
    whiteouts into the upper directory containerd returned, verify the diff ID, ``syncfs`` if
    asked, commit under the chain ID with ``containerd.io/snapshot.ref`` — the
-   :class:`~agent.images.unpack.unpacker.Unpacker` with a :class:`ContainerdSnapshotter`;
-   meanwhile copies the layer blobs containerd lacks into its content store
-   (``containerd.io/uncompressed`` = diff ID);
+   :class:`~agent.images.unpack.unpacker.Unpacker` with a :class:`ContainerdSnapshotter`.
+   The blob bytes the unpacker reads (as they download, in a pull) are streamed at the same
+   time into containerd's content ingest (:class:`~.content.Ingest`), committed with the
+   expected digest (containerd verifies it) once the layer was read and confirmed, with
+   ``containerd.io/uncompressed`` = diff ID; layers it did not stream (already unpacked, a
+   failed stream) are then copied or labelled;
 2. copies the config (``containerd.io/gc.ref.snapshot.<snapshotter>`` = top chain ID), the
    manifest (``gc.ref.content.config`` / ``gc.ref.content.l.<i>``) and the index, if any
    (``gc.ref.content.m.<i>``): children before parents, as containerd's fetcher does;
@@ -36,7 +39,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final, cast
 
 from agent.images import descriptors, digests, errors, mediatypes, records, references, tracing
 from agent.images.backends import backend as backend_api
@@ -160,9 +163,9 @@ class ContainerdBackend:
         ]
 
     async def unpack(self, job: backend_api.Unpacking) -> str:
-        """Import the image while its layers download: each layer is applied (and copied
-        into containerd's content store) from its ingest as the bytes arrive, verified
-        before its snapshot or blob is committed; then the local layer copies are dropped."""
+        """Import the image while its layers download: each layer is applied, and streamed
+        into containerd's content store, from its ingest as the bytes arrive, verified before
+        its snapshot or blob is committed; then the local layer copies are dropped."""
 
         on_layer = job.on_unpack_event
 
@@ -178,12 +181,14 @@ class ContainerdBackend:
                 manifest_desc=job.manifest_desc,
                 pinned=job.pinned,
                 sync_fs=job.sync_fs,
+                concurrency=job.concurrency,
                 on_layer=on_layer,
+                max_uncompressed_bytes=job.max_uncompressed_bytes,
+                max_image_uncompressed_bytes=job.max_image_uncompressed_bytes,
             )
-        # containerd holds the layers now; the local copies would only duplicate them.
-        for layer in job.manifest.layers:
-            with contextlib.suppress(errors.NotFound):
-                job.content.delete(layer.digest)
+        # containerd holds the layers now; the local copies would only duplicate them (a
+        # concurrent pull of an image sharing a layer may still be about to read it).
+        await asyncio.to_thread(job.discard_layers, job.manifest.layers)
         return str(imported.chain_id)
 
     def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:
@@ -268,7 +273,10 @@ class ContainerdBackend:
         manifest_desc: descriptors.Descriptor | None = None,
         pinned: bool = False,
         sync_fs: bool = False,
+        concurrency: int = unpacker_mod.DEFAULT_CONCURRENCY,
         on_layer: unpacker_mod.OnProgress | None = None,
+        max_uncompressed_bytes: int | None = None,
+        max_image_uncompressed_bytes: int | None = None,
     ) -> ImportResult:
         """Import one image into containerd; see the module doc for the steps.
 
@@ -284,7 +292,11 @@ class ContainerdBackend:
             pinned: label the records ``io.cri-containerd.pinned=pinned`` (kubelet's image
                 GC keeps them); ``False`` removes the label.
             sync_fs: ``syncfs`` each layer's filesystem before its snapshot is committed.
+            concurrency: layers applied at once (each into its own snapshot, moved onto its
+                parent at commit: see :class:`~.snapshotter.ContainerdSnapshotter`).
             on_layer: called with each layer's :class:`UnpackEvent`, from worker threads.
+            max_uncompressed_bytes, max_image_uncompressed_bytes: this import's limits
+                (``None``: the backend's own; the image service passes its options).
 
         Raises:
             DigestMismatch, UnsafeLayer, UnsupportedMediaType: a layer cannot be used; no
@@ -309,7 +321,22 @@ class ContainerdBackend:
         lease = await asyncio.to_thread(self.leases.create, expire=self.lease_expire)
         try:
             job = _Import(self, lease, content, ref, on_layer)
-            chain_id = await job.unpack_and_copy_layers(manifest, diff_ids, sync_fs=sync_fs)
+            chain_id = await job.unpack_and_copy_layers(
+                manifest,
+                diff_ids,
+                sync_fs=sync_fs,
+                concurrency=concurrency,
+                max_uncompressed_bytes=(
+                    self.max_uncompressed_bytes
+                    if max_uncompressed_bytes is None
+                    else max_uncompressed_bytes
+                ),
+                max_image_uncompressed_bytes=(
+                    self.max_image_uncompressed_bytes
+                    if max_image_uncompressed_bytes is None
+                    else max_image_uncompressed_bytes
+                ),
+            )
             await asyncio.to_thread(
                 job.copy_metadata, target, manifest_desc, manifest, config_desc, chain_id
             )
@@ -346,7 +373,7 @@ class _Import:
         self.content = content_mod.ContainerdContent(backend.client, lease=lease)
         self.snapshotter = backend.snapshotter.with_lease(lease)
         self.images = images_mod.ContainerdImages(backend.client, lease=lease)
-        self.provider = provider
+        self.provider = _Blobs(provider, self.content)
         self.source = {f"{content_mod.LABEL_DISTRIBUTION_SOURCE}{ref.domain}": ref.path}
         self.on_layer = on_layer
         self.cancel = threading.Event()
@@ -359,30 +386,54 @@ class _Import:
         self.layers_present: set[str] = set()
 
     async def unpack_and_copy_layers(
-        self, manifest: descriptors.Manifest, diff_ids: Sequence[digests.Digest], *, sync_fs: bool
+        self,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+        *,
+        sync_fs: bool,
+        concurrency: int,
+        max_uncompressed_bytes: int,
+        max_image_uncompressed_bytes: int,
     ) -> digests.Digest:
         copy_layers = self.backend.copy_layers is not False
-        copying = asyncio.ensure_future(
-            asyncio.to_thread(self._copy_layers, manifest.layers, diff_ids, copy_layers)
-        )
+        if copy_layers:
+            streamed = await asyncio.to_thread(self._streamable, manifest.layers, diff_ids)
+            blobs: store.BlobProvider = _StreamingBlobs(self, streamed)
+        else:
+            blobs = self.provider
         unpacker = unpacker_mod.Unpacker(
-            _Blobs(self.provider, self.content),
+            blobs,
             self.snapshotter,
             sync_fs=sync_fs,
-            max_uncompressed_bytes=self.backend.max_uncompressed_bytes,
-            max_image_uncompressed_bytes=self.backend.max_image_uncompressed_bytes,
-            concurrency=1,
+            max_uncompressed_bytes=max_uncompressed_bytes,
+            max_image_uncompressed_bytes=max_image_uncompressed_bytes,
+            concurrency=concurrency,
             on_progress=self._on_layer,
         )
-        try:
-            chain_id = await unpacker.unpack(manifest.layers, diff_ids)
-        except BaseException:
-            self.cancel.set()
-            with contextlib.suppress(BaseException):
-                await copying
-            raise
-        await copying
+        chain_id = await unpacker.unpack(manifest.layers, diff_ids)
+        # What the unpack did not stream (layers unpacked already, a stream that failed):
+        # copied from the store, or only labelled where containerd has it.
+        await asyncio.to_thread(self._copy_layers, manifest.layers, diff_ids, copy_layers)
         return chain_id
+
+    def _streamable(
+        self, layers: Sequence[descriptors.Descriptor], diff_ids: Sequence[digests.Digest]
+    ) -> dict[str, tuple[descriptors.Descriptor, dict[str, str]]]:
+        """The layers containerd lacks as content, with the labels to commit them with."""
+        out: dict[str, tuple[descriptors.Descriptor, dict[str, str]]] = {}
+        for layer, diff_id in zip(layers, diff_ids, strict=True):
+            if str(layer.digest) not in out and not self.content.exists(layer.digest):
+                labels = {**self.source, content_mod.LABEL_UNCOMPRESSED: str(diff_id)}
+                out[str(layer.digest)] = (layer, labels)
+        return out
+
+    def streamed(self, layer: descriptors.Descriptor, written: bool) -> None:
+        """``layer``'s blob was streamed into containerd (``written``: by us)."""
+        with self.lock:
+            self.layers_present.add(str(layer.digest))
+            if written:
+                self.blobs_written += 1
+                self.bytes_written += layer.size
 
     def copy_metadata(
         self,
@@ -473,38 +524,144 @@ class _Import:
             if optional:
                 return False
             raise
+        ref = content_mod.ingest_ref(kind, desc.digest)
         with blob:
-            for attempt in range(_LOCKED_TRIES):
-                try:
-                    if self.content.write(
-                        content_mod.ingest_ref(kind, desc.digest),
-                        blob,
-                        desc.size,
-                        desc.digest,
-                        labels,
-                        cancel=self.cancel,
-                    ):
-                        with self.lock:
-                            self.blobs_written += 1
-                            self.bytes_written += desc.size
-                    return True
-                except errors.Unavailable:
-                    # Another writer holds the ref (a concurrent import of a shared layer).
-                    if self.cancel.is_set() or attempt == _LOCKED_TRIES - 1:
-                        raise
-                    time.sleep(min(0.05 * 2**attempt, 1.0))
+            try:
+                return self._write(ref, desc, blob, labels)
+            except errors.DigestMismatch:
+                # Read while it downloaded: the bytes may be a corrupt copy the fetcher has
+                # discarded and fetched again. Once the good one is committed, copy that.
+                outcome = getattr(blob, "outcome", None)
+                if outcome is None or not outcome():
+                    raise
+        self.content.abort(ref)  # containerd kept the bad bytes for a resume
+        with self.provider.open_blob(desc.digest) as blob:
+            return self._write(ref, desc, blob, labels)
+
+    def _write(
+        self, ref: str, desc: descriptors.Descriptor, blob: BinaryIO, labels: dict[str, str]
+    ) -> bool:
+        for attempt in range(_LOCKED_TRIES):
+            try:
+                if self.content.write(
+                    ref, blob, desc.size, desc.digest, labels, cancel=self.cancel
+                ):
+                    with self.lock:
+                        self.blobs_written += 1
+                        self.bytes_written += desc.size
+                return True
+            except errors.Unavailable:
+                # Another writer holds the ref (a concurrent import of a shared layer).
+                if self.cancel.is_set() or attempt == _LOCKED_TRIES - 1:
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 1.0))
         return True  # pragma: no cover - the loop returns or raises
 
 
 class _Blobs:
-    """The unpacker's blobs: the image service's store first, containerd's second."""
+    """The import's blobs: the image service's (arriving or in its store) first,
+    containerd's second."""
 
     def __init__(self, first: store.BlobProvider, second: content_mod.ContainerdContent):
         self.first = first
         self.second = second
 
     def open_blob(self, digest: digests.Digest) -> BinaryIO:
+        return self.open_either(digest)[0]
+
+    def open_either(self, digest: digests.Digest) -> tuple[BinaryIO, bool]:
+        """The blob, and whether it came from the first provider."""
         try:
-            return self.first.open_blob(digest)
-        except errors.NotFound:
-            return self.second.open_blob(digest)
+            return self.first.open_blob(digest), True
+        except (errors.NotFound, errors.Unavailable) as e:
+            try:
+                return self.second.open_blob(digest), False
+            except errors.NotFound:
+                raise e from None
+
+
+class _StreamingBlobs:
+    """The unpacker's blobs: a layer containerd lacks is streamed into its content ingest
+    as the unpacker reads it (see :class:`_Teed`)."""
+
+    def __init__(
+        self,
+        job: _Import,
+        streamed: dict[str, tuple[descriptors.Descriptor, dict[str, str]]],
+    ):
+        self.job = job
+        self.streamed = streamed
+
+    def open_blob(self, digest: digests.Digest) -> BinaryIO:
+        blob, ours = self.job.provider.open_either(digest)
+        wanted = self.streamed.get(str(digest))
+        if not ours or wanted is None:
+            return blob
+        layer, labels = wanted
+        ingest = content_mod.Ingest(
+            self.job.content, content_mod.ingest_ref("layer", digest), layer.size, digest
+        )
+        return cast(BinaryIO, _Teed(blob, ingest, layer, labels, self.job))
+
+
+class _Teed:
+    """A layer blob being read, its bytes also streamed into containerd's ingest.
+
+    Leaving the ``with`` block normally (the unpacker read the layer and, for a blob still
+    downloading, confirmed it) reads whatever the unpacker left and commits the ingest, which
+    containerd verifies against the digest; leaving it with an error cancels the ingest. A
+    failed commit is not the layer's failure: the blob is copied after the unpack instead.
+    Other attributes (``confirm``, ``outcome``) are the blob's.
+    """
+
+    def __init__(
+        self,
+        blob: BinaryIO,
+        ingest: content_mod.Ingest,
+        layer: descriptors.Descriptor,
+        labels: dict[str, str],
+        job: _Import,
+    ):
+        self._blob = blob
+        self._ingest = ingest
+        self._layer = layer
+        self._labels = labels
+        self._job = job
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._blob, name)
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._blob.read(size)
+        self._ingest.write(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._blob.close()
+
+    def __enter__(self) -> _Teed:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        try:
+            if exc_type is not None:
+                self._ingest.cancel()
+                return
+            try:
+                while self.read(content_mod.CHUNK):
+                    pass
+                written = self._ingest.commit(self._labels)
+            except errors.ImageError as e:
+                tracing.set_attributes({"layer.stream_failed": str(e)})
+                return
+            self._job.streamed(self._layer, written)
+        finally:
+            self._blob.close()

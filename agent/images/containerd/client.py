@@ -175,16 +175,24 @@ class Client:
         what: str = "",
     ) -> M:
         """:meth:`unary` awaited: cancelling the awaiting task cancels the RPC (the server
-        sees the call cancelled). ``timeout=None``: no deadline."""
+        sees the call cancelled). ``timeout=None``: no deadline. No thread waits for the
+        answer (a CRI ``PullImage`` may take minutes): gRPC's completion callback settles it."""
         call: Any = self._channel.unary_unary(
             method,
             request_serializer=_serialize,
             response_deserializer=response_type.FromString,
         )
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[M] = loop.create_future()
+
+        def settle(done: grpc.Future) -> None:  # a gRPC thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_copy_outcome, done, answered)
+
         future = call.future(request, metadata=self.metadata(), timeout=timeout)
+        future.add_done_callback(settle)
         try:
-            result: M = await asyncio.get_running_loop().run_in_executor(None, future.result)
-            return result
+            return await answered
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -241,3 +249,15 @@ def _short(method: str) -> str:
     """``/containerd.services.snapshots.v1.Snapshots/Prepare`` → ``Snapshots.Prepare``."""
     service, _, name = method.strip("/").rpartition("/")
     return f"{service.rpartition('.')[2]}.{name}"
+
+
+def _copy_outcome(done: grpc.Future, target: asyncio.Future[Any]) -> None:
+    """Settle ``target`` (on its loop) as the finished gRPC future ``done`` ended."""
+    if target.done():  # the awaiting task was cancelled
+        return
+    try:
+        target.set_result(done.result())
+    except grpc.FutureCancelledError:
+        target.cancel()
+    except BaseException as e:  # noqa: BLE001 - the RPC's error, raised by the awaiter
+        target.set_exception(e)

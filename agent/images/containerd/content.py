@@ -17,6 +17,11 @@ containerd's garbage collector walks from image records through content labels:
 from there; ``COMMIT`` with the expected size, digest and labels), the way containerd's
 remote content writer does; containerd verifies the digest before the blob becomes visible.
 :meth:`ContainerdContent.ensure_labels` merges labels into a blob that is already present.
+
+:class:`Ingest` streams a blob whose bytes are still arriving (a layer read as it downloads,
+while it is unpacked) through the same ``Write`` stream, from a worker thread, and commits it
+with its expected digest once the last byte is in: containerd verifies the digest, so a blob
+whose bytes were not the right ones never becomes visible.
 """
 
 from __future__ import annotations
@@ -221,6 +226,159 @@ class ContainerdContent:
             )
         except errors.NotFound:
             pass
+
+
+class Ingest:
+    """One blob streamed into containerd's content ingest ``ref`` as its bytes come.
+
+    :meth:`write` hands bytes to a worker thread that runs the ``Write`` stream (at most
+    ``depth`` chunks of :data:`CHUNK` bytes wait; then it blocks); :meth:`commit` sends the
+    rest and ``COMMIT`` with the expected size, digest and labels. The ingest starts at
+    offset 0 (containerd truncates what an interrupted ingest of ``ref`` left). Nothing is
+    visible in containerd until the commit, which containerd verifies.
+
+    Once the worker fails (containerd busy, another writer holding ``ref``), :meth:`write`
+    drops the bytes and :meth:`commit` raises that error; :meth:`cancel` stops it and leaves
+    the uncommitted ingest to containerd (a later write truncates it, its GC removes it).
+    """
+
+    def __init__(
+        self,
+        content: ContainerdContent,
+        ref: str,
+        size: int,
+        expected: digests.Digest | str,
+        *,
+        depth: int = 4,
+    ):
+        self.ref = ref
+        self.size = size
+        self.expected = str(expected)
+        self._content = content
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._buffer = bytearray()
+        self._labels: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._existed = False
+        self._thread = threading.Thread(target=self._run, name="ctrd-ingest", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` (the blob's next bytes)."""
+        if self._done.is_set():
+            return
+        self._buffer += data
+        while len(self._buffer) >= CHUNK:
+            self._put(bytes(self._buffer[:CHUNK]))
+            del self._buffer[:CHUNK]
+
+    def commit(self, labels: Mapping[str, str] | None = None) -> bool:
+        """Send what is left and commit; ``False``: containerd had the blob already.
+
+        Raises:
+            DigestMismatch: the bytes written are not ``expected`` (containerd's check).
+            Unavailable, ContainerdError: the stream failed; nothing was committed.
+        """
+        self._labels = dict(labels or {})
+        if self._buffer:
+            self._put(bytes(self._buffer))
+            self._buffer.clear()
+        self._put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._existed:
+            self._content.ensure_labels(self.expected, self._labels)
+        return not self._existed
+
+    def cancel(self) -> None:
+        """Stop without committing."""
+        self._stop.set()
+        self._thread.join()
+
+    def _put(self, item: bytes | None) -> None:
+        while not self._done.is_set():
+            try:
+                self._chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _next_chunk(self) -> bytes | None:
+        while True:
+            if self._stop.is_set():
+                raise _Cancelled
+            try:
+                return self._chunks.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def _run(self) -> None:
+        content = self._content
+        requests: queue.Queue[content_pb2.WriteContentRequest | None] = queue.Queue()
+
+        def feed() -> Iterator[content_pb2.WriteContentRequest]:
+            while (item := requests.get()) is not None:
+                yield item
+
+        call = content.client.stream_stream(
+            _SERVICE + "Write", feed(), content_pb2.WriteContentResponse, lease=content.lease
+        )
+        ref, expected = self.ref, self.expected
+        try:
+            with client_mod.translating(f"content.Write {expected}", content.client.address):
+                responses = iter(call)
+                requests.put(
+                    content_pb2.WriteContentRequest(
+                        action=content_pb2.STAT, ref=ref, total=self.size, expected=expected
+                    )
+                )
+                next(responses)
+                sent = 0
+                while (chunk := self._next_chunk()) is not None:
+                    requests.put(
+                        content_pb2.WriteContentRequest(
+                            action=content_pb2.WRITE, ref=ref, offset=sent, data=chunk
+                        )
+                    )
+                    sent += len(chunk)
+                    next(responses)
+                requests.put(
+                    content_pb2.WriteContentRequest(
+                        action=content_pb2.COMMIT,
+                        ref=ref,
+                        total=self.size,
+                        offset=sent,
+                        expected=expected,
+                        labels=self._labels,
+                    )
+                )
+                done = next(responses)
+                if done.digest and done.digest != expected:
+                    raise errors.DigestMismatch(
+                        f"containerd committed {done.digest} for blob {expected}"
+                    )
+        except errors.AlreadyExists:
+            self._existed = True
+        except _Cancelled:
+            call.cancel()
+            self._error = errors.Unavailable(
+                f"writing blob {expected} into containerd was cancelled"
+            )
+        except errors.ImageError as e:
+            call.cancel()
+            if "unexpected commit digest" in str(e) or "unexpected commit size" in str(e):
+                self._error = errors.DigestMismatch(str(e))
+            else:
+                self._error = e
+        except BaseException as e:  # pragma: no cover - reported by commit()
+            call.cancel()
+            self._error = e
+        finally:
+            requests.put(None)
+            self._done.set()
 
 
 class _Cancelled(Exception):

@@ -11,8 +11,12 @@ containerd's root at the same path (a hostPath mount of ``/var/lib/containerd``)
 
 Differences from the built-in snapshotters, all containerd's own behaviour:
 
-* No :data:`~agent.images.snapshots.CAP_REBASE`: containerd's overlayfs fixes a snapshot's
-  parent at prepare time, so layers are applied one after the other.
+* :data:`~agent.images.snapshots.CAP_REBASE` for ``overlayfs`` only, emulated: containerd
+  fixes a snapshot's parent at prepare time, so :meth:`commit` with another ``parent``
+  prepares a new active snapshot on that parent and *renames* the layer's directory into it
+  (both live under containerd's snapshotter root, one filesystem: no byte is copied), then
+  removes the first one. So the unpacker applies several layers at once, as with the local
+  overlay snapshotter, and commits them in chain order.
 * :data:`~agent.images.snapshots.CAP_OVERLAY_WHITEOUTS` for ``overlayfs`` only: deletions
   become 0:0 character devices and ``trusted.overlay.opaque`` (the upper directory holds only
   the layer's changes). Other snapshotters that hand out a ``bind`` mount of a full copy
@@ -31,6 +35,7 @@ GC keeps the snapshots of an import in flight.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 from collections.abc import Iterator, Mapping
 from typing import Final
@@ -74,7 +79,7 @@ class ContainerdSnapshotter:
         self.lease = lease
         caps: set[str] = set()
         if name in OVERLAY_SNAPSHOTTERS:
-            caps.add(snapshots.CAP_OVERLAY_WHITEOUTS)
+            caps |= {snapshots.CAP_OVERLAY_WHITEOUTS, snapshots.CAP_REBASE}
         self.capabilities: frozenset[str] = frozenset(caps)
 
     def with_lease(self, lease: str) -> ContainerdSnapshotter:
@@ -161,10 +166,12 @@ class ContainerdSnapshotter:
             raise errors.NotFound(f"{key!r} is a {active.kind.name.lower()} snapshot, not an active"
                                   " one: only active snapshots can be committed")
         if parent is not None and parent != active.parent:
-            raise errors.ImageError(
-                f"containerd's {self.name} snapshotter cannot rebase {key!r} onto {parent!r}"
-                f" (prepared on {active.parent!r}); prepare it on its parent instead"
-            )
+            if snapshots.CAP_REBASE not in self.capabilities:
+                raise errors.ImageError(
+                    f"containerd's {self.name} snapshotter cannot rebase {key!r} onto"
+                    f" {parent!r} (prepared on {active.parent!r}); prepare it on its parent"
+                )
+            key = self._rebase(key, active, parent)
         if labels is None:
             labels = {k: v for k, v in active.labels.items() if k != snapshots.LABEL_OWNER}
         all_labels = {**labels, LABEL_SNAPSHOT_REF: name}
@@ -176,6 +183,26 @@ class ContainerdSnapshotter:
             empty_pb2.Empty,
             f"{key} as {name}",
         )
+
+    def _rebase(self, key: str, active: snapshots.Info, parent: str) -> str:
+        """Move active ``key``'s files into a new active snapshot on ``parent``; returns its
+        key. A crash midway leaves only active snapshots (owner-labelled: ``cleanup()``)."""
+        staged = _upper(self.mounts(key))
+        new_key = f"{UNPACK_KEY_PREFIX}{secrets.token_hex(8)} {_chain_id_of_key(key)}".rstrip()
+        target = _upper(self.prepare(new_key, parent, active.labels))
+        try:
+            os.rmdir(target)  # containerd made it empty
+            os.rename(staged, target)
+            os.mkdir(staged, 0o755)  # what containerd expects to remove with ``key``
+            # The rename is durable before containerd's metadata commit names the snapshot.
+            _fsync_dir(os.path.dirname(target))
+        except BaseException:
+            with contextlib.suppress(errors.ImageError, OSError):
+                self.remove(new_key)
+            raise
+        with contextlib.suppress(errors.NotFound):
+            self.remove(key)
+        return new_key
 
     def remove(self, key: str) -> None:
         self._call(
@@ -275,6 +302,25 @@ def _info(info: snapshots_pb2.Info) -> snapshots.Info:
         created=info.created_at.ToNanoseconds() / 1e9,
         updated=info.updated_at.ToNanoseconds() / 1e9,
     )
+
+
+def _upper(mounts: list[snapshots.Mount]) -> str:
+    """The directory an active snapshot's layer is written into (bind source or upperdir)."""
+    if len(mounts) == 1:
+        m = mounts[0]
+        if m.type == "bind":
+            return m.source
+        if m.type == "overlay" and (upper := m.option("upperdir")):
+            return upper
+    raise errors.ImageError(f"cannot rebase a snapshot mounted as {mounts!r}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _mount(m: mount_pb2.Mount) -> snapshots.Mount:

@@ -391,6 +391,8 @@ class _Applier:
             if not stat.S_ISDIR(st.st_mode):
                 self._remove(d, base, key)
                 os.mkdir(base, 0o700, dir_fd=d)
+            else:
+                chown = True  # not a new inode: it keeps its owner unless chowned
         fd = self.dirs.get(key)
         if fd is None:
             fd = os.open(base, _DIR_FLAGS, dir_fd=d)
@@ -506,6 +508,9 @@ class _Applier:
             if self.strategy.tracks_created:
                 self.created.add(key)
             fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
+            # Exactly 0755, as containerd's mkparent chmods it: no setgid bit inherited
+            # from a setgid parent, no umask.
+            os.fchmod(fd, 0o755)
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -607,23 +612,40 @@ def copy_up_parents(
     from the nearest lower layer (``lowers`` nearest first) whose merged view holds that
     directory. Each lookup walks one component at a time without following symlinks, and
     stops at a whiteout, a non-directory or an opaque directory.
+
+    ``paths`` come parents first. One with no lower counterpart whose parent was copied
+    up setgid takes the parent's group, as the kernel gives it where containerd creates it
+    (in the parent already copied up).
     """
     if not paths or not lowers:
         return
     upper_fd = os.open(upper, _DIR_FLAGS)
+    setgid_groups: dict[bytes, int] = {}  # copied-up setgid directories: their group
     try:
         for path in paths:
-            parts = _components(os.fsencode(path), "upper", "directory")
+            key = os.fsencode(path)
+            parts = _components(key, "upper", "directory")
             source = _find_lower_dir(lowers, parts)
-            if source is None:
+            parent_gid = setgid_groups.get(key.rpartition(b"/")[0])
+            if source is None and parent_gid is None:
                 continue
             fd = _open_under(upper_fd, parts)
             if fd is None:
+                if source is not None:
+                    os.close(source)
                 continue
             try:
+                if source is None:
+                    if parent_gid is not None:
+                        os.fchown(fd, -1, parent_gid)
+                    continue
                 _copy_dir_meta(source, fd)
+                st = os.fstat(fd)
+                if st.st_mode & stat.S_ISGID:
+                    setgid_groups[key] = st.st_gid
             finally:
-                os.close(source)
+                if source is not None:
+                    os.close(source)
                 os.close(fd)
     finally:
         os.close(upper_fd)

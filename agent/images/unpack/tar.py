@@ -235,6 +235,7 @@ class Reader:
 
     def _sparse(self, h: Header, block: bytes, fmt: str, budget: int) -> None:
         """Go's ``handleSparseFile``: read the sparse map, if this is a sparse file."""
+        fragments: list[tuple[int, int]] | None
         if h.typeflag == GNU_SPARSE:
             fragments = self._old_gnu_map(h, block, fmt, budget)
         else:

@@ -10,8 +10,13 @@ asked, and commit the snapshot under its chain ID on the previous chain ID. An
 active snapshot is dropped and the layer counts as done.
 
 When the snapshotter can rebase (overlay: layers are independent directories) the missing
-layers are applied concurrently, up to ``concurrency`` at a time, and committed strictly in
-chain order; otherwise (naive: each snapshot copies its parent) one after the other.
+layers are applied in worker threads, up to ``concurrency`` at a time, and committed strictly
+in chain order by the calling thread, while the workers go on with the next layers; otherwise
+(naive, containerd: a snapshot is prepared on its committed parent) one after the other.
+
+With ``sync_fs`` a layer's ``syncfs`` runs in a :class:`~.syncer.Syncer` thread: the layer is
+committed once a ``syncfs`` started after its last write has returned, but the next layers
+are applied meanwhile, and early flushes while layers are written keep the last one short.
 
 A failed layer (unsafe, corrupt, diff ID mismatch, cancelled) has its active snapshot
 removed; layers committed before it stay (they are correct and shared by chain ID), nothing
@@ -25,7 +30,7 @@ import contextlib
 import dataclasses
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
@@ -33,7 +38,7 @@ from typing import Final
 from agent.images import descriptors, digests, errors, snapshots, tracing
 from agent.images.content import store
 from agent.images.snapshots import chains
-from agent.images.unpack import archive, compression, whiteouts
+from agent.images.unpack import archive, compression, syncer, whiteouts
 
 DEFAULT_CONCURRENCY: Final = 2
 
@@ -72,6 +77,7 @@ class _Applied:
     target: str  # the directory the layer was written into
     result: archive.ApplyResult
     span: tracing.Span | None = None  # the layer's span, ended once it is committed
+    synced: Future[None] | None = None  # its syncfs (with sync_fs), awaited before the commit
 
 
 class Unpacker:
@@ -81,8 +87,9 @@ class Unpacker:
         provider: where the layer blobs are read from (only ``open_blob`` is used).
         snapshotter: where the layers are unpacked to.
         sync_fs: ``syncfs(2)`` each layer's filesystem after its files are written and
-            before its snapshot is committed (``image_pull_with_sync_fs``). Equivalent to
-            the snapshotter's own ``sync_fs``; turn on one of them.
+            before its snapshot is committed (``image_pull_with_sync_fs``), without holding
+            up the next layers (see the module doc). Equivalent to the snapshotter's own
+            ``sync_fs``, which flushes inline; turn on one of them.
         max_uncompressed_bytes: refuse a layer that decompresses to more than this.
         max_image_uncompressed_bytes: refuse the image once the layers this unpacker applies
             decompress to more than this together (0: no cap). One unpacker per image.
@@ -113,6 +120,10 @@ class Unpacker:
         )
         self.concurrency = max(1, concurrency)
         self.on_progress = on_progress
+        # One syncer for the unpacks running at once (with sync_fs), and how many they are.
+        self._syncer: syncer.Syncer | None = None
+        self._syncer_users = 0
+        self._syncer_lock = threading.Lock()
         caps = snapshotter.capabilities
         self._rebase = _CAP_REBASE in caps
         if _CAP_OVERLAY_WHITEOUTS in caps:
@@ -180,18 +191,40 @@ class Unpacker:
         def parent_of(i: int) -> str:
             return chain[i - 1] if i else ""
 
-        if self._rebase and self.concurrency > 1 and len(missing) > 1:
-            self._unpack_concurrently(layers, diff_ids, chain, missing, parent_of, cancel)
-        else:
-            for i in missing:
-                parent = "" if self._rebase else parent_of(i)
-                applied = self._traced_apply(
-                    i, layers[i], diff_ids[i], chain[i], parent, cancel
-                )
-                self._traced_commit(i, layers[i], chain[i], applied, parent_of(i))
+        with self._syncing():
+            if self._rebase and len(missing) > 1:
+                self._unpack_concurrently(layers, diff_ids, chain, missing, parent_of, cancel)
+            else:
+                for i in missing:
+                    parent = "" if self._rebase else parent_of(i)
+                    applied = self._traced_apply(
+                        i, layers[i], diff_ids[i], chain[i], parent, cancel
+                    )
+                    self._traced_commit(i, layers[i], chain[i], applied, parent_of(i))
         return chain[-1]
 
     # -- internals ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _syncing(self) -> Iterator[None]:
+        """With ``sync_fs``: a running :attr:`_syncer` while the block runs."""
+        if not self.sync_fs:
+            yield
+            return
+        with self._syncer_lock:
+            if self._syncer is None:
+                self._syncer = syncer.Syncer()
+            self._syncer_users += 1
+        try:
+            yield
+        finally:
+            with self._syncer_lock:
+                self._syncer_users -= 1
+                done, self._syncer = (
+                    (self._syncer, None) if not self._syncer_users else (None, self._syncer)
+                )
+            if done is not None:
+                done.close()
 
     def _unpack_concurrently(
         self,
@@ -330,7 +363,13 @@ class Unpacker:
                     )
                     opened = stream
 
+                    written = 0
+
                     def progress(n: int) -> None:
+                        nonlocal written
+                        if self._syncer is not None:
+                            self._syncer.wrote(target, n - written)
+                            written = n
                         self._emit(
                             "progress", index, layer, chain_id, stream.compressed_bytes, n
                         )
@@ -339,7 +378,7 @@ class Unpacker:
                         stream,
                         target,
                         whiteouts=self._whiteouts,
-                        on_progress=progress if self.on_progress else None,
+                        on_progress=progress if self.on_progress or self._syncer else None,
                         cancel=cancel,
                         name=name,
                     )
@@ -359,16 +398,15 @@ class Unpacker:
                     f"{name}: uncompressed it hashes to {result.diff_id}, but the image"
                     f" config says its diff ID is {diff_id}"
                 )
-            if self.sync_fs:
-                with tracing.span(SPAN_PREFIX, "syncfs"):
-                    snapshots.syncfs(target)
+            # The commit waits for this syncfs; the next layer need not.
+            synced = self._syncer.barrier(target) if self._syncer is not None else None
         except BaseException:
             self._remove(key)
             if opened is not None:  # its bytes are gone with the snapshot
                 self.image_limit.give_back(opened.uncompressed_bytes)
             raise
         self._emit("progress", index, layer, chain_id, stream.compressed_bytes, result.size)
-        return _Applied(key, target, result)
+        return _Applied(key, target, result, synced=synced)
 
     def _commit(
         self,
@@ -392,9 +430,13 @@ class Unpacker:
                     archive.hide_lower_entries(applied.target, lowers)
                 else:
                     archive.copy_up_parents(applied.target, lowers, result.implicit_dirs)
-                if self.sync_fs:
-                    with tracing.span(SPAN_PREFIX, "syncfs"):
-                        snapshots.syncfs(applied.target)
+                if self._syncer is not None:
+                    applied = dataclasses.replace(
+                        applied, synced=self._syncer.barrier(applied.target)
+                    )
+            if applied.synced is not None:
+                with tracing.span(SPAN_PREFIX, "syncfs"):
+                    applied.synced.result()  # file data on disk before the metadata commit
             self.snapshotter.commit(chain_id, key, parent=parent if self._rebase else None)
         except errors.AlreadyExists:
             self._remove(key)  # committed meanwhile by another unpack: the same content

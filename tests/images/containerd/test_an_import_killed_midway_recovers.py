@@ -73,7 +73,10 @@ def test_a_killed_import_leaves_no_partial_snapshot_and_a_rerun_completes(
     backend = ctrd.backend()
     try:
         listed = ctrd.snapshots()
-        assert [c for c in chain if listed.get(c) == "Committed"] == chain[:committed]
+        # Layers are applied concurrently and committed in chain order: what is committed is
+        # a bottom part of the chain, never more than the layers before the kill point.
+        got = [c for c in chain if listed.get(c) == "Committed"]
+        assert got == chain[: len(got)] and len(got) <= committed
         left = [i for i in backend.snapshotter.walk() if i.kind is snapshots.Kind.ACTIVE]
         assert left and all(snapshots.LABEL_OWNER in i.labels for i in left)
         assert any(leases.LABEL_OWNER in lease.labels for lease in backend.leases.list())

@@ -120,6 +120,37 @@ def test_entries_replace_what_is_there(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(root / "merge").st_mode) == 0o755
 
 
+def test_a_directory_repeated_in_a_layer_takes_the_last_owner(tmp_path: Path) -> None:
+    """Found by test_fuzz: the second header of an existing directory, owned by root, left
+    the first one's owner (its chown was skipped as if the directory were new)."""
+    root = tmp_path / "r"
+    apply(L.Layer().dir("d/a", uid=1000, gid=1000).dir("d/a", uid=0, gid=0).tar(), root)
+    st = os.stat(root / "d" / "a")
+    assert (st.st_uid, st.st_gid) == (0, 0)
+
+
+def test_implicit_parents_are_0755_even_under_a_setgid_directory(tmp_path: Path) -> None:
+    """Found by test_fuzz: containerd chmods the parents it creates to exactly 0755; ours
+    inherited the setgid bit of a setgid parent from the kernel."""
+    root = tmp_path / "r"
+    apply(L.Layer().dir("s", mode=0o2750).file("s/a/f", b"x").tar(), root)
+    assert stat.S_IMODE(os.stat(root / "s").st_mode) == 0o2750
+    assert stat.S_IMODE(os.stat(root / "s" / "a").st_mode) == 0o755
+
+
+def test_a_new_directory_in_a_copied_up_setgid_parent_takes_its_group(tmp_path: Path) -> None:
+    """Found by test_fuzz: containerd copies a lower setgid directory's metadata to the
+    implicit parent before creating the next component in it, which the kernel gives the
+    parent's group; ours kept root's group."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    apply(L.Layer().dir("d", mode=0o2750, uid=1000, gid=1000).tar(), lower)
+    result = apply(L.Layer().char("d/a/c", 1, 3).tar(), upper)
+    archive.copy_up_parents(upper, [str(lower)], result.implicit_dirs)
+    d, a = os.stat(upper / "d"), os.stat(upper / "d" / "a")
+    assert (stat.S_IMODE(d.st_mode), d.st_uid, d.st_gid) == (0o2750, 1000, 1000)
+    assert (stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid) == (0o755, 0, 1000)
+
+
 def test_hardlinks_share_an_inode_and_need_a_target_in_the_root(tmp_path: Path) -> None:
     apply(L.Layer().file("a", b"x").hardlink("b", "a").hardlink("c", "./a").tar(), tmp_path / "r")
     inodes = {os.stat(tmp_path / "r" / n).st_ino for n in "abc"}
