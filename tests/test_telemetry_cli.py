@@ -110,8 +110,12 @@ def test_a_cli_pull_exports_one_connected_trace_with_layer_spans(
     for span in layers:
         assert span.parent_id == unpack.span_id
         assert span.attributes["layer.size"] > 0 and span.attributes["layer.media_type"]
-        children = {s.name for s in spans if s.parent_id == span.span_id}
-        assert {"agent.images.unpack.syncfs", "agent.images.unpack.commit"} <= children
+        [commit] = [s for s in spans if s.parent_id == span.span_id
+                    and s.name == "agent.images.unpack.commit"]
+        # The commit waits for the layer's syncfs (which ran beside the next layers' apply).
+        [syncfs] = [s for s in spans if s.name == "agent.images.unpack.syncfs"
+                    and s.parent_id in (span.span_id, commit.span_id)]
+        assert syncfs.end_ns <= commit.end_ns
         assert span.status_code != 2  # not ERROR
 
     # Registry requests as HTTP client spans, under the service's spans.
