@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fixtures import layers as L
+from fixtures import rawtar as R
 
 from tests.images.unpack.test_hostile_layers_are_refused import hostile_layers
-
-from . import rawtar as R
 
 MTIME_DIR, MTIME_FILE = L.MTIME, 1_600_000_000
 

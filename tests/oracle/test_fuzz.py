@@ -37,13 +37,13 @@ from datetime import timedelta
 from pathlib import Path
 
 from fixtures import layers as L
+from fixtures import rawtar as R
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.images.unpack import trees
 
 from . import appliers
-from . import rawtar as R
 
 #: Our refusals that are intended differences (we are stricter than containerd).
 STRICTER = re.compile(r"has a '\.\.' component|is an absolute path|goes through a symlink")

@@ -14,35 +14,11 @@ from pathlib import Path
 
 import pytest
 from fixtures import layers as L
+from fixtures import rawtar as R
+from fixtures.rawtar import END, pad
 
 from agent.images import errors
 from agent.images.unpack import archive, tar
-
-
-def pad(data: bytes) -> bytes:
-    return data + bytes(-len(data) % 512)
-
-
-def with_checksum(block: bytearray | bytes) -> bytes:
-    block = bytearray(block)
-    block[148:156] = b" " * 8
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
-
-
-def patched(block: bytes, offset: int, value: bytes) -> bytes:
-    """``block`` with ``value`` written at ``offset`` and its checksum recomputed."""
-    b = bytearray(block)
-    b[offset : offset + len(value)] = value
-    return with_checksum(b)
-
-
-def pax(records: dict[bytes, bytes], kind: bytes = b"x", name: bytes = b"PaxHeaders/x") -> bytes:
-    data = L.pax_records(records)
-    return L.header(name, type=kind, size=len(data)) + pad(data)
-
-
-END = bytes(1024)
 
 
 def apply(data: bytes, tmp_path: Path) -> Path:
@@ -59,7 +35,7 @@ def listing(root: Path) -> list[str]:
 def test_a_numeric_field_with_a_leading_nul_is_read_past_the_nul(tmp_path: Path) -> None:
     """Go trims leading NULs: the size is 512 and the "hidden" header is file data."""
     hidden = L.header(b"hidden", size=0)
-    block = patched(L.header(b"a", size=0), 124, b"\x000000001000\0")
+    block = R.patch(L.header(b"a", size=0), 124, b"\x000000001000\0")
     root = apply(block + hidden + END, tmp_path)
     assert listing(root) == ["a"]
     assert (root / "a").read_bytes() == hidden
@@ -78,7 +54,7 @@ def test_a_whiteout_of_an_unknown_type_has_its_data_skipped(tmp_path: Path) -> N
 
 
 def test_of_two_pax_headers_in_a_row_only_the_last_applies(tmp_path: Path) -> None:
-    data = (pax({b"path": b"first", b"uid": b"7"}) + pax({b"path": b"second"})
+    data = (R.pax({b"path": b"first", b"uid": b"7"}) + R.pax({b"path": b"second"})
             + L.header(b"ustar-name", size=0) + END)  # fmt: skip
     root = apply(data, tmp_path)
     assert listing(root) == ["second"]
@@ -86,7 +62,9 @@ def test_of_two_pax_headers_in_a_row_only_the_last_applies(tmp_path: Path) -> No
 
 
 def test_a_global_header_drops_the_pending_pax_header(tmp_path: Path) -> None:
-    data = pax({b"path": b"from-x"}) + pax({b"comment": b"c"}, b"g", b"pax_global_header")
+    data = R.pax({b"path": b"from-x"}) + R.pax(
+        {b"comment": b"c"}, type=b"g", name=b"pax_global_header"
+    )
     root = apply(data + L.header(b"plain", size=0) + END, tmp_path)
     assert listing(root) == ["plain"]
 
@@ -102,7 +80,7 @@ def test_typeflag_nul_with_a_trailing_slash_is_a_directory_without_data(tmp_path
 
 
 def test_an_empty_pax_path_keeps_the_ustar_name(tmp_path: Path) -> None:
-    data = pax({b"path": b""}) + L.header(b"keep", type=b"5", mode=0o700, uid=5) + END
+    data = R.pax({b"path": b""}) + L.header(b"keep", type=b"5", mode=0o700, uid=5) + END
     root = apply(data, tmp_path)
     assert listing(root) == ["keep"]
     assert stat.S_IMODE(os.stat(root / "keep").st_mode) == 0o700
@@ -120,7 +98,7 @@ def test_an_empty_pax_path_keeps_the_ustar_name(tmp_path: Path) -> None:
 def test_numeric_fields_go_refuses_are_refused(
     tmp_path: Path, offset: int, field: bytes
 ) -> None:
-    block = patched(L.header(b"f", size=0), offset, field)
+    block = R.patch(L.header(b"f", size=0), offset, field)
     with pytest.raises(errors.UnsafeLayer, match="corrupt"):
         apply(block + bytes(512) + END, tmp_path)
 
@@ -128,7 +106,7 @@ def test_numeric_fields_go_refuses_are_refused(
 @pytest.mark.parametrize("size", [b"1_0", b" 10", b"0x10"])
 def test_pax_sizes_go_refuses_are_refused(tmp_path: Path, size: bytes) -> None:
     with pytest.raises(errors.UnsafeLayer, match="size"):
-        apply(pax({b"size": size}) + L.header(b"f", size=0) + bytes(512) + END, tmp_path)
+        apply(R.pax({b"size": size}) + L.header(b"f", size=0) + bytes(512) + END, tmp_path)
 
 
 def test_a_star_header_has_a_131_byte_prefix(tmp_path: Path) -> None:
@@ -138,7 +116,7 @@ def test_a_star_header_has_a_131_byte_prefix(tmp_path: Path) -> None:
     block[476:488] = b"00000000000\0"  # atime
     block[488:500] = b"00000000000\0"  # ctime
     block[508:512] = b"tar\0"
-    root = apply(with_checksum(block) + END, tmp_path)
+    root = apply(R.checksum(block) + END, tmp_path)
     assert listing(root) == ["p" * 131, "p" * 131 + "/f"]
 
 
@@ -146,7 +124,7 @@ def gnu_header(name: bytes, atime: bytes) -> bytes:
     block = bytearray(L.header(name, size=0))
     block[257:265] = b"ustar  \0"
     block[345:357] = atime.ljust(12, b"\0")
-    return with_checksum(block)
+    return R.checksum(block)
 
 
 def test_a_gnu_header_with_a_non_numeric_atime_is_read_as_a_prefixed_name(
@@ -165,7 +143,7 @@ def test_a_zero_block_followed_by_a_header_is_refused(tmp_path: Path) -> None:
 def test_the_reader_lists_what_go_lists() -> None:
     """The reader on its own: names, types and sizes of a mixed stream."""
     data = (
-        pax({b"path": b"long/" + b"n" * 120, b"mtime": b"1.5"})
+        R.pax({b"path": b"long/" + b"n" * 120, b"mtime": b"1.5"})
         + L.header(b"short", size=3)
         + pad(b"abc")
         + L.header(b"dir/", type=b"\0")
