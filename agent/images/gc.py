@@ -17,6 +17,7 @@ back-off still resumes its ingest; one that comes back after the expiry starts o
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -69,7 +70,8 @@ def collect(
     something before they look for it, so a pull never loses what it found present.
     ``ingest_expiry``: see the module doc (wall-clock seconds, as ingest times are).
     ``only``: remove nothing but these blob digests and chain IDs (what a failed pull
-    committed), and no ingest.
+    committed) and their idle partial downloads, whatever their age (a refused image's
+    downloads would never be resumed).
     """
     lock: contextlib.AbstractContextManager[object] = (
         lease_lock if lease_lock is not None else contextlib.nullcontext()
@@ -98,6 +100,8 @@ def collect(
         result.bytes_freed += info.size
     if only is None:
         _collect_ingests(content, result, leased, lock, clock() - ingest_expiry)
+    else:
+        _collect_ingests(content, result, leased, lock, math.inf, only)
     return result
 
 
@@ -107,9 +111,10 @@ def _collect_ingests(
     leased: Callable[[str], bool],
     lock: contextlib.AbstractContextManager[object],
     written_before: float,
+    only: set[str] | None = None,
 ) -> None:
     for status in content.ingests():
-        if status.updated_at > written_before:
+        if status.updated_at > written_before or (only is not None and status.ref not in only):
             continue
         with lock:
             if leased(status.ref) or not content.remove_idle_ingest(status.ref):

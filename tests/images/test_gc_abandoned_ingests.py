@@ -31,8 +31,11 @@ async def _stalled(root: Path, digest: str, size: int) -> None:
     """Wait until the ingest of ``digest`` holds ``size`` bytes (where the proxy stalls)."""
     def written() -> int:
         for ingest in ingests(root):
-            if (ingest / "ref").read_text() == digest:
-                return (ingest / "data").stat().st_size
+            try:
+                if (ingest / "ref").read_text() == digest:
+                    return (ingest / "data").stat().st_size
+            except FileNotFoundError:  # an ingest being set up: its ref is not written yet
+                continue
         return 0
 
     while written() < size:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import images
+from fixtures.faultproxy import FaultProxy
 from fixtures.registries import Registry
 
 from agent.images import descriptors, errors, service
@@ -55,3 +56,26 @@ async def test_many_small_high_ratio_layers_stop_at_the_image_cap_and_leave_noth
     assert stored_blobs(tmp_root) == {app.digest, app.config.digest, base.digest}
     assert ingests(tmp_root) == []
 
+
+
+async def test_a_refused_images_partial_downloads_are_removed_with_it(
+    fault_proxy: FaultProxy, tmp_root: Path
+) -> None:
+    """A layer still downloading when the cap refuses the image leaves no partial download
+    (it would never be resumed: the image is refused again)."""
+    slow = images.random_layer(300_000, seed=807)
+    bomb = images.Image([*(_zeros(i) for i in range(6)), slow])
+    images.push(fault_proxy.upstream, "cap/slow-bomb", "1", bomb)
+    fault_proxy.stall(f"/blobs/{slow.digest}", after=100_000)
+    options = service.ServiceOptions(max_image_uncompressed_bytes=8 * MiB)
+
+    async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
+        svc = service.ImageService(tmp_root, rc, options)
+        try:
+            with pytest.raises(errors.UnsafeLayer):
+                await svc.pull(f"{fault_proxy.host}/cap/slow-bomb:1", platform=AMD64)
+        finally:
+            svc.close()
+
+    assert ingests(tmp_root) == []
+    assert stored_blobs(tmp_root) == set()
