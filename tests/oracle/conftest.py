@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.images.unpack import trees
 
 from . import appliers
 
@@ -34,3 +37,15 @@ def containerd_apply(tmp_path_factory: pytest.TempPathFactory) -> Path:
             " (scripts/setup does)"
         )
     return appliers.build_tool(tmp_path_factory.mktemp("containerd-apply"))
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Iterator[Path]:
+    """A directory outside every root that hostile layers aim at: after the test (whatever
+    path it returned by), nothing in it has changed."""
+    path = tmp_path / "canary"
+    path.mkdir()
+    (path / "secret").write_bytes(b"do not touch")
+    before = trees.describe(path)
+    yield path
+    assert trees.describe(path) == before, "a layer wrote outside its root"

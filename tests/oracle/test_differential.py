@@ -145,12 +145,8 @@ def _explain(tool: Path, tar: bytes, theirs: appliers.Outcome, mine: appliers.Ou
 
 @pytest.mark.parametrize("case", _params())
 def test_a_layer_applies_as_containerd_applies_it(
-    case: str, containerd_apply: Path, tmp_path: Path
+    case: str, containerd_apply: Path, canary: Path, tmp_path: Path
 ) -> None:
-    canary = tmp_path / "canary"
-    canary.mkdir()
-    (canary / "secret").write_bytes(b"do not touch")
-    before = trees.describe(canary)
     tars = _all_cases(canary)[case]
     for i, tar in enumerate(tars):
         theirs = appliers.containerd(containerd_apply, tar, tmp_path / f"containerd-{i}")
@@ -180,7 +176,6 @@ def test_a_layer_applies_as_containerd_applies_it(
             assert theirs.accepted, f"containerd now refuses it too: {theirs.error}"
             assert not mine.accepted, f"we now accept it: {intended.why}"
             assert re.search(intended.ours, mine.error), mine.error
-    assert trees.describe(canary) == before  # nothing written outside either root
 
 
 def test_the_oracle_reads_tar_as_go_does(containerd_apply: Path) -> None:
