@@ -14,7 +14,7 @@ import datetime
 import email.utils
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -219,13 +219,21 @@ class Client:
         return await self.request("PATCH", path, body=body,
                                   content_type="application/merge-patch+json")
 
-    async def delete(self, path: str, *, resource_version: str = "") -> None:
-        """DELETE (gone already is fine); with ``resource_version``, only that version
-        (``preconditions``: 409 Conflict if the object changed since it was read)."""
+    async def json_patch(self, path: str, operations: Sequence[JSON]) -> JSON:
+        """A JSON patch (RFC 6902): a failed ``test`` operation is a 422, nothing written."""
+        return await self.request("PATCH", path, body=list(operations),
+                                  content_type="application/json-patch+json")
+
+    async def delete(self, path: str, *, resource_version: str = "", uid: str = "") -> None:
+        """DELETE (gone already is fine); with ``resource_version``, only that version,
+        with ``uid``, only that object, not one re-created under the same name since it was
+        read (``preconditions``: 409 Conflict otherwise)."""
         body = None
-        if resource_version:
+        preconditions = {k: v for k, v in (("resourceVersion", resource_version),
+                                            ("uid", uid)) if v}
+        if preconditions:
             body = {"apiVersion": "v1", "kind": "DeleteOptions",
-                    "preconditions": {"resourceVersion": resource_version}}
+                    "preconditions": preconditions}
         try:
             await self.request("DELETE", path, body=body)
         except errors.NotFound:

@@ -51,13 +51,17 @@ class Gone(APIError):
     """410: a list ``continue`` token or a watch resourceVersion too old; relist."""
 
 
+class Invalid(APIError):
+    """422: the request was refused as invalid (a schema, or a failed JSON-patch ``test``)."""
+
+
 class TooManyRequests(APIError):
     """429: throttled by API priority and fairness; wait ``retry_after`` seconds."""
 
 
 BY_STATUS: dict[int, type[APIError]] = {
     401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 410: Gone,
-    429: TooManyRequests,
+    422: Invalid, 429: TooManyRequests,
 }
 
 

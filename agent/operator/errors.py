@@ -5,9 +5,9 @@ from __future__ import annotations
 import kopf
 
 from agent.images import errors as image_errors
-from agent.kube.errors import APIError, Conflict, NotFound
+from agent.kube.errors import APIError, Conflict, Invalid, NotFound
 
-__all__ = ["APIError", "Conflict", "InvalidSpec", "NotFound", "to_kopf"]
+__all__ = ["APIError", "Conflict", "Invalid", "InvalidSpec", "NotFound", "to_kopf"]
 
 
 class InvalidSpec(ValueError):

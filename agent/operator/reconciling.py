@@ -182,7 +182,11 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         remaining = (finished_at + datetime.timedelta(seconds=ttl) - now).total_seconds()
         if remaining <= 0:
             logger.info(f"finished {ttl}s ago (ttlSecondsAfterFinished); deleting")
-            await state.client.delete(kubeapi.prefetch_path(prefetch.namespace, prefetch.name))
+            try:  # this prefetch, not one re-created under its name since it was read
+                await state.client.delete(
+                    kubeapi.prefetch_path(prefetch.namespace, prefetch.name), uid=uid)
+            except errors.Conflict as e:
+                logger.info(f"not deleted: the name is now another ImagePrefetch's ({e})")
             return None
         wait = remaining if wait is None else min(wait, remaining)
     return wait

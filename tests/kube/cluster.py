@@ -106,6 +106,21 @@ class Cluster:
         assert self.api is not None
         self.call(self.api.delete_object, api_version, plural, name, namespace)
 
+    def before(self, verb: str, plural: str, action: Callable[[KubeAPI], None], *,
+               name: str = "", subresource: str = "") -> None:
+        """Run ``action(api)`` on the emulator's loop just before the next matching request
+        is served (see :meth:`KubeAPI.before`)."""
+        api = self.api
+        assert api is not None
+        self.call(api.before, verb, plural, lambda: action(api), name=name,
+                  subresource=subresource)
+
+    def history(self) -> list[tuple[str, JSON]]:
+        """Every watch event kept so far, oldest first: ``(type, object)``."""
+        api = self.api
+        assert api is not None
+        return self.call(lambda: [(e[2], e[3]) for e in api._events])
+
     def calls(self) -> list[Call]:
         assert self.api is not None
         return self.call(lambda: list(self.api.calls))  # type: ignore[union-attr]

@@ -38,7 +38,10 @@ does and this emulator does too (everything below is what kmock 0.8 lacks or get
   token and the old one expiring);
 - **faults** (:meth:`KubeAPI.fail`): the next N matching requests get a status (409, 429 with
   ``Retry-After``, 500…); a watch can be answered with 410 Gone; :meth:`KubeAPI.drop_watches`
-  cuts every open watch connection.
+  cuts every open watch connection;
+- **races** (:meth:`KubeAPI.before`): a function run on the store just before the next
+  matching request is served (an object deleted and re-created under the same name between
+  a client's read and its write, deterministically).
 
 Not emulated: authorization/RBAC (every request is allowed, but every request is recorded
 in :attr:`KubeAPI.calls` so RBAC can be compared with what was used), admission, controllers
@@ -57,7 +60,7 @@ import itertools
 import json
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -292,6 +295,9 @@ class KubeAPI(kmock.KubernetesEmulator):
     tokens: set[str] = attrs.field(factory=set)
     #: Injected faults, consumed in order: (verb, plural, status, retry_after, remaining).
     faults: list[list[Any]] = attrs.field(factory=list, init=False)
+    #: Injected races: (verb, plural, subresource, name, action), each run once.
+    races: list[tuple[str, str, str, str, Callable[[], None]]] = attrs.field(
+        factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         # Not calling kmock's own post-init: its fallbacks (discovery with "/v1", the simple
@@ -352,6 +358,21 @@ class KubeAPI(kmock.KubernetesEmulator):
         patch, delete; "*" for any) on ``plural`` ("*" for any) with ``status`` (a watch
         with 410 gets a 410 ERROR event, as an expired resourceVersion does)."""
         self.faults.append([verb, plural, status, retry_after, times])
+
+    def before(self, verb: str, plural: str, action: Callable[[], None], *, name: str = "",
+               subresource: str = "") -> None:
+        """Run ``action`` (on the emulator's loop, where the store may be used directly)
+        just before the next ``verb`` request on ``plural`` (``name`` and ``subresource``,
+        when given, must match too) is served: once."""
+        self.races.append((verb, plural, subresource, name, action))
+
+    def _race(self, verb: str, plural: str, subresource: str, name: str) -> None:
+        for race in self.races:
+            if race[0] == verb and race[1] == plural and race[2] == subresource \
+                    and race[3] in ("", name):
+                self.races.remove(race)
+                race[4]()
+                return
 
     def drop_watches(self) -> None:
         """Close every open watch connection (as a restarted API server or a proxy does)."""
@@ -539,6 +560,7 @@ class KubeAPI(kmock.KubernetesEmulator):
             params.get("labelSelector", ""), params.get("fieldSelector", ""),
             request.headers.get("User-Agent", ""),
         ))
+        self._race(verb, plural, sub, name)
         fault = self._fault(verb, plural)
         if fault is not None:
             status, retry_after = fault[2], fault[3]

@@ -78,10 +78,10 @@ def test_a_sole_owner_still_refreshes_its_own_new_digest() -> None:
 
 class StatusClient:
     def __init__(self) -> None:
-        self.patches: list[JSON] = []
+        self.patches: list[list[JSON]] = []
 
-    async def merge_patch(self, path: str, patch: JSON) -> JSON:
-        self.patches.append(copy.deepcopy(patch))
+    async def json_patch(self, path: str, operations: list[JSON]) -> JSON:
+        self.patches.append(copy.deepcopy(operations))
         return {}
 
 
@@ -100,7 +100,10 @@ def test_a_status_write_nulls_a_completion_time_the_server_still_holds() -> None
     new = {"observedGeneration": 2, "phase": "Progressing"}
     asyncio.run(status_writes.write_status(st, obj, previous, new,
                                          times.utcnow(), urgent=True))
-    assert client.patches[0]["status"]["completionTime"] is None
+    test, write = client.patches[0]
+    assert test == {"op": "test", "path": "/metadata/uid", "value": "u1"}
+    assert write["path"] == "/status" and "completionTime" not in write["value"]
+    assert write["value"] == new
 
 
 def test_cordoned_or_not_ready_nodes_keep_the_entries_already_dispatched() -> None:
