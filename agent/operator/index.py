@@ -2,6 +2,11 @@
 
 :class:`State` is the index the kopf event handlers keep (nodes, NodeImageSets, agent pods)
 plus per-prefetch memory (resolved digests, traceparents, status throttle, events sent).
+
+It is changed on the event loop only (every kopf handler is ``async``: kopf would run a
+plain ``def`` in a thread, changing the index while a reconcile iterates it;
+tests/operator/test_index_races.py checks it), and the loops that wake prefetches iterate
+snapshots, so a callback that changes it cannot break them.
 """
 
 from __future__ import annotations
@@ -100,13 +105,17 @@ class State:
 
     def wake(self, uid: str | None = None) -> None:
         """Wake one prefetch's reconcile loop, or all of them."""
-        for key, event in self.wakers.items():
-            if uid is None or key == uid:
+        if uid is not None:
+            event = self.wakers.get(uid)
+            if event is not None:
                 event.set()
+            return
+        for event in list(self.wakers.values()):
+            event.set()
 
     def wake_node(self, node: str) -> None:
         """Wake the prefetches with entries on ``node`` (its agent came or went)."""
-        for uid, per_node in self.by_owner.items():
+        for uid, per_node in list(self.by_owner.items()):
             if node in per_node:
                 self.wake(uid)
 

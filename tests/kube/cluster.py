@@ -9,6 +9,7 @@ the store goes through :meth:`Cluster.call`, which runs a function on the emulat
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import os
 import subprocess
@@ -115,7 +116,7 @@ class Cluster:
         self.call(api.before, verb, plural, lambda: action(api), name=name,
                   subresource=subresource)
 
-    def history(self) -> list[tuple[str, JSON]]:
+    def history(self) -> builtins.list[tuple[str, JSON]]:
         """Every watch event kept so far, oldest first: ``(type, object)``."""
         api = self.api
         assert api is not None
