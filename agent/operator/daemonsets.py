@@ -42,7 +42,7 @@ from typing import Any, Literal
 import yaml
 
 from agent.kube import resources
-from agent.operator import errors, kubeapi
+from agent.operator import errors, event_series, kubeapi
 
 logger = logging.getLogger("agent.operator")
 
@@ -284,6 +284,8 @@ class Keeper:
     reported: str = ""
     #: The DaemonSet as last read or written (what schedules the agents; None = none kept).
     live: JSON | None = None
+    #: Posts the Events (a repeated reason patches its Event); None: one Event each.
+    recorder: event_series.EventRecorder | None = None
 
     async def check(self) -> set[str] | None:
         """Keep the DaemonSet; return the nodes with a ready agent (None: no DaemonSet kept)."""
@@ -343,12 +345,16 @@ class Keeper:
             logger.warning(f"agent DaemonSet: {problem}")
         else:
             logger.info("agent DaemonSet: every node it targets has an agent pod again")
+        kind = "Warning" if problem else "Normal"
+        reason = "AgentPodsMissing" if problem else "AgentPodsScheduled"
+        message = problem or "every node the DaemonSet targets has an agent pod"
+        if self.recorder is not None:
+            self.recorder.record({"apiVersion": "apps/v1", "kind": "DaemonSet", **live},
+                                 kind, reason, message)
+            return
         try:
-            await self.client.create(
-                f"/api/v1/namespaces/{self.namespace}/events",
-                event(live, "Warning" if problem else "Normal",
-                      "AgentPodsMissing" if problem else "AgentPodsScheduled",
-                      problem or "every node the DaemonSet targets has an agent pod"))
+            await self.client.create(f"/api/v1/namespaces/{self.namespace}/events",
+                                     event(live, kind, reason, message))
         except errors.APIError as e:
             logger.warning(f"cannot post an Event about the agent DaemonSet: {e}")
 

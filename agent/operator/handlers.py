@@ -82,6 +82,7 @@ async def stop(memo: Any, **_: Any) -> None:
         if task is not None:
             task.cancel()
     await _state(memo).writer.close()
+    await _state(memo).recorder.close()
     await _state(memo).client.aclose()
 
 
@@ -171,7 +172,7 @@ async def sweep_periodically(state: index.State) -> None:
 async def keep_daemonset(state: index.State) -> None:
     """Keep the agents' DaemonSet as the settings file says; track ready agent pods."""
     keeper = daemonsets.Keeper(state.client, state.namespace, state.settings.agent_daemonset,
-                               state.settings.agent_daemonset_owner)
+                               state.settings.agent_daemonset_owner, recorder=state.recorder)
     while True:
         try:
             await check_daemonset(state, keeper)

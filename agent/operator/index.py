@@ -20,7 +20,16 @@ from typing import Any
 from agent import config
 from agent.kube import specs
 from agent.metrics import OperatorMetrics
-from agent.operator import dispatching, kubeapi, nodes, roles, secretcache, throttling, writing
+from agent.operator import (
+    dispatching,
+    event_series,
+    kubeapi,
+    nodes,
+    roles,
+    secretcache,
+    throttling,
+    writing,
+)
 from agent.operator import heartbeats as heartbeats_mod
 from agent.operator.digests import Memo
 from agent.operator.nodes import Node
@@ -84,8 +93,11 @@ class State:
     heartbeats: heartbeats_mod.Heartbeats = dataclasses.field(init=False)
     #: Pull secrets (sources and copies) as last read (:mod:`.secretcache`).
     secrets: secretcache.SecretCache = dataclasses.field(init=False)
+    #: Events about prefetches, repeats patched into one Event (:mod:`.event_series`).
+    recorder: event_series.EventRecorder = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.recorder = event_series.EventRecorder(self.client)
         self.secrets = secretcache.SecretCache(self.client,
                                                self.settings.secret_refresh_interval)
         self.heartbeats = heartbeats_mod.Heartbeats(self.settings.agent_heartbeat_timeout,
@@ -229,6 +241,7 @@ class State:
             del self.traceparents[generation_key]
         self.statuses.pop(uid, None)
         self.events_sent.pop(uid, None)
+        self.recorder.forget(uid)
         self.wakers.pop(uid, None)
         self.throttle.forget(uid)
         self.summaries.pop(uid, None)

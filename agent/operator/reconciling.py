@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
-import kopf
 from opentelemetry import trace
 
 from agent import telemetry
@@ -69,7 +69,7 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
                              len(listed) if isinstance(listed, list) else 0)
         if f"invalid/{generation}" not in sent:
             sent.add(f"invalid/{generation}")
-            kopf.warn(cast(kopf.Body, body), reason="InvalidSpec", message=str(e))
+            state.recorder.record(body, "Warning", "InvalidSpec", str(e))
         state.summarise(uid, new)
         await write_status(state, body, previous, dict(new), now, urgent=True)
         return None
@@ -166,8 +166,8 @@ async def reconcile(state: State, body: Mapping[str, Any], logger: Any) -> float
         previous=previous, now=now_text, problems=problems,
     )
     state.summarise(uid, new)
-    emit_events(body, previous, dict(new), sent, problems,
-                status.failure_reasons(reports, resolved))
+    emit_events(functools.partial(state.recorder.record, body), previous, dict(new), sent,
+                problems, status.failure_reasons(reports, resolved))
     urgent = status.conditions_changed(previous, dict(new))
     wait = await write_status(state, body, previous, dict(new), now, urgent=urgent)
 

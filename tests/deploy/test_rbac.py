@@ -137,6 +137,18 @@ def operator_flow(installed: Release, tmp_path_factory: pytest.TempPathFactory) 
                 or []) == 1 for n in ("rbac-a", "rbac-b")), message="dispatched")
         cluster.wait_for(lambda: len(copies(cluster)) == 1, message="secret copied")
 
+        # A reason repeated about one prefetch patches its Event (an event series).
+        def not_found_events() -> list[JSON]:
+            return [e for e in cluster.list("v1", "events", "team")
+                    if e["reason"] == "NodeNotFound" and e["involvedObject"]["name"] == "typo"]
+
+        cluster.apply(prefetch("typo", nodeNames=["rbac-typo-1"]))
+        cluster.wait_for(lambda: not_found_events(), message="NodeNotFound event")
+        cluster.apply(prefetch("typo", nodeNames=["rbac-typo-2"]))
+        cluster.wait_for(lambda: [e["count"] for e in not_found_events()] == [2],
+                         message="NodeNotFound event counted twice")
+        cluster.kubectl("delete", "ipf", "typo", "-n", "team", "--timeout=20s")
+
         # The agents may read the copy, by name, and nothing else; the Role comes back when
         # deleted.
         def secrets_role() -> JSON | None:
@@ -257,7 +269,7 @@ def test_operator_reads_other_namespaces_only_for_source_secrets_and_events(
         operator_flow: JSON, installed: Release) -> None:
     outside = {(r.verb, r.resource) for r in operator_requests(installed.cluster)
                if r.namespace and r.namespace != NAMESPACE and r.resource != "imageprefetches"}
-    assert outside <= {("get", "secrets"), ("create", "events")}, outside
+    assert outside <= {("get", "secrets"), ("create", "events"), ("patch", "events")}, outside
 
 
 def test_the_operator_recreates_the_agents_as_the_chart_rendered_them(
