@@ -43,10 +43,15 @@ CONCURRENCY = 16
 ATTEMPTS = 4
 #: Conflicts (409) retried at once, on a fresh read, per flush.
 CONFLICTS = 10
-#: The CRD's caps (crds/nodeimagesets...yaml): entries per node, owners and secrets per entry.
+#: The CRD's caps (crds/nodeimagesets...yaml): entries per node, owners and secrets per entry,
+#: owners of all the entries of a node. The size of a NodeImageSet grows with its owner
+#: references, wherever they are: a budget of 2,048 per node (8 per entry on average) keeps
+#: the worst case where 8 per entry kept it (~0.9 MB of etcd's 1.5 MiB), while up to 64
+#: prefetches may share one image on a node (docs/limits.md).
 MAX_ENTRIES = 256
-MAX_OWNERS = 8
+MAX_OWNERS = 64
 MAX_SECRETS = 8
+MAX_OWNER_REFS = 2048
 
 
 class NodeFull(errors.APIError):
@@ -290,12 +295,16 @@ def _over_cap(before: list[specs.ImageEntry], after: list[specs.ImageEntry]) -> 
     the CRD it reaches that ``before`` did not exceed already."""
     if len(after) > max(len(before), MAX_ENTRIES):
         return f"the node already has {len(before)} image entries (at most {MAX_ENTRIES})"
+    refs, refs_before = (sum(len(e["owners"]) for e in images) for images in (after, before))
+    if refs > max(MAX_OWNER_REFS, refs_before):
+        return (f"the node's image entries already have {refs_before} owner references in all (at"
+                f" most {MAX_OWNER_REFS}: one per ImagePrefetch per image)")
     old = {e["name"]: e for e in before}
     for entry in after:
         was = old.get(entry["name"])
         if len(entry["owners"]) > max(MAX_OWNERS, len(was["owners"]) if was else 0):
-            return (f"{entry['image']} already has {MAX_OWNERS} ImagePrefetches owning it on"
-                    " the node (at most that many)")
+            return (f"{entry['image']} already has {len(entry['owners']) - 1} ImagePrefetches"
+                    f" owning it on the node (at most {MAX_OWNERS})")
         secrets = entry.get("pullSecrets") or []
         had = (was.get("pullSecrets") or []) if was is not None else []
         if len(secrets) > max(MAX_SECRETS, len(had)):
