@@ -49,7 +49,10 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
         prefix=resources.KOPF_ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=resources.KOPF_ANNOTATION_PREFIX)
-    settings.posting.level = logging.WARNING  # only warnings become Events by themselves
+    # kopf's poster would make an Event of every per-object log line at or above this level,
+    # one object each; it is not installed (logs.setup, not kopf.configure()), and off: the
+    # Events are the recorder's (.event_series: a repeated reason is one Event, counted).
+    settings.posting.enabled = False
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
     settings.peering.standalone = True  # the leader Lease is the lock (see .main)

@@ -151,14 +151,16 @@ class NodeWriter:
         """Submit one change per node and wait for all of them; the nodes whose write
         failed (after the writer's own retries) are returned, sorted."""
         futures = {node: self.submit(node, change) for node, change in changes.items()}
-        failed: list[str] = []
+        failed: dict[str, errors.APIError] = {}
         for node, future in futures.items():
             try:
                 await future
             except errors.APIError as e:
-                failed.append(node)
-                if logger is not None:
-                    logger.warning(f"NodeImageSet {node}: {e}; retrying later")
+                failed[node] = e
+        if failed and logger is not None:  # one line (and Event), not one per node
+            first = min(failed)
+            logger.warning(f"NodeImageSet writes failed on {len(failed)} node(s), e.g."
+                           f" {first}: {failed[first]}; retrying later")
         return sorted(failed)
 
     def _owner(self, node: str) -> list[JSON]:

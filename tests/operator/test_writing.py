@@ -123,6 +123,28 @@ def test_spec_writes_are_merge_patches_of_spec_images_on_the_version_read() -> N
     asyncio.run(main())
 
 
+def test_writes_failing_on_many_nodes_are_one_warning_not_one_per_node() -> None:
+    """At 5,000 nodes an API server in trouble would otherwise be 5,000 lines per reconcile."""
+    warnings: list[str] = []
+
+    class Logger:
+        def warning(self, message: str) -> None:
+            warnings.append(message)
+
+    async def main() -> None:
+        client = FakeClient()
+        writer, _ = make_writer(client, debounce=0.0, attempts=1)
+        client.fail = 3
+        change = writing.Change("a", {"x": entry("x", "a")})
+        failed = await writer.write({n: change for n in ("n3", "n1", "n2")}, Logger())
+        assert failed == ["n1", "n2", "n3"]
+        await writer.close()
+
+    asyncio.run(main())
+    assert warnings == ["NodeImageSet writes failed on 3 node(s), e.g. n1: 500 InternalError:"
+                        " boom; retrying later"]
+
+
 def test_failures_are_retried_a_bounded_number_of_times() -> None:
     async def main() -> None:
         client = FakeClient()
