@@ -22,8 +22,9 @@ Lifecycle of one pull, as the service drives it::
 
     needed = backend.layers_to_fetch(manifest, config.diff_ids)   # after the config
     # fetch `needed` into the content store, and meanwhile:
-    chain_id = await backend.unpack(Unpacking(...))               # blobs as they arrive
-    # the image record (name → digest, chain_id) goes into the service's records
+    unpacked = await backend.unpack(Unpacking(...))               # blobs as they arrive
+    # the image record (name → digest, unpacked.chain_id, unpacked.image_id) goes into
+    # the service's records
 """
 
 from __future__ import annotations
@@ -90,6 +91,22 @@ class RuntimeInfo:
         if not self.byte_progress:
             parts.append("no byte progress")
         return f"{self.mode}: " + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """What :meth:`Backend.unpack` made of an image.
+
+    Attributes:
+        chain_id: the top snapshot the prefetcher committed the layers as (the image's chain
+            ID); ``""`` when it unpacked nothing itself (content only, or a runtime that
+            pulled the layers through the CRI).
+        image_id: the node runtime's ID of the image (the CRI's ``Image.id``, what
+            ``crictl images`` shows); ``""`` outside a runtime (the prefetcher's store).
+    """
+
+    chain_id: str = ""
+    image_id: str = ""
 
 
 @dataclass
@@ -165,8 +182,8 @@ class Backend(Protocol):
         """The layers the service must download for :meth:`unpack` (blocking)."""
         ...
 
-    async def unpack(self, job: Unpacking) -> str:
-        """Unpack ``job``'s image; returns the top chain ID. Runs while the fetches run."""
+    async def unpack(self, job: Unpacking) -> Unpacked:
+        """Unpack ``job``'s image; says what it made. Runs while the fetches run."""
         ...
 
     def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:

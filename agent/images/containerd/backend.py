@@ -162,7 +162,7 @@ class ContainerdBackend:
             if i >= depth and not self.has_blob(layer.digest)
         ]
 
-    async def unpack(self, job: backend_api.Unpacking) -> str:
+    async def unpack(self, job: backend_api.Unpacking) -> backend_api.Unpacked:
         """Import the image while its layers download: each layer is applied, and streamed
         into containerd's content store, from its ingest as the bytes arrive, verified before
         its snapshot or blob is committed; then the local layer copies are dropped."""
@@ -189,7 +189,8 @@ class ContainerdBackend:
         # containerd holds the layers now; the local copies would only duplicate them (a
         # concurrent pull of an image sharing a layer may still be about to read it).
         await asyncio.to_thread(job.discard_layers, job.manifest.layers)
-        return str(imported.chain_id)
+        # The CRI plugin's image ID is the config's digest (what `crictl images` shows).
+        return backend_api.Unpacked(str(imported.chain_id), str(job.manifest.config.digest))
 
     def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:
         if not record.chain_id:

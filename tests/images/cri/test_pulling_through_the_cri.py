@@ -49,6 +49,18 @@ async def pull_through(
             svc.close()
 
 
+async def listed_images(ctrd: Containerd, root: Path) -> list[dict[str, object]]:
+    """What ``prefetcher images ls --json`` prints for the store (the CRI backend's view)."""
+    backend = cri.CriBackend(ctrd.address)
+    backend.check()
+    async with client.RegistryClient(hosts.RegistryHosts(None)) as rc:
+        svc = service.ImageService(root, rc, backend=backend)
+        try:
+            return [i.to_json() for i in svc.list_images()]
+        finally:
+            svc.close()
+
+
 async def test_a_private_image_is_pulled_by_the_runtime_with_the_pull_secrets_credentials(
     ctrd: Containerd, runtime: cri.CriBackend, basic_registry: Registry, tmp_root: Path
 ) -> None:
@@ -65,7 +77,13 @@ async def test_a_private_image_is_pulled_by_the_runtime_with_the_pull_secrets_cr
     assert status is not None, "the runtime does not report the image present"
     assert reference in status.repo_tags
     assert status.id == image.config.digest
-    assert result.chain_id == status.id
+    # The runtime's image ID is recorded as such; no chain ID: the runtime unpacked the
+    # layers into snapshots of its own.
+    assert result.image_id == status.id and result.chain_id == ""
+    listed = await listed_images(ctrd, tmp_root)
+    assert [(i["name"], i["image_id"], i["chain_id"], i["unpacked"]) for i in listed] == [
+        (reference, status.id, "", True)
+    ]
     # The status says what this mode cannot report, and still reports the phases.
     phases = [(e.phase, e.message) for e in seen if isinstance(e, events.PhaseChanged)]
     assert (events.Phase.UNPACKING, cri.NO_BYTE_PROGRESS) in phases
