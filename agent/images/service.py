@@ -211,13 +211,19 @@ class ImageService:
         return await self.gc()
 
     async def forget(self, reference: str | references.Reference) -> None:
-        """Drop the image's record and release it to the backend's runtime (unpinned, left
-        to its own GC). Raises :class:`NotFound`."""
+        """Release the image to the backend's runtime (unpinned, left to its own GC), then
+        drop its record.
+
+        Raises:
+            NotFound: no such record.
+            ImageError: the runtime refused or did not answer (the unpin failed): the record
+                stays, so the image is still the prefetcher's and forgetting it again (the
+                agent's next collection, ``prefetcher images rm``) retries the unpin.
+        """
         name = str(_parse(reference))
         record = await asyncio.to_thread(self.records.get, name)
+        await asyncio.to_thread(self.backend.release, record)
         await asyncio.to_thread(self.records.delete, name)
-        with contextlib.suppress(errors.ImageError):
-            await asyncio.to_thread(self.backend.release, record)
 
     def _collect(self) -> gc.Result:
         with self._alone() as alone:

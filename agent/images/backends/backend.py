@@ -191,8 +191,10 @@ class Backend(Protocol):
         ...
 
     def release(self, record: records.ImageRecord) -> None:
-        """The prefetcher no longer wants ``record``'s image (its record is gone): leave it
-        to the runtime's own garbage collection (containerd: drop the pin)."""
+        """The prefetcher no longer wants ``record``'s image (its record goes next): leave
+        it to the runtime's own garbage collection (containerd: drop the pin). Idempotent;
+        raises an :class:`~agent.images.errors.ImageError` saying what to do when the
+        runtime refuses (the service then keeps the record, and a later call retries)."""
         ...
 
     def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:

@@ -203,13 +203,27 @@ class ContainerdBackend:
             return False
 
     def release(self, record: records.ImageRecord) -> None:
-        """Unpin the image's CRI records: kubelet's image GC may remove it from now on."""
+        """Unpin the image's CRI records: kubelet's image GC may remove it from now on.
+
+        Raises:
+            Unavailable: containerd did not unpin a record (it names the record and the
+                ``ctr`` command that unpins it by hand); calling again retries.
+        """
         ref = references.parse(record.name)
         for name in images_mod.cri_names(ref, record.digest, record.config_digest):
-            with contextlib.suppress(errors.NotFound):
+            try:
                 image = self.images.get(name)
                 if image.labels.get(images_mod.LABEL_PINNED):
                     self.images.put(name, image.target, {images_mod.LABEL_PINNED: ""})
+            except errors.NotFound:
+                continue  # removed by someone else: nothing left to unpin
+            except errors.ImageError as e:
+                raise errors.Unavailable(
+                    f"could not unpin {name} in containerd at {self.client.address}: {e}."
+                    " kubelet's image GC will not remove it while it is pinned; unpin it by"
+                    f" hand with `ctr -n {self.client.namespace} images label {name}"
+                    f" {images_mod.LABEL_PINNED}=`"
+                ) from e
 
     def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:
         raise errors.NotFound(
