@@ -28,6 +28,7 @@ from agent.node import (
     credentials,
     handlers,
     health,
+    heartbeating,
     kubeapi,
     pulling,
     reconciling,
@@ -138,12 +139,15 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
             holder=os.environ.get("POD_NAME") or f"agent-{rt.node_name}",
             duration=LEASE_DURATION_FACTOR * node.heartbeat_interval,
             owner_uid=lambda: supervisor.uid)
+        renewals = heartbeating.LeaseRenewals(
+            heartbeat.renew, name=f"{rt.namespace}/{leases.heartbeat_name(rt.node_name)}",
+            duration=heartbeat.duration, interval=node.heartbeat_interval)
         supervisor = supervising.Supervisor(
             node=rt.node_name, puller=puller, reporter=reporter, collector=collector, pool=pool,
             probes=probes, resync_interval=node.resync_interval,
             heartbeat_interval=node.heartbeat_interval, gc_period=rt.gc_period,
             stats_period=img.stats_collect_period,
-            failed_retry_interval=node.failed_retry_interval, renew_lease=heartbeat.renew)
+            failed_retry_interval=node.failed_retry_interval, renew_lease=renewals.renew)
         ready = asyncio.Event()
         memo: Any = kopf.Memo(supervisor=supervisor, client=client, watch_timeout=WATCH_TIMEOUT)
         watching = asyncio.create_task(_mark_watching(ready, probes))
