@@ -97,13 +97,13 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
         return registry_client.RegistryClient(registry_hosts, keychain)
 
     anonymous = make_registry(image_credentials.Keychain.empty())
+    # (The service owns the backend from here: it closes it if it cannot start.)
+    svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options,
+                                  backend=backend)
     try:
-        svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options,
-                                      backend=backend)
-    except BaseException:
-        backend.close()
-        raise
-    try:
+        # `prefetcher images ls/rm/gc` on this store (in the pod, or on the node) open the
+        # same runtime when they are not told otherwise.
+        await asyncio.to_thread(runtimes.remember, Path(rt.root), backend.info)
         probes.store_open = True
         collector = collecting.Collector(
             svc, reconciling.Budget(int(rt.min_free_bytes), rt.min_free_percent,
