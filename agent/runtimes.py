@@ -115,6 +115,28 @@ def open_store_backend(settings: config.Settings) -> backend_api.Backend:
     return open_for_store(settings).backend
 
 
+def pinning_warning(info: backend_api.RuntimeInfo) -> str:
+    """What to tell an admin whose runtime does not keep pinned images from kubelet's image
+    GC (``""``: nothing to tell: it does, or images are not the runtime's)."""
+    if info.pins or info.mode == "local":
+        return ""
+    if info.mode == "containerd":
+        return (
+            f"containerd {info.version} does not report the prefetched images to kubelet as"
+            " pinned (it ignores the io.cri-containerd.pinned label the agent sets; containerd"
+            " 1.7 and later honour it): kubelet's image GC may remove a prefetched image that"
+            " no container uses once the image filesystem fills up. Prefetches with"
+            " completionPolicy: Never pull it again at the agent's next resync; others stay"
+            " Complete without it. Upgrade containerd to 1.7 or later to keep them pinned"
+        )
+    return (
+        f"{info.runtime or 'the CRI runtime'} pulls through the CRI, which has no call to pin"
+        " an image: kubelet's image GC may remove a prefetched image that no container uses"
+        " (prefetches with completionPolicy: Never pull it again at the next resync). Pin"
+        " images with the runtime's own configuration (CRI-O: pinned_images) to keep them"
+    )
+
+
 def configured_mode(settings: config.Settings) -> str:
     """``images.snapshotter`` when the file, the environment or a flag set it; else ``""``."""
     img = settings.images

@@ -83,6 +83,9 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
     logger.info(f"images go to {backend.info.describe()}",
                 extra={"node": rt.node_name, "runtime": backend.info.to_json(),
                        "hosts_dir": runtime.hosts_dir})
+    if unpinned := runtimes.pinning_warning(backend.info):
+        # Once, at start: the node's status says it too (status.agent.runtime.pinning).
+        logger.warning(unpinned, extra={"node": rt.node_name})
     probes = health.Health()
     health_server = health.HealthServer(probes, rt.health_address)
     await health_server.start()

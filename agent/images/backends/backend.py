@@ -57,6 +57,9 @@ class RuntimeInfo:
         snapshotter: the snapshotter layers are unpacked into (``""``: not unpacked).
         namespace: containerd's namespace (``""`` elsewhere).
         byte_progress: whether pulls report bytes as they arrive (not through the CRI).
+        pins: whether kubelet's image GC sees the images the agent pins as pinned
+            (containerd ≥ 1.7 reports ``io.cri-containerd.pinned`` through the CRI; 1.6
+            ignores the label, the CRI has no call to pin, the local store is not kubelet's).
     """
 
     mode: str
@@ -66,6 +69,7 @@ class RuntimeInfo:
     snapshotter: str = ""
     namespace: str = ""
     byte_progress: bool = True
+    pins: bool = False
 
     def to_json(self) -> dict[str, str | bool]:
         return {
@@ -76,6 +80,7 @@ class RuntimeInfo:
             "snapshotter": self.snapshotter,
             "namespace": self.namespace,
             "byteProgress": self.byte_progress,
+            "pinning": self.pins,
         }
 
     def describe(self) -> str:
@@ -90,6 +95,8 @@ class RuntimeInfo:
             parts.append(f"snapshotter {self.snapshotter}")
         if not self.byte_progress:
             parts.append("no byte progress")
+        parts.append("images pinned against kubelet's image GC" if self.pins else
+                     "no pinning against kubelet's image GC")
         return f"{self.mode}: " + ", ".join(parts)
 
 

@@ -140,6 +140,7 @@ class ContainerdBackend:
             address=self.client.address,
             snapshotter=self.snapshotter_name,
             namespace=self.client.namespace,
+            pins=checks.version_tuple(self.version) >= checks.PINNING_VERSION,
         )
 
     @property

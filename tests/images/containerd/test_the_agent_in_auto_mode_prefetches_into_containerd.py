@@ -111,6 +111,13 @@ def test_the_agent_finds_containerd_prefetches_and_pods_need_no_pull(
         assert (runtime["snapshotter"], runtime["namespace"]) == ("overlayfs", "k8s.io")
         assert runtime["version"].startswith("1.6")
         assert "images go to containerd: containerd 1.6" in agent.output()
+        # containerd 1.6 ignores the pin label: the status and the log say so, once.
+        assert runtime["pinning"] is False
+        assert "no pinning against kubelet's image GC" in agent.output()
+        warnings = [line for line in agent.output().splitlines()
+                    if "does not report the prefetched images to kubelet as pinned" in line]
+        assert len(warnings) == 1 and "WARNING" in warnings[0], agent.output()[-4000:]
+        assert "Upgrade containerd to 1.7 or later" in warnings[0]
     finally:
         assert agent.stop() == 0, agent.output()[-4000:]
 
