@@ -167,6 +167,28 @@ def remembered(root: str | os.PathLike[str]) -> dict[str, str] | None:
     return {k: str(v) for k, v in data.items()}
 
 
+def check_pull_target(settings: config.Settings) -> None:
+    """Refuse a pull that would put local-store records into a store whose images are in a
+    runtime (the agent's store) only because nothing said where to pull.
+
+    Raises:
+        InvalidConfiguration: ``images.snapshotter`` is not configured and the store at
+            ``runtime.root`` remembers a runtime.
+    """
+    if configured_mode(settings):
+        return
+    stored = remembered(settings.runtime.root)
+    if stored is None or stored["mode"] == "local":
+        return
+    raise errors.InvalidConfiguration(
+        f"the store {settings.runtime.root} holds images of {stored['mode']} at"
+        f" {stored.get('address', '')} (the node agent's store?), and this pull would put its"
+        " image into the local store beside them: pull with --snapshotter auto to put it"
+        " where the agent puts its images, --snapshotter overlayfs to keep it in the local"
+        " store anyway, or another --root"
+    )
+
+
 def open_for_store(settings: config.Settings) -> Runtime:
     """The backend of the commands that read the store at ``runtime.root`` (``images ls``,
     ``rm``, ``gc``, ``mount``): ``images.snapshotter`` when configured (``auto``: the node's
@@ -185,13 +207,19 @@ def open_for_store(settings: config.Settings) -> Runtime:
     img = settings.images
     mode, address = stored["mode"], stored.get("address", "")
     logger.info(f"store {settings.runtime.root}: its images are in {mode} {address}".rstrip())
-    if mode == "containerd":
-        return _containerd(
-            settings, address, stored.get("namespace") or CRI_NAMESPACE,
-            snapshotter=stored.get("snapshotter") or img.containerd.snapshotter,
-        )
-    if mode == "cri":
-        return Runtime(_cri(address), img.registry.config_path or None)
+    try:
+        if mode == "containerd":
+            return _containerd(
+                settings, address, stored.get("namespace") or CRI_NAMESPACE,
+                snapshotter=stored.get("snapshotter") or img.containerd.snapshotter,
+            )
+        if mode == "cri":
+            return Runtime(_cri(address), img.registry.config_path or None)
+    except errors.InvalidConfiguration as e:
+        raise errors.InvalidConfiguration(
+            f"{e} (the store {settings.runtime.root} holds images of {mode} at {address}, as"
+            f" its {STORE_RUNTIME_FILE} says; --snapshotter names another place to look)"
+        ) from e
     return Runtime(
         backends.open_store(Path(settings.runtime.root), stored.get("snapshotter") or "overlayfs"),
         img.registry.config_path or None,

@@ -160,6 +160,8 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
     img = settings.images
     ref = references.parse(args.reference)
     platform = platforms.parse(args.platform) if args.platform else None
+    if not args.no_unpack:
+        runtimes.check_pull_target(settings)
     runtime = runtimes.open_runtime(settings, unpack=not args.no_unpack)
     registry_hosts = hosts.RegistryHosts(
         args.hosts_dir or runtime.hosts_dir,

@@ -13,6 +13,7 @@ from fixtures import images
 from fixtures.faultproxy import FaultProxy
 
 from agent import runtimes
+from agent.images import backends, records
 from tests.test_cli_pull import prefetcher
 
 from .conftest import Containerd
@@ -53,6 +54,15 @@ def test_a_pull_into_containerd_is_listed_from_the_store_alone(
         (reference, True)
     ]
 
+    # A pull told nothing would mix local-store images into it: refused, saying what to do.
+    other = images.Image([images.random_layer(5_000, files=1, seed=163)])
+    images.push(fault_proxy.upstream, "ctrd/ls", "2", other)
+    mixed = prefetcher("pull", f"{fault_proxy.host}/ctrd/ls:2", "--root", root, env=ENV)
+    assert mixed.returncode == 1
+    assert f"the store {root} holds images of containerd at {ctrd.address}" in mixed.stderr
+    assert "--snapshotter auto" in mixed.stderr
+    assert listed("--root", root) == [(reference, True)]
+
 
 def test_a_local_pull_is_listed_from_the_local_store(
     fault_proxy: FaultProxy, tmp_path: Path
@@ -68,3 +78,19 @@ def test_a_local_pull_is_listed_from_the_local_store(
     assert (runtimes.remembered(root) or {})["mode"] == "local"
     table = prefetcher("images", "ls", "--root", root, env=ENV).stdout.splitlines()
     assert "IMAGE ID" not in table[0]  # the local store's images have none
+
+
+def test_a_store_whose_runtime_is_gone_says_where_it_looked(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    records.ImageRecords(root / "images.db").close()
+    socket = tmp_path / "run" / "containerd.sock"
+    runtimes.remember(root, backends.RuntimeInfo(
+        mode="containerd", runtime="containerd", address=str(socket), namespace="k8s.io",
+        snapshotter="overlayfs"))
+
+    ls = prefetcher("images", "ls", "--root", str(root), env=ENV)
+    assert ls.returncode == 1
+    assert f"not reachable at {socket}" in ls.stderr
+    assert f"the store {root} holds images of containerd at {socket}, as its runtime.json" \
+        in ls.stderr
+    assert "Traceback" not in ls.stderr
