@@ -25,21 +25,23 @@ from agent.images import errors, service
 from agent.images.registry import client as registry_client
 from agent.images.registry import hosts
 
+#: How the store commands find where the images are (their ``--help``).
+LOOKUP = (
+    "List the images of a store (--root). Whether they are unpacked (present in the node's"
+    " runtime) is looked up where --snapshotter says, else the config's images.snapshotter"
+    " (auto: the node's runtime, found as the agent finds it), else the runtime the store was"
+    " last pulled into (by the agent, or `prefetcher pull`); else in the local store."
+)
+
 
 def register(subparsers: Any) -> None:
     images = subparsers.add_parser(
-        "images",
-        help="list the images of a store",
-        description=(
-            "List the images of a store (--root). Whether they are unpacked is looked up"
-            " where --snapshotter, else the config's images.snapshotter (auto: the node's"
-            " runtime, found as the agent finds it), else the runtime the store was last"
-            " pulled into by the agent or `prefetcher pull`, says; else in the local store."
-        ),
+        "images", help="list the images of a store", description=LOOKUP
     )
     images_sub = images.add_subparsers(dest="images_command", metavar="COMMAND", required=True)
     ls = images_sub.add_parser(
-        "ls", aliases=["list"], help="list images: reference, digest, size, unpacked"
+        "ls", aliases=["list"], help="list images: reference, digest, size, unpacked",
+        description=LOOKUP,
     )
     pulling.add_store_arguments(ls)
     ls.add_argument("--json", action="store_true", help="print a JSON list")
