@@ -298,7 +298,8 @@ class ImagesSettings(BaseModel):
             "[images.containerd]), 'cri' (a CRI runtime pulls, see [images.cri]), "
             "'overlayfs' (the prefetcher's own store under runtime.root, which kubelet never "
             "reads) or 'naive' (copying snapshots; slow, for tests). Default: 'auto' for the "
-            "agent, 'overlayfs' for the CLI."
+            "agent; for the CLI, 'overlayfs' for pull, and for images ls/rm/gc/mount the "
+            "runtime the store records (the agent's), else 'overlayfs'."
         ),
     )
     max_concurrent_downloads: int = Field(

@@ -14,6 +14,11 @@ The edge (the CLI, the node agent) chooses the backend here and hands it to
 * ``cri`` — the CRI runtime at ``images.cri.address``;
 * ``overlayfs`` / ``naive`` (the CLI's default) — the prefetcher's own store.
 
+Which runtime a store's image records describe is written into the store
+(:data:`STORE_RUNTIME_FILE`, by the agent at start and by ``prefetcher pull``), so the
+commands that read a store (``prefetcher images ls/rm/gc``, ``mount``) open the same runtime
+when neither a flag nor the configuration names one (:func:`open_for_store`).
+
 In containerd modes the registry hosts directory is the node's own (the CRI plugin's
 ``registry.config_path``, as the running containerd reports it, else as its config file
 says, else ``images.registry.config_path``, else :data:`DEFAULT_HOSTS_DIR`), so mirrors,
@@ -22,6 +27,7 @@ CAs and ``skip_verify`` match kubelet's own pulls.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -61,6 +67,8 @@ CONTAINERD_CONFIGS: Final = (
 DEFAULT_HOSTS_DIR: Final = "/etc/containerd/certs.d"
 #: The containerd namespace the CRI plugin (and so kubelet) uses.
 CRI_NAMESPACE: Final = "k8s.io"
+#: The file in a store root that names the runtime its image records describe.
+STORE_RUNTIME_FILE: Final = "runtime.json"
 
 
 @dataclass(frozen=True)
@@ -102,9 +110,120 @@ def open_runtime(
     return Runtime(backends.open_store(Path(settings.runtime.root), mode), local_hosts)
 
 
-def open_backend(settings: config.Settings, *, unpack: bool = True) -> backend_api.Backend:
-    """:func:`open_runtime`'s backend (for commands that make no registry requests)."""
-    return open_runtime(settings, unpack=unpack).backend
+def open_store_backend(settings: config.Settings) -> backend_api.Backend:
+    """:func:`open_for_store`'s backend (for commands that make no registry requests)."""
+    return open_for_store(settings).backend
+
+
+def pinning_warning(info: backend_api.RuntimeInfo) -> str:
+    """What to tell an admin whose runtime does not keep pinned images from kubelet's image
+    GC (``""``: nothing to tell: it does, or images are not the runtime's)."""
+    if info.pins or info.mode == "local":
+        return ""
+    if info.mode == "containerd":
+        return (
+            f"containerd {info.version} does not report the prefetched images to kubelet as"
+            " pinned (it ignores the io.cri-containerd.pinned label the agent sets; containerd"
+            " 1.7 and later honour it): kubelet's image GC may remove a prefetched image that"
+            " no container uses once the image filesystem fills up. Prefetches with"
+            " completionPolicy: Never pull it again at the agent's next resync; others stay"
+            " Complete without it. Upgrade containerd to 1.7 or later to keep them pinned"
+        )
+    return (
+        f"{info.runtime or 'the CRI runtime'} pulls through the CRI, which has no call to pin"
+        " an image: kubelet's image GC may remove a prefetched image that no container uses"
+        " (prefetches with completionPolicy: Never pull it again at the next resync). Pin"
+        " images with the runtime's own configuration (CRI-O: pinned_images) to keep them"
+    )
+
+
+def configured_mode(settings: config.Settings) -> str:
+    """``images.snapshotter`` when the file, the environment or a flag set it; else ``""``."""
+    img = settings.images
+    return img.snapshotter if "snapshotter" in img.model_fields_set else ""
+
+
+def remember(root: str | os.PathLike[str], info: backend_api.RuntimeInfo) -> None:
+    """Write into the store at ``root`` which runtime its image records describe (replaced
+    atomically). Content-only backends are not remembered."""
+    if info.mode == "local" and not info.snapshotter:
+        return
+    path = Path(root) / STORE_RUNTIME_FILE
+    data = {k: v for k, v in info.to_json().items() if k in
+            ("mode", "runtime", "address", "snapshotter", "namespace")}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def remembered(root: str | os.PathLike[str]) -> dict[str, str] | None:
+    """What :func:`remember` wrote into the store at ``root`` (``None``: nothing readable)."""
+    try:
+        data = json.loads((Path(root) / STORE_RUNTIME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("mode") not in ("local", "containerd", "cri"):
+        return None
+    return {k: str(v) for k, v in data.items()}
+
+
+def check_pull_target(settings: config.Settings) -> None:
+    """Refuse a pull that would put local-store records into a store whose images are in a
+    runtime (the agent's store) only because nothing said where to pull.
+
+    Raises:
+        InvalidConfiguration: ``images.snapshotter`` is not configured and the store at
+            ``runtime.root`` remembers a runtime.
+    """
+    if configured_mode(settings):
+        return
+    stored = remembered(settings.runtime.root)
+    if stored is None or stored["mode"] == "local":
+        return
+    raise errors.InvalidConfiguration(
+        f"the store {settings.runtime.root} holds images of {stored['mode']} at"
+        f" {stored.get('address', '')} (the node agent's store?), and this pull would put its"
+        " image into the local store beside them: pull with --snapshotter auto to put it"
+        " where the agent puts its images, --snapshotter overlayfs to keep it in the local"
+        " store anyway, or another --root"
+    )
+
+
+def open_for_store(settings: config.Settings) -> Runtime:
+    """The backend of the commands that read the store at ``runtime.root`` (``images ls``,
+    ``rm``, ``gc``, ``mount``): ``images.snapshotter`` when configured (``auto``: the node's
+    runtime, detected as the agent detects it); else the runtime the store's records were
+    written for (:func:`remembered`: the agent's, or the last ``prefetcher pull``'s);
+    else the local store with overlayfs, ``prefetcher pull``'s default.
+
+    Raises:
+        InvalidConfiguration: that runtime is missing or misconfigured.
+    """
+    if configured_mode(settings):
+        return open_runtime(settings)
+    stored = remembered(settings.runtime.root)
+    if stored is None:
+        return open_runtime(settings)
+    img = settings.images
+    mode, address = stored["mode"], stored.get("address", "")
+    logger.info(f"store {settings.runtime.root}: its images are in {mode} {address}".rstrip())
+    try:
+        if mode == "containerd":
+            return _containerd(
+                settings, address, stored.get("namespace") or CRI_NAMESPACE,
+                snapshotter=stored.get("snapshotter") or img.containerd.snapshotter,
+            )
+        if mode == "cri":
+            return Runtime(_cri(address), img.registry.config_path or None)
+    except errors.InvalidConfiguration as e:
+        raise errors.InvalidConfiguration(
+            f"{e} (the store {settings.runtime.root} holds images of {mode} at {address}, as"
+            f" its {STORE_RUNTIME_FILE} says; --snapshotter names another place to look)"
+        ) from e
+    return Runtime(
+        backends.open_store(Path(settings.runtime.root), stored.get("snapshotter") or "overlayfs"),
+        img.registry.config_path or None,
+    )
 
 
 def _detect(settings: config.Settings) -> Runtime:
@@ -146,17 +265,23 @@ def _detect(settings: config.Settings) -> Runtime:
 
 
 def _containerd(
-    settings: config.Settings, address: str, namespace: str, *, follow_cri: bool = False
+    settings: config.Settings,
+    address: str,
+    namespace: str,
+    *,
+    follow_cri: bool = False,
+    snapshotter: str = "",
 ) -> Runtime:
-    """containerd at ``address``; ``follow_cri``: unpack into its CRI plugin's snapshotter
-    whatever ``images.containerd.snapshotter`` says."""
+    """containerd at ``address``, unpacking into ``snapshotter`` (default
+    ``images.containerd.snapshotter``); ``follow_cri``: into its CRI plugin's snapshotter
+    whatever that says."""
     from agent.images.containerd import backend as containerd_backend
 
     img = settings.images
     backend = containerd_backend.ContainerdBackend(
         address,
         namespace,
-        img.containerd.snapshotter,
+        snapshotter or img.containerd.snapshotter,
         max_uncompressed_bytes=img.max_layer_uncompressed_bytes,
         max_image_uncompressed_bytes=img.max_image_uncompressed_bytes,
     )

@@ -24,11 +24,13 @@ def register(subparsers: Any) -> None:
         description=(
             "Resolve REFERENCE, download the manifest, config and layers for this host's"
             " platform (or --platform), verify every digest, commit them to the content store"
-            " under --root and unpack the layers into overlay snapshots. Prints the digest."
+            " under --root and unpack the layers into overlay snapshots (by default; or into"
+            " the node's runtime with --snapshotter auto, containerd or cri). Prints the"
+            " digest. `prefetcher images ls` on the same --root then looks there too."
         ),
     )
     p.add_argument("reference", help="image reference, e.g. alpine:3.20 or host:5000/app@sha256:…")
-    add_store_arguments(p)
+    add_store_arguments(p, pull=True)
     p.add_argument("--platform", help="os/arch[/variant] to pull (default: this host's)")
     p.add_argument(
         "--plain-http", action="store_true", help="talk plain HTTP to the registry (as ctr)"
@@ -73,17 +75,31 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def add_store_arguments(p: argparse.ArgumentParser) -> None:
-    """``--root`` and ``--config``, shared by every command that opens the store."""
+def add_store_arguments(p: argparse.ArgumentParser, *, pull: bool = False) -> None:
+    """``--root``, ``--config`` and ``--snapshotter``, shared by every command that opens
+    the store."""
     p.add_argument("--root", help="store directory (default: /var/lib/prefetcher as root)")
     p.add_argument("--config", help="config file (default: PREFETCHER_CONFIG or /etc/prefetcher)")
+    default = (
+        "images.snapshotter from the config, else overlayfs" if pull else
+        "images.snapshotter from the config, else the runtime the store was pulled into,"
+        " else overlayfs"
+    )
+    p.add_argument(
+        "--snapshotter",
+        choices=["auto", "overlayfs", "naive", "containerd", "cri"],
+        help=f"where the images are: auto (the node's runtime, found as the agent finds it),"
+        f" containerd, cri, or the local store's overlayfs / naive (default: {default})",
+    )
 
 
 def load_settings(args: argparse.Namespace, images: dict[str, Any] | None = None) -> Any:
     """Settings from the config file and environment, with the flags on top."""
-    overrides: dict[str, Any] = {"images": images or {}, "runtime": {}}
+    overrides: dict[str, Any] = {"images": dict(images or {}), "runtime": {}}
     if getattr(args, "root", None):
         overrides["runtime"]["root"] = args.root
+    if getattr(args, "snapshotter", None):
+        overrides["images"]["snapshotter"] = args.snapshotter
     return config.load(args.config, overrides)
 
 
@@ -144,6 +160,8 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
     img = settings.images
     ref = references.parse(args.reference)
     platform = platforms.parse(args.platform) if args.platform else None
+    if not args.no_unpack:
+        runtimes.check_pull_target(settings)
     runtime = runtimes.open_runtime(settings, unpack=not args.no_unpack)
     registry_hosts = hosts.RegistryHosts(
         args.hosts_dir or runtime.hosts_dir,
@@ -158,6 +176,8 @@ async def _pull(args: argparse.Namespace, settings: Any, on_event: Any) -> servi
     async with registry_client.RegistryClient(registry_hosts, keychain) as registry:
         svc = service.ImageService(root, registry, options, backend=runtime.backend)
         try:
+            # `prefetcher images ls` (and rm, gc) on this store follow where this pull went.
+            runtimes.remember(root, runtime.backend.info)
             return await svc.pull(ref, platform=platform, on_event=on_event)
         finally:
             svc.close()

@@ -1,4 +1,11 @@
-"""``prefetcher images ls``, ``mount``, ``umount``, ``rm``, ``gc``: the local store."""
+"""``prefetcher images ls``, ``mount``, ``umount``, ``rm``, ``gc``: the images of a store.
+
+Which runtime the images are in (and so whether they are unpacked, what ``rm`` unpins) is
+resolved as :func:`agent.runtimes.open_for_store` says: ``--snapshotter``, else
+``images.snapshotter`` from the config file or environment (``auto``: the node's runtime,
+detected as the agent detects it), else the runtime the store's records were written for
+(the agent's, or the last ``prefetcher pull``'s), else the local store (``pull``'s default).
+"""
 
 from __future__ import annotations
 
@@ -18,12 +25,23 @@ from agent.images import errors, service
 from agent.images.registry import client as registry_client
 from agent.images.registry import hosts
 
+#: How the store commands find where the images are (their ``--help``).
+LOOKUP = (
+    "List the images of a store (--root). Whether they are unpacked (present in the node's"
+    " runtime) is looked up where --snapshotter says, else the config's images.snapshotter"
+    " (auto: the node's runtime, found as the agent finds it), else the runtime the store was"
+    " last pulled into (by the agent, or `prefetcher pull`); else in the local store."
+)
+
 
 def register(subparsers: Any) -> None:
-    images = subparsers.add_parser("images", help="list the images in the store")
+    images = subparsers.add_parser(
+        "images", help="list the images of a store", description=LOOKUP
+    )
     images_sub = images.add_subparsers(dest="images_command", metavar="COMMAND", required=True)
     ls = images_sub.add_parser(
-        "ls", aliases=["list"], help="list images: reference, digest, size, unpacked"
+        "ls", aliases=["list"], help="list images: reference, digest, size, unpacked",
+        description=LOOKUP,
     )
     pulling.add_store_arguments(ls)
     ls.add_argument("--json", action="store_true", help="print a JSON list")
@@ -65,7 +83,8 @@ def opened(args: argparse.Namespace) -> Iterator[service.ImageService]:
         raise errors.NotFound(f"no image store at {root} (pull an image there first, or --root)")
     options = pulling.service_options(settings)
     registry = registry_client.RegistryClient(hosts.RegistryHosts(None))
-    svc = service.ImageService(root, registry, options, backend=runtimes.open_backend(settings))
+    backend = runtimes.open_store_backend(settings)
+    svc = service.ImageService(root, registry, options, backend=backend)
     try:
         yield svc
     finally:
@@ -94,11 +113,15 @@ def run_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([i.to_json() for i in images], indent=2))
         return 0
-    rows = [("REFERENCE", "DIGEST", "PLATFORM", "SIZE", "UNPACKED", "PULLED")]
+    # A runtime's images also have its own ID (what `crictl images` shows as IMAGE ID).
+    with_id = any(i.record.image_id for i in images)
+    rows = [("REFERENCE", "DIGEST", *(("IMAGE ID",) if with_id else ()), "PLATFORM", "SIZE",
+             "UNPACKED", "PULLED")]
     for i in images:
         r = i.record
         pulled = datetime.datetime.fromtimestamp(r.updated).strftime("%Y-%m-%d %H:%M")
-        rows.append((r.name, r.digest.short, r.platform, pulling.human(r.size),
+        image_id = (r.image_id.removeprefix("sha256:")[:13] or "-",) if with_id else ()
+        rows.append((r.name, r.digest.short, *image_id, r.platform, pulling.human(r.size),
                      "yes" if i.unpacked else "no", pulled))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:

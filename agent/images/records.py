@@ -2,10 +2,11 @@
 
 An image record maps a normalised reference (``docker.io/library/alpine:3.20``) to the
 descriptor it resolved to, plus what the pull chose and built from it: the platform
-manifest, the config, and the top snapshot's chain ID. Records live in sqlite (WAL,
-``synchronous=FULL``), so a record is only ever written after the content and snapshots it
-names are committed, and survives a power cut once written. Garbage collection starts from
-these records (and pinned references): whatever no record reaches is garbage.
+manifest, the config, the top snapshot's chain ID, and the node runtime's image ID. Records
+live in sqlite (WAL, ``synchronous=FULL``), so a record is only ever written after the
+content and snapshots it names are committed, and survives a power cut once written.
+Garbage collection starts from these records (and pinned references): whatever no record
+reaches is garbage.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ CREATE TABLE IF NOT EXISTS images (
     blobs TEXT NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    labels TEXT NOT NULL
+    labels TEXT NOT NULL,
+    image_id TEXT NOT NULL DEFAULT ''
 )
 """
+_ADD_IMAGE_ID = "ALTER TABLE images ADD COLUMN image_id TEXT NOT NULL DEFAULT ''"
 
 
 @dataclass(frozen=True)
@@ -50,13 +53,18 @@ class ImageRecord:
     manifest_digest: digests.Digest
     config_digest: digests.Digest
     platform: str
-    #: top snapshot (""): not unpacked
+    #: top snapshot of the image's layers where the prefetcher unpacked them (its store, or
+    #: containerd's snapshotter); "": not unpacked by the prefetcher (content only, or a
+    #: runtime that pulled the layers itself through the CRI)
     chain_id: str
     #: every blob this image needs: index (if any), manifest, config, layers
     blobs: tuple[digests.Digest, ...]
     created: float = 0.0
     updated: float = 0.0
     labels: dict[str, str] = field(default_factory=dict, compare=False)
+    #: the node runtime's ID of the image (the CRI's ``Image.id``, what ``crictl images``
+    #: shows); "": the image is not in a runtime (the prefetcher's own store)
+    image_id: str = ""
 
 
 class ImageRecords:
@@ -69,10 +77,17 @@ class ImageRecords:
         # connection is not safe for concurrent use, so every use holds this lock.
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.execute(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.execute(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
+            if "image_id" not in columns:  # a store written before the column existed
+                self._db.execute(_ADD_IMAGE_ID)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -87,7 +102,7 @@ class ImageRecords:
             ).fetchone()
             created = row[0] if row else now
             self._db.execute(
-                "INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.name,
                     str(record.digest),
@@ -101,6 +116,7 @@ class ImageRecords:
                     created,
                     now,
                     json.dumps(record.labels, sort_keys=True),
+                    record.image_id,
                 ),
             )
         return self.get(record.name)
@@ -158,4 +174,5 @@ def _record(row: tuple[object, ...]) -> ImageRecord:
         created=float(str(row[9])),
         updated=float(str(row[10])),
         labels=json.loads(str(row[11])),
+        image_id=str(row[12]),
     )

@@ -84,12 +84,15 @@ class PullResult:
     size: int
     #: bytes this pull actually downloaded (0 when everything was present)
     bytes_downloaded: int
-    #: top chain ID ("" when not unpacked)
+    #: top chain ID of the snapshots the prefetcher committed ("": it unpacked nothing
+    #: itself: content only, or a runtime pulled the layers through the CRI)
     chain_id: str
     seconds: float
     stalls: int
     stall_cancellations: int
     retries: int
+    #: the node runtime's ID of the image (CRI ``Image.id``); "" outside a runtime
+    image_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, digests.Digest) else v) for k, v in
@@ -135,18 +138,27 @@ class ImageService:
         self.root = Path(root)
         self.options = options or ServiceOptions()
         self.registry = registry
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.backend: backend_api.Backend = (
-            backend if backend is not None else local_backend.open_store(self.root, "overlayfs")
-        )
-        self._lock_fd = _open_shared_lock(self.root / "lock")
-        self.leases = leases.Leases()
-        self.content = local.LocalStore(self.root / "content")
-        self.records = records.ImageRecords(self.root / "images.db")
-        self.fetcher = fetching.Fetcher(
-            self.content, self._registry, self.options.node_max_concurrent_downloads
-        )
-        self._clean_leftovers()
+        # A step that fails closes what the earlier ones opened (the backend handed in
+        # included: it is ours from the start), so a refused start leaks no socket or fd.
+        with contextlib.ExitStack() as undo:
+            if backend is not None:
+                undo.callback(backend.close)
+            self.root.mkdir(parents=True, exist_ok=True)
+            if backend is None:
+                backend = local_backend.open_store(self.root, "overlayfs")
+                undo.callback(backend.close)
+            self.backend: backend_api.Backend = backend
+            self._lock_fd = _open_shared_lock(self.root / "lock")
+            undo.callback(os.close, self._lock_fd)
+            self.leases = leases.Leases()
+            self.content = local.LocalStore(self.root / "content")
+            self.records = records.ImageRecords(self.root / "images.db")
+            undo.callback(self.records.close)
+            self.fetcher = fetching.Fetcher(
+                self.content, self._registry, self.options.node_max_concurrent_downloads
+            )
+            self._clean_leftovers()
+            undo.pop_all()
 
     @property
     def snapshotter(self) -> snapshotter_api.Snapshotter | None:
@@ -199,13 +211,19 @@ class ImageService:
         return await self.gc()
 
     async def forget(self, reference: str | references.Reference) -> None:
-        """Drop the image's record and release it to the backend's runtime (unpinned, left
-        to its own GC). Raises :class:`NotFound`."""
+        """Release the image to the backend's runtime (unpinned, left to its own GC), then
+        drop its record.
+
+        Raises:
+            NotFound: no such record.
+            ImageError: the runtime refused or did not answer (the unpin failed): the record
+                stays, so the image is still the prefetcher's and forgetting it again (the
+                agent's next collection, ``prefetcher images rm``) retries the unpin.
+        """
         name = str(_parse(reference))
         record = await asyncio.to_thread(self.records.get, name)
+        await asyncio.to_thread(self.backend.release, record)
         await asyncio.to_thread(self.records.delete, name)
-        with contextlib.suppress(errors.ImageError):
-            await asyncio.to_thread(self.backend.release, record)
 
     def _collect(self) -> gc.Result:
         with self._alone() as alone:
@@ -476,7 +494,10 @@ class ImageService:
                 blobs_in.close()
             downloaded += sum(t.result() for t in fetches)
         blobs += [manifest.config.digest, *(layer.digest for layer in manifest.layers)]
-        chain_id = str(unpacked_chain.result()) if unpacked_chain is not None else ""
+        unpacked = (
+            unpacked_chain.result() if unpacked_chain is not None else backend_api.Unpacked()
+        )
+        chain_id = unpacked.chain_id
 
         progress.set_phase(events.Phase.COMMITTING)
         platform_text = str(config.platform) if config.platform.os else str(want)
@@ -491,6 +512,7 @@ class ImageService:
             chain_id=chain_id,
             blobs=tuple(dict.fromkeys(blobs)),
             labels=labels,
+            image_id=unpacked.image_id,
         )
         await asyncio.to_thread(self.records.put, record)
         if chain_id and self.options.discard_unpacked_layers and self.snapshotter is not None:
@@ -510,6 +532,7 @@ class ImageService:
             stalls=0,
             stall_cancellations=0,
             retries=0,
+            image_id=unpacked.image_id,
         )
 
     def _unpacking(
@@ -710,6 +733,7 @@ class ImageStatus:
             "manifest_digest": str(r.manifest_digest),
             "config_digest": str(r.config_digest),
             "chain_id": r.chain_id,
+            "image_id": r.image_id,
             "unpacked": self.unpacked,
             "created": r.created,
             "updated": r.updated,

@@ -11,7 +11,8 @@ Layout: pure decisions that unit tests hit directly (:mod:`.reconciling`: entrie
 backoff, budget, status documents), the throttled status writer (:mod:`.reporting`), the
 few API calls (:mod:`.kubeapi`), pull-secret keychains (:mod:`.credentials`), GC and disk
 checks (:mod:`.collecting`), one entry's attempt series (:mod:`.pulling`), the loop that
-starts and stops those (:mod:`.supervising`), error mapping (:mod:`.errors`), health
+starts and stops those (:mod:`.supervising`), the heartbeat Lease renewals and what their
+failures log (:mod:`.heartbeating`), error mapping (:mod:`.errors`), health
 (:mod:`.health`), the kopf handlers (:mod:`.handlers`) and the entry point (:mod:`.main`).
 
 What it must not do: write ``spec`` of anything, read secrets outside the operator

@@ -116,6 +116,11 @@ class Collector:
                     removed.append(name)
                 except image_errors.NotFound:
                     continue
+                except image_errors.ImageError as e:
+                    # The record stays (the image is still ours), so the next collection
+                    # tries again; the others go on.
+                    logger.warning(f"could not release {name}; kept, retried at the next"
+                                   f" collection: {e}")
             try:
                 result = await self.svc.gc()
             except image_errors.Unavailable as e:

@@ -28,6 +28,7 @@ from agent.node import (
     credentials,
     handlers,
     health,
+    heartbeating,
     kubeapi,
     pulling,
     reconciling,
@@ -82,6 +83,9 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
     logger.info(f"images go to {backend.info.describe()}",
                 extra={"node": rt.node_name, "runtime": backend.info.to_json(),
                        "hosts_dir": runtime.hosts_dir})
+    if unpinned := runtimes.pinning_warning(backend.info):
+        # Once, at start: the node's status says it too (status.agent.runtime.pinning).
+        logger.warning(unpinned, extra={"node": rt.node_name})
     probes = health.Health()
     health_server = health.HealthServer(probes, rt.health_address)
     await health_server.start()
@@ -96,13 +100,13 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
         return registry_client.RegistryClient(registry_hosts, keychain)
 
     anonymous = make_registry(image_credentials.Keychain.empty())
+    # (The service owns the backend from here: it closes it if it cannot start.)
+    svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options,
+                                  backend=backend)
     try:
-        svc = await asyncio.to_thread(service.ImageService, Path(rt.root), anonymous, options,
-                                      backend=backend)
-    except BaseException:
-        backend.close()
-        raise
-    try:
+        # `prefetcher images ls/rm/gc` on this store (in the pod, or on the node) open the
+        # same runtime when they are not told otherwise.
+        await asyncio.to_thread(runtimes.remember, Path(rt.root), backend.info)
         probes.store_open = True
         collector = collecting.Collector(
             svc, reconciling.Budget(int(rt.min_free_bytes), rt.min_free_percent,
@@ -138,12 +142,15 @@ async def _main(settings: config.Settings, options: service.ServiceOptions,
             holder=os.environ.get("POD_NAME") or f"agent-{rt.node_name}",
             duration=LEASE_DURATION_FACTOR * node.heartbeat_interval,
             owner_uid=lambda: supervisor.uid)
+        renewals = heartbeating.LeaseRenewals(
+            heartbeat.renew, name=f"{rt.namespace}/{leases.heartbeat_name(rt.node_name)}",
+            duration=heartbeat.duration, interval=node.heartbeat_interval)
         supervisor = supervising.Supervisor(
             node=rt.node_name, puller=puller, reporter=reporter, collector=collector, pool=pool,
             probes=probes, resync_interval=node.resync_interval,
             heartbeat_interval=node.heartbeat_interval, gc_period=rt.gc_period,
             stats_period=img.stats_collect_period,
-            failed_retry_interval=node.failed_retry_interval, renew_lease=heartbeat.renew)
+            failed_retry_interval=node.failed_retry_interval, renew_lease=renewals.renew)
         ready = asyncio.Event()
         memo: Any = kopf.Memo(supervisor=supervisor, client=client, watch_timeout=WATCH_TIMEOUT)
         watching = asyncio.create_task(_mark_watching(ready, probes))

@@ -63,7 +63,7 @@ class Supervisor:
         gc_period: float = 600.0,
         stats_period: float = 10.0,
         failed_retry_interval: float = 300.0,
-        renew_lease: Callable[[], Awaitable[None]] | None = None,
+        renew_lease: Callable[[], Awaitable[object]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
@@ -77,7 +77,8 @@ class Supervisor:
         self.gc_period = gc_period
         self.stats_period = stats_period
         self.failed_retry_interval = failed_retry_interval
-        #: Renews the node's heartbeat Lease (:class:`agent.kube.leases.Heartbeat`).
+        #: Renews the node's heartbeat Lease (:class:`agent.node.heartbeating.LeaseRenewals`,
+        #: which logs its own failures).
         self.renew_lease = renew_lease
         self.clock = clock
         self.wanted: dict[str, reconciling.Entry] = {}

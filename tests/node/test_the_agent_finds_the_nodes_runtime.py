@@ -57,6 +57,7 @@ def test_the_cli_default_stays_the_private_store(tmp_path: Path) -> None:
         assert runtime.backend.info.to_json() == {
             "mode": "local", "runtime": "", "version": "", "address": "",
             "snapshotter": "overlayfs", "namespace": "", "byteProgress": True,
+            "pinning": False,
         }
     finally:
         runtime.backend.close()

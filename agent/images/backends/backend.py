@@ -22,8 +22,9 @@ Lifecycle of one pull, as the service drives it::
 
     needed = backend.layers_to_fetch(manifest, config.diff_ids)   # after the config
     # fetch `needed` into the content store, and meanwhile:
-    chain_id = await backend.unpack(Unpacking(...))               # blobs as they arrive
-    # the image record (name → digest, chain_id) goes into the service's records
+    unpacked = await backend.unpack(Unpacking(...))               # blobs as they arrive
+    # the image record (name → digest, unpacked.chain_id, unpacked.image_id) goes into
+    # the service's records
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class RuntimeInfo:
         snapshotter: the snapshotter layers are unpacked into (``""``: not unpacked).
         namespace: containerd's namespace (``""`` elsewhere).
         byte_progress: whether pulls report bytes as they arrive (not through the CRI).
+        pins: whether kubelet's image GC sees the images the agent pins as pinned
+            (containerd ≥ 1.7 reports ``io.cri-containerd.pinned`` through the CRI; 1.6
+            ignores the label, the CRI has no call to pin, the local store is not kubelet's).
     """
 
     mode: str
@@ -65,6 +69,7 @@ class RuntimeInfo:
     snapshotter: str = ""
     namespace: str = ""
     byte_progress: bool = True
+    pins: bool = False
 
     def to_json(self) -> dict[str, str | bool]:
         return {
@@ -75,6 +80,7 @@ class RuntimeInfo:
             "snapshotter": self.snapshotter,
             "namespace": self.namespace,
             "byteProgress": self.byte_progress,
+            "pinning": self.pins,
         }
 
     def describe(self) -> str:
@@ -89,7 +95,25 @@ class RuntimeInfo:
             parts.append(f"snapshotter {self.snapshotter}")
         if not self.byte_progress:
             parts.append("no byte progress")
+        parts.append("images pinned against kubelet's image GC" if self.pins else
+                     "no pinning against kubelet's image GC")
         return f"{self.mode}: " + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """What :meth:`Backend.unpack` made of an image.
+
+    Attributes:
+        chain_id: the top snapshot the prefetcher committed the layers as (the image's chain
+            ID); ``""`` when it unpacked nothing itself (content only, or a runtime that
+            pulled the layers through the CRI).
+        image_id: the node runtime's ID of the image (the CRI's ``Image.id``, what
+            ``crictl images`` shows); ``""`` outside a runtime (the prefetcher's store).
+    """
+
+    chain_id: str = ""
+    image_id: str = ""
 
 
 @dataclass
@@ -165,8 +189,8 @@ class Backend(Protocol):
         """The layers the service must download for :meth:`unpack` (blocking)."""
         ...
 
-    async def unpack(self, job: Unpacking) -> str:
-        """Unpack ``job``'s image; returns the top chain ID. Runs while the fetches run."""
+    async def unpack(self, job: Unpacking) -> Unpacked:
+        """Unpack ``job``'s image; says what it made. Runs while the fetches run."""
         ...
 
     def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:
@@ -174,8 +198,10 @@ class Backend(Protocol):
         ...
 
     def release(self, record: records.ImageRecord) -> None:
-        """The prefetcher no longer wants ``record``'s image (its record is gone): leave it
-        to the runtime's own garbage collection (containerd: drop the pin)."""
+        """The prefetcher no longer wants ``record``'s image (its record goes next): leave
+        it to the runtime's own garbage collection (containerd: drop the pin). Idempotent;
+        raises an :class:`~agent.images.errors.ImageError` saying what to do when the
+        runtime refuses (the service then keeps the record, and a later call retries)."""
         ...
 
     def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:

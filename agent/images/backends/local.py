@@ -78,9 +78,9 @@ class LocalBackend:
             return list(manifest.layers)
         return list(manifest.layers[chains.committed_depth(self._snapshotter, diff_ids):])
 
-    async def unpack(self, job: backend.Unpacking) -> str:
+    async def unpack(self, job: backend.Unpacking) -> backend.Unpacked:
         if self._snapshotter is None:
-            return ""
+            return backend.Unpacked()
 
         on_progress = job.on_unpack_event
 
@@ -95,7 +95,8 @@ class LocalBackend:
         )
         attrs = {"image.layers": len(job.manifest.layers)}
         with tracing.span(tracing.SERVICE_SPANS, "unpack", attrs):
-            return str(await unpacker.unpack(job.manifest.layers, job.config.diff_ids))
+            top = await unpacker.unpack(job.manifest.layers, job.config.diff_ids)
+        return backend.Unpacked(chain_id=str(top))
 
     def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:
         return self._snapshotter is not None and chains.is_committed(

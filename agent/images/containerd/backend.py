@@ -140,6 +140,7 @@ class ContainerdBackend:
             address=self.client.address,
             snapshotter=self.snapshotter_name,
             namespace=self.client.namespace,
+            pins=checks.version_tuple(self.version) >= checks.PINNING_VERSION,
         )
 
     @property
@@ -162,7 +163,7 @@ class ContainerdBackend:
             if i >= depth and not self.has_blob(layer.digest)
         ]
 
-    async def unpack(self, job: backend_api.Unpacking) -> str:
+    async def unpack(self, job: backend_api.Unpacking) -> backend_api.Unpacked:
         """Import the image while its layers download: each layer is applied, and streamed
         into containerd's content store, from its ingest as the bytes arrive, verified before
         its snapshot or blob is committed; then the local layer copies are dropped."""
@@ -189,7 +190,8 @@ class ContainerdBackend:
         # containerd holds the layers now; the local copies would only duplicate them (a
         # concurrent pull of an image sharing a layer may still be about to read it).
         await asyncio.to_thread(job.discard_layers, job.manifest.layers)
-        return str(imported.chain_id)
+        # The CRI plugin's image ID is the config's digest (what `crictl images` shows).
+        return backend_api.Unpacked(str(imported.chain_id), str(job.manifest.config.digest))
 
     def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:
         if not record.chain_id:
@@ -202,13 +204,27 @@ class ContainerdBackend:
             return False
 
     def release(self, record: records.ImageRecord) -> None:
-        """Unpin the image's CRI records: kubelet's image GC may remove it from now on."""
+        """Unpin the image's CRI records: kubelet's image GC may remove it from now on.
+
+        Raises:
+            Unavailable: containerd did not unpin a record (it names the record and the
+                ``ctr`` command that unpins it by hand); calling again retries.
+        """
         ref = references.parse(record.name)
         for name in images_mod.cri_names(ref, record.digest, record.config_digest):
-            with contextlib.suppress(errors.NotFound):
+            try:
                 image = self.images.get(name)
                 if image.labels.get(images_mod.LABEL_PINNED):
                     self.images.put(name, image.target, {images_mod.LABEL_PINNED: ""})
+            except errors.NotFound:
+                continue  # removed by someone else: nothing left to unpin
+            except errors.ImageError as e:
+                raise errors.Unavailable(
+                    f"could not unpin {name} in containerd at {self.client.address}: {e}."
+                    " kubelet's image GC will not remove it while it is pinned; unpin it by"
+                    f" hand with `ctr -n {self.client.namespace} images label {name}"
+                    f" {images_mod.LABEL_PINNED}=`"
+                ) from e
 
     def mount(self, record: records.ImageRecord, target: str | os.PathLike[str]) -> None:
         raise errors.NotFound(

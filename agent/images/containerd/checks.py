@@ -27,6 +27,8 @@ from agent.images.containerd import client as client_mod
 from agent.images.containerd.protos import cri_pb2, introspection_pb2, version_pb2
 
 CRI_NAMESPACE: Final = "k8s.io"
+#: The first containerd whose CRI reports images labelled io.cri-containerd.pinned as pinned.
+PINNING_VERSION: Final = (1, 7)
 Level = Literal["error", "warning", "info"]
 
 

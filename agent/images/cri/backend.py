@@ -103,7 +103,7 @@ class CriBackend:
     ) -> list[descriptors.Descriptor]:
         return []  # the runtime fetches the layers itself
 
-    async def unpack(self, job: backend_api.Unpacking) -> str:
+    async def unpack(self, job: backend_api.Unpacking) -> backend_api.Unpacked:
         """``PullImage`` of the reference, bounded by the progress timeout."""
         job.progress.set_phase(events.Phase.UNPACKING, NO_BYTE_PROGRESS)
         request = cri_pb2.PullImageRequest(
@@ -130,7 +130,9 @@ class CriBackend:
                 raise errors.PullStalled(message) from None
         for layer in job.manifest.layers:
             job.layer_unpacked(layer.digest)
-        return response.image_ref
+        # The runtime unpacked the layers into snapshots of its own, which are not ours to
+        # name: no chain ID, only the image's ID in the runtime.
+        return backend_api.Unpacked(image_id=response.image_ref)
 
     def is_unpacked(self, record: records.ImageRecord, blobs: store.BlobProvider) -> bool:
         """Whether the runtime reports the image present (``ImageStatus``)."""

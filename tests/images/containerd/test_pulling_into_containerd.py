@@ -45,6 +45,8 @@ def test_a_cli_pull_lands_in_containerd_and_a_second_one_fetches_nothing(
     ls = json.loads(prefetcher("images", "ls", "--root", str(tmp_path / "store"), "--config",
                                args[-2], "--json").stdout)
     assert [(i["name"], i["unpacked"]) for i in ls] == [(ref, True)]
+    # The image's ID as the CRI reports it to kubelet (`crictl images`): its config digest.
+    assert result["image_id"] == ls[0]["image_id"] == image.config.digest
 
     fault_proxy.clear_requests()
     second = json.loads(prefetcher(*args).stdout)

@@ -8,6 +8,7 @@ images ls``, present per the CRI's ``ImageStatus``, pinned against kubelet's ima
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from fixtures.faultproxy import FaultProxy
 from agent.images import cri
 from tests.kube.cluster import Cluster
 from tests.kube.processes import PREFETCHER, Process, wait_until
+from tests.test_cli_pull import prefetcher
 
 from .conftest import Containerd
 from .test_a_prefetched_image_runs_without_a_pull import BUSYBOX, busybox_image
@@ -109,6 +111,13 @@ def test_the_agent_finds_containerd_prefetches_and_pods_need_no_pull(
         assert (runtime["snapshotter"], runtime["namespace"]) == ("overlayfs", "k8s.io")
         assert runtime["version"].startswith("1.6")
         assert "images go to containerd: containerd 1.6" in agent.output()
+        # containerd 1.6 ignores the pin label: the status and the log say so, once.
+        assert runtime["pinning"] is False
+        assert "no pinning against kubelet's image GC" in agent.output()
+        warnings = [line for line in agent.output().splitlines()
+                    if "does not report the prefetched images to kubelet as pinned" in line]
+        assert len(warnings) == 1 and "WARNING" in warnings[0], agent.output()[-4000:]
+        assert "Upgrade containerd to 1.7 or later" in warnings[0]
     finally:
         assert agent.stop() == 0, agent.output()[-4000:]
 
@@ -124,9 +133,35 @@ def test_the_agent_finds_containerd_prefetches_and_pods_need_no_pull(
         kubelets_view.close()
     assert status is not None and status.id == image.config.digest
 
+    # An admin on the node, with no config file, against the agent's store: the images
+    # commands look where the agent put the image (the store says which runtime).
+    root = str(tmp_path / "agent" / "root")
+    on_node = {k: v for k, v in os.environ.items() if not k.startswith("PREFETCHER_")}
+    ls = prefetcher("images", "ls", "--root", root, "--json", env=on_node)
+    assert ls.returncode == 0, ls.stderr
+    assert [(i["name"], i["unpacked"], i["image_id"]) for i in json.loads(ls.stdout)] == [
+        (reference, True, image.config.digest)
+    ]
+    table = prefetcher("images", "ls", "--root", root, env=on_node).stdout.splitlines()
+    assert table[0].split()[:4] == ["REFERENCE", "DIGEST", "IMAGE", "ID"]
+    assert table[1].split()[2] == image.config.digest.removeprefix("sha256:")[:13]
+    # In the agent's pod: its config file says "auto", which finds the same containerd.
+    in_pod = prefetcher("images", "ls", "--config", str(tmp_path / "agent" / "config.toml"),
+                        "--json", env=on_node)
+    assert [(i["name"], i["unpacked"]) for i in json.loads(in_pod.stdout)] == [
+        (reference, True)
+    ], in_pod.stderr
+
     # A container starts from the prefetched snapshots: no request reaches the registry.
     fault_proxy.clear_requests()
     name = f"auto-run-{os.getpid()}"
     ran = ctrd.ctr("run", "--rm", reference, name, "cat", "/etc/greeting", timeout=120)
     assert ran.stdout == "hello from the prefetched snapshot\n"
     assert fault_proxy.requests == []
+
+    # `prefetcher rm` there releases it as the agent would: unpinned, left to kubelet's GC.
+    removed = prefetcher("rm", reference, "--root", root, env=on_node)
+    assert removed.returncode == 0, removed.stderr
+    line = next(row for row in ctrd.ctr("images", "ls").stdout.splitlines()
+                if row.startswith(reference + " "))
+    assert "io.cri-containerd.pinned" not in line and "io.cri-containerd.image=managed" in line

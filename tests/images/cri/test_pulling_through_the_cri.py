@@ -11,7 +11,7 @@ from fixtures import images
 from fixtures.faultproxy import FaultProxy
 from fixtures.registries import Registry
 
-from agent.images import cri, errors, service
+from agent.images import containerd, cri, errors, service
 from agent.images.progress import events
 from agent.images.registry import client, hosts
 from tests.images.containerd.conftest import Containerd
@@ -49,6 +49,18 @@ async def pull_through(
             svc.close()
 
 
+async def listed_images(ctrd: Containerd, root: Path) -> list[dict[str, object]]:
+    """What ``prefetcher images ls --json`` prints for the store (the CRI backend's view)."""
+    backend = cri.CriBackend(ctrd.address)
+    backend.check()
+    async with client.RegistryClient(hosts.RegistryHosts(None)) as rc:
+        svc = service.ImageService(root, rc, backend=backend)
+        try:
+            return [i.to_json() for i in svc.list_images()]
+        finally:
+            svc.close()
+
+
 async def test_a_private_image_is_pulled_by_the_runtime_with_the_pull_secrets_credentials(
     ctrd: Containerd, runtime: cri.CriBackend, basic_registry: Registry, tmp_root: Path
 ) -> None:
@@ -65,7 +77,13 @@ async def test_a_private_image_is_pulled_by_the_runtime_with_the_pull_secrets_cr
     assert status is not None, "the runtime does not report the image present"
     assert reference in status.repo_tags
     assert status.id == image.config.digest
-    assert result.chain_id == status.id
+    # The runtime's image ID is recorded as such; no chain ID: the runtime unpacked the
+    # layers into snapshots of its own.
+    assert result.image_id == status.id and result.chain_id == ""
+    listed = await listed_images(ctrd, tmp_root)
+    assert [(i["name"], i["image_id"], i["chain_id"], i["unpacked"]) for i in listed] == [
+        (reference, status.id, "", True)
+    ]
     # The status says what this mode cannot report, and still reports the phases.
     phases = [(e.phase, e.message) for e in seen if isinstance(e, events.PhaseChanged)]
     assert (events.Phase.UNPACKING, cri.NO_BYTE_PROGRESS) in phases
@@ -92,3 +110,27 @@ async def test_a_stalled_registry_is_cancelled_by_the_progress_timeout(
     assert "CRI PullImage" in str(caught.value)
     assert fault_proxy.requests_to(f"/blobs/{image.layers[0].digest}", "GET")
     assert runtime.image_status(reference) is None
+
+
+async def test_containerd_1_6_does_not_report_a_pinned_image_as_pinned(
+    ctrd: Containerd, runtime: cri.CriBackend, registry: Registry, tmp_root: Path
+) -> None:
+    """What the agent's start-up warning and ``status.agent.runtime.pinning: false`` say on
+    containerd 1.6: an image the containerd backend labels pinned is not pinned for kubelet."""
+    image = images.Image([images.random_layer(10_000, files=1, seed=171)])
+    images.push(registry.url, "cri/pinned", "1", image)
+    reference = f"{registry.host}/cri/pinned:1"
+    backend = containerd.ContainerdBackend(ctrd.address)
+    backend.start()
+    async with client.RegistryClient(hosts.RegistryHosts(None)) as rc:
+        svc = service.ImageService(tmp_root, rc, backend=backend)
+        try:
+            await svc.pull(reference, pinned=True)
+            info = svc.backend.info
+        finally:
+            svc.close()
+    assert "io.cri-containerd.pinned=pinned" in ctrd.ctr("images", "ls").stdout
+    status = runtime.image_status(reference)
+    assert status is not None
+    assert info.version.startswith("1.6") and info.pins is False
+    assert status.pinned is False  # kubelet's image GC would take it
