@@ -24,20 +24,28 @@ from collections.abc import Sequence
 from typing import BinaryIO, cast
 
 from agent.images import descriptors, digests, errors
-from agent.images.content import local
+from agent.images.content import local, sinks
 
 
 class ArrivingBlobs:
     """The blobs ``expected`` by an unpack, as the pull's fetches bring them in."""
 
-    def __init__(self, content: local.LocalStore, expected: Sequence[digests.Digest]):
-        self._content = content
+    def __init__(
+        self,
+        content: local.LocalStore,
+        expected: Sequence[digests.Digest],
+        sink: sinks.BlobSink | None = None,
+    ):
+        """``sink``: where the pull's fetches commit the ``expected`` blobs, when not into
+        ``content`` (a backend's own store); other blobs are read from ``content``."""
+        self._store = content
+        self._content: sinks.BlobSink = sink if sink is not None else content
         self._ready = {str(d): threading.Event() for d in expected}
         self._feeds: dict[str, local.IngestFeed] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def downloading(self, desc: descriptors.Descriptor, writer: local.LocalWriter) -> None:
+    def downloading(self, desc: descriptors.Descriptor, writer: sinks.SinkWriter) -> None:
         """The pull opened ``desc``'s ingest: readers may follow it from now on."""
         key = str(desc.digest)
         event = self._ready.get(key)
@@ -76,7 +84,9 @@ class ArrivingBlobs:
         if event is None:
             # Not fetched by this pull: the store's answer (NotFound lets a backend read it
             # from where it already is, as containerd's backend does).
+            return self._store.open_blob(digest)
+        if self._content.exists(digest):
             return self._content.open_blob(digest)
-        if not self._content.exists(digest):
-            raise errors.Unavailable(f"blob {digest} did not arrive: its download failed")
-        return self._content.open_blob(digest)
+        if self._content is not self._store and self._store.exists(digest):
+            return self._store.open_blob(digest)  # in the store already: not fetched again
+        raise errors.Unavailable(f"blob {digest} did not arrive: its download failed")

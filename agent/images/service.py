@@ -446,13 +446,22 @@ class ImageService:
                 for layer in counted:
                     if str(layer.digest) not in wanted and not self.content.exists(layer.digest):
                         progress.blob_present(layer)  # unpacked already: nothing to fetch
-            blobs_in = arriving.ArrivingBlobs(self.content, [d.digest for d in needed])
+            # A backend that keeps the layers itself (containerd) has them written straight
+            # into its store: each layer's bytes are written once, and unpacked from there.
+            sink = (
+                await asyncio.to_thread(self.backend.layer_sink, ref, manifest, config.diff_ids)
+                if unpacking and needed
+                else None
+            )
+            blobs_in = arriving.ArrivingBlobs(
+                self.content, [d.digest for d in needed], sink
+            )
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest
                     fetches = [
                         group.create_task(
                             self._fetch_and_announce(ref, desc, progress, per_pull, timeout,
-                                                     blobs_in)
+                                                     blobs_in, sink)
                         )
                         for desc in _unique(needed)
                     ]
@@ -463,6 +472,7 @@ class ImageService:
                             ref, top, manifest_desc, manifest, config, progress, blobs_in,
                             timeout, pinned, labels, lease,
                         )
+                        job.sink = sink
                         if fetches:
                             group.create_task(
                                 _phase_after(fetches, progress, events.Phase.UNPACKING)
@@ -474,6 +484,8 @@ class ImageService:
                 raise _first_error(eg) from None
             finally:
                 blobs_in.close()
+                if sink is not None:
+                    await asyncio.shield(asyncio.to_thread(sink.close))
             downloaded += sum(t.result() for t in fetches)
         blobs += [manifest.config.digest, *(layer.digest for layer in manifest.layers)]
         chain_id = str(unpacked_chain.result()) if unpacked_chain is not None else ""
@@ -628,10 +640,13 @@ class ImageService:
         per_pull: asyncio.Semaphore,
         progress_timeout: float,
         blobs: arriving.ArrivingBlobs,
+        sink: backend_api.LayerSink | None,
     ) -> int:
+        if sink is not None and self.content.exists(desc.digest):
+            sink = None  # in our store already (left by an earlier pull): read from there
         try:
             return await self.fetcher.fetch_blob(
-                ref, desc, progress, per_pull, progress_timeout, blobs.downloading
+                ref, desc, progress, per_pull, progress_timeout, blobs.downloading, sink
             )
         finally:
             # Committed, or never will be in this pull: either way an unpack waiting for

@@ -36,14 +36,15 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Final, cast
 
 from agent.images import descriptors, digests, errors, mediatypes, records, references, tracing
 from agent.images.backends import backend as backend_api
-from agent.images.containerd import checks, leases
+from agent.images.containerd import checks, ingests, leases
 from agent.images.containerd import client as client_mod
 from agent.images.containerd import content as content_mod
 from agent.images.containerd import images as images_mod
@@ -124,6 +125,9 @@ class ContainerdBackend:
         self.lease_expire = lease_expire
         #: containerd's version, once :meth:`check` has asked
         self.version = ""
+        #: containerd's content store directory as this process sees it (``None``: not
+        #: visible; then layers are fetched into the service's store and streamed over gRPC)
+        self._content_root: Path | None | bool = False  # False: not asked yet
 
     def close(self) -> None:
         if self._own_client:
@@ -162,10 +166,41 @@ class ContainerdBackend:
             if i >= depth and not self.has_blob(layer.digest)
         ]
 
+    def layer_sink(
+        self,
+        ref: references.Reference,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+    ) -> LayerIngests | None:
+        """containerd's own content ingests, when its content root is visible here and
+        layers are kept as content (not when the CRI discards unpacked layers): the fetcher
+        writes each layer there once and the unpack follows it (:mod:`.ingests`)."""
+        if self.copy_layers is False:
+            return None
+        if self._content_root is False:
+            try:
+                self._content_root = ingests.content_root(self.client)
+            except errors.ImageError:
+                self._content_root = None
+        root = self._content_root
+        if not isinstance(root, Path):
+            return None
+        source = {f"{content_mod.LABEL_DISTRIBUTION_SOURCE}{ref.domain}": ref.path}
+        labels = {
+            str(layer.digest): {**source, content_mod.LABEL_UNCOMPRESSED: str(diff_id)}
+            for layer, diff_id in zip(manifest.layers, diff_ids, strict=True)
+        }
+        lease = self.leases.create(expire=self.lease_expire)
+        return LayerIngests(
+            content_mod.ContainerdContent(self.client, lease=lease), root, labels,
+            lambda: self.leases.delete(lease),
+        )
+
     async def unpack(self, job: backend_api.Unpacking) -> str:
-        """Import the image while its layers download: each layer is applied, and streamed
-        into containerd's content store, from its ingest as the bytes arrive, verified before
-        its snapshot or blob is committed; then the local layer copies are dropped."""
+        """Import the image while its layers download: each layer is applied from its
+        ingest as the bytes arrive — containerd's own ingest, when :meth:`layer_sink` gave
+        one, else the service's, streamed into containerd's as it is read — verified before
+        its snapshot or blob is committed; then any local layer copies are dropped."""
 
         on_layer = job.on_unpack_event
 
@@ -185,6 +220,7 @@ class ContainerdBackend:
                 on_layer=on_layer,
                 max_uncompressed_bytes=job.max_uncompressed_bytes,
                 max_image_uncompressed_bytes=job.max_image_uncompressed_bytes,
+                stream_layers=not isinstance(job.sink, LayerIngests),
             )
         # containerd holds the layers now; the local copies would only duplicate them (a
         # concurrent pull of an image sharing a layer may still be about to read it).
@@ -277,6 +313,7 @@ class ContainerdBackend:
         on_layer: unpacker_mod.OnProgress | None = None,
         max_uncompressed_bytes: int | None = None,
         max_image_uncompressed_bytes: int | None = None,
+        stream_layers: bool = True,
     ) -> ImportResult:
         """Import one image into containerd; see the module doc for the steps.
 
@@ -297,6 +334,9 @@ class ContainerdBackend:
             on_layer: called with each layer's :class:`UnpackEvent`, from worker threads.
             max_uncompressed_bytes, max_image_uncompressed_bytes: this import's limits
                 (``None``: the backend's own; the image service passes its options).
+            stream_layers: stream the layers containerd lacks into its content ingest as
+                the unpacker reads them (``False``: they are being written there already,
+                by the fetcher into :meth:`layer_sink`).
 
         Raises:
             DigestMismatch, UnsafeLayer, UnsupportedMediaType: a layer cannot be used; no
@@ -324,6 +364,7 @@ class ContainerdBackend:
             chain_id = await job.unpack_and_copy_layers(
                 manifest,
                 diff_ids,
+                stream_layers=stream_layers,
                 sync_fs=sync_fs,
                 concurrency=concurrency,
                 max_uncompressed_bytes=(
@@ -358,6 +399,25 @@ class ContainerdBackend:
         )
 
 
+class LayerIngests(ingests.ContainerdIngests):
+    """One pull's :class:`~.ingests.ContainerdIngests` under a lease of its own, which
+    :meth:`close` deletes (after the import labelled the layers from the manifest)."""
+
+    def __init__(
+        self,
+        content: content_mod.ContainerdContent,
+        root: Path,
+        labels: dict[str, dict[str, str]],
+        release: Callable[[], None],
+    ):
+        super().__init__(content, root, labels)
+        self._release = release
+
+    def close(self) -> None:
+        with contextlib.suppress(errors.ImageError):
+            self._release()
+
+
 class _Import:
     """The state of one import, under one lease."""
 
@@ -390,13 +450,14 @@ class _Import:
         manifest: descriptors.Manifest,
         diff_ids: Sequence[digests.Digest],
         *,
+        stream_layers: bool = True,
         sync_fs: bool,
         concurrency: int,
         max_uncompressed_bytes: int,
         max_image_uncompressed_bytes: int,
     ) -> digests.Digest:
         copy_layers = self.backend.copy_layers is not False
-        if copy_layers:
+        if copy_layers and stream_layers:
             streamed = await asyncio.to_thread(self._streamable, manifest.layers, diff_ids)
             blobs: store.BlobProvider = _StreamingBlobs(self, streamed)
         else:
