@@ -19,6 +19,7 @@ layer from the committed blob if that fails (see ``Unpacker``).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from typing import BinaryIO, cast
@@ -76,15 +77,21 @@ class ArrivingBlobs:
         event = self._ready.get(key)
         if event is not None:
             event.wait()
-        if not self._content.exists(digest):
-            with self._lock:
-                feed = self._feeds.get(key)
-                if feed is not None and not feed.finished:
-                    return cast(BinaryIO, feed.reader())
+        # A download in progress is followed (before asking the store whether the blob is
+        # in: a runtime's store answers over its API, and may be busy meanwhile).
+        with self._lock:
+            feed = self._feeds.get(key)
+            if feed is not None and not feed.finished:
+                return cast(BinaryIO, feed.reader())
         if event is None:
             # Not fetched by this pull: the store's answer (NotFound lets a backend read it
             # from where it already is, as containerd's backend does).
             return self._store.open_blob(digest)
+        if feed is not None and feed.finished:
+            # Committed by this pull's download (maybe not yet visible where it goes: a
+            # runtime's commit in progress): its verified bytes, as a plain file.
+            with contextlib.suppress(errors.Unavailable):
+                return feed.open_committed()
         if self._content.exists(digest):
             return self._content.open_blob(digest)
         if self._content is not self._store and self._store.exists(digest):

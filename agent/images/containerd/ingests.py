@@ -217,6 +217,11 @@ class IngestWriter:
                 " do not match the digest, so nothing was stored (the registry's copy may be"
                 " corrupt or tampered with)"
             )
+        # The bytes are the blob's: an unpack following them may commit its snapshot now,
+        # without waiting for containerd's commit (which can wait behind a snapshot commit
+        # holding containerd's metadata lock). If containerd's commit fails, so does the pull.
+        if self._feed is not None:
+            self._feed.finish(committed=True)
         self._release()  # containerd's lock: the commit's stream takes it again
         try:
             created = self._commit_in_containerd(size)
