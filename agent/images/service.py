@@ -5,10 +5,11 @@
 1. **resolve** the reference (``HEAD``, then ``GET`` unless the manifest is already stored),
    and pick the platform's manifest from an index;
 2. **fetch** the config and every layer concurrently (``max_concurrent_downloads`` per pull,
-   a node-wide limit shared by all pulls of this service), each blob streamed into an ingest,
-   hashed as it arrives, resumed with ``Range`` after a broken or silent connection, and
-   committed only once verified. Blobs already in the store are not downloaded; a blob two
-   pulls need at once is downloaded once (a lock per digest);
+   a node-wide limit shared by all pulls of this service), each blob streamed into an ingest
+   (ours; for layers, the backend's own when it has one: containerd's content ingest), hashed
+   as it arrives, resumed with ``Range`` after a broken or silent connection, and committed
+   only once verified. Blobs already in the store are not downloaded; a blob two pulls need
+   at once is downloaded once (a lock per digest);
 3. **unpack** the layers into snapshots named by chain ID (skipping chains that exist),
    ``syncfs``-ing each before it is committed when configured;
 4. **record** the image (name → digest, platform manifest, config, top chain ID).

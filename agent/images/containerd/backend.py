@@ -11,11 +11,15 @@ holding one containerd lease for the whole import:
    whiteouts into the upper directory containerd returned, verify the diff ID, ``syncfs`` if
    asked, commit under the chain ID with ``containerd.io/snapshot.ref`` — the
    :class:`~agent.images.unpack.unpacker.Unpacker` with a :class:`ContainerdSnapshotter`.
-   The blob bytes the unpacker reads (as they download, in a pull) are streamed at the same
-   time into containerd's content ingest (:class:`~.content.Ingest`), committed with the
-   expected digest (containerd verifies it) once the layer was read and confirmed, with
-   ``containerd.io/uncompressed`` = diff ID; layers it did not stream (already unpacked, a
-   failed stream) are then copied or labelled;
+   In a pull, each layer containerd lacks is written once, straight into containerd's own
+   content ingest by the image service's fetcher (:meth:`ContainerdBackend.layer_sink`, see
+   :mod:`.ingests`), hashed as it arrives, and applied from that same ingest file while it
+   grows; it is committed with the expected digest (containerd verifies it again) and
+   ``containerd.io/uncompressed`` = diff ID once the fetcher verified it. Where containerd's
+   content root is not visible to the agent, the fetcher writes into the service's store
+   and the bytes the unpacker reads are streamed into containerd's ingest over gRPC
+   (:class:`~.content.Ingest`); layers written neither way (already unpacked, found in the
+   service's store, a failed stream) are copied or labelled after the unpack;
 2. copies the config (``containerd.io/gc.ref.snapshot.<snapshotter>`` = top chain ID), the
    manifest (``gc.ref.content.config`` / ``gc.ref.content.l.<i>``) and the index, if any
    (``gc.ref.content.m.<i>``): children before parents, as containerd's fetcher does;
