@@ -1,7 +1,8 @@
 """Into containerd, a layer's bytes are written once, into containerd's own content ingest,
 and unpacked from there while they arrive: the prefetcher's store never holds a copy (not
 even while downloading). Bytes that fail the digest never become containerd content and leave
-no ingest; a cancelled pull leaves no partial ingest either.
+no ingest; a cancelled pull leaves no partial ingest either. Downloads still resume: with
+``Range`` within a pull, and from what an interrupted pull left in containerd's ingest.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from fixtures import images
 from fixtures import layers as L
 from fixtures.faultproxy import FaultProxy, Rule
 
-from agent.images import digests, errors, service
+from agent.images import containerd, digests, errors, service
 from agent.images.containerd import content as content_mod
+from agent.images.containerd import ingests
 from agent.images.content import local
 from agent.images.registry import client, hosts
 from tests.images.containerd.test_layers_stream_into_containerd_as_they_download import (
@@ -143,3 +145,59 @@ async def test_a_cancelled_pull_leaves_no_partial_ingest_in_containerd(
     assert ref not in active_ingests(ctrd)
     assert str(victim.digest) not in containerd_blobs(ctrd)
     assert local.LocalStore(tmp_root / "content").ingests() == []
+
+
+async def pull_through(
+    backend: containerd.ContainerdBackend, root: Path, ref: str
+) -> service.PullResult:
+    async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
+        svc = service.ImageService(root, rc, backend=backend)
+        try:
+            return await svc.pull(ref, platform=AMD64)
+        finally:
+            svc.close()
+
+
+async def test_an_interrupted_download_into_containerd_resumes_with_range(
+    ctrd: Containerd, fault_proxy: FaultProxy, tmp_root: Path
+) -> None:
+    blob = images.random_layer(500_000, seed=1309)
+    images.push(fault_proxy.upstream, "ctrdonce/resume", "1", images.Image([blob]))
+    fault_proxy.cut(f"/blobs/{blob.digest}", after=200_000, times=1)
+    backend = ctrd.backend()
+    backend.start()
+
+    result = await pull_through(backend, tmp_root, f"{fault_proxy.host}/ctrdonce/resume:1")
+
+    gets = fault_proxy.requests_to(f"/blobs/{blob.digest}", "GET")
+    assert [g.range for g in gets] == [None, "bytes=200000-"]
+    assert sum(g.bytes_sent for g in gets) == blob.size
+    assert str(blob.digest) in containerd_blobs(ctrd)
+    assert ctrd.snapshots().get(result.chain_id) == "Committed"
+    assert str(blob.digest) not in stored_blobs(tmp_root)
+
+
+async def test_an_ingest_a_killed_pull_left_in_containerd_is_resumed_not_refetched(
+    ctrd: Containerd, fault_proxy: FaultProxy, tmp_root: Path
+) -> None:
+    blob = images.random_layer(400_000, seed=1310)
+    images.push(fault_proxy.upstream, "ctrdonce/killed", "1", images.Image([blob]))
+    backend = ctrd.backend()
+    backend.start()
+    # A previous process got 150000 bytes into containerd's ingest before it died.
+    root = ingests.content_root(backend.client)
+    assert root is not None
+    left = ingests.ContainerdIngests(content_mod.ContainerdContent(backend.client), root, {})
+    writer = left.writer(str(blob.digest), total=blob.size)
+    writer.write(blob.data[:150_000])
+    writer.close()
+    assert content_mod.ingest_ref("layer", blob.digest) in active_ingests(ctrd)
+
+    result = await pull_through(backend, tmp_root, f"{fault_proxy.host}/ctrdonce/killed:1")
+
+    gets = fault_proxy.requests_to(f"/blobs/{blob.digest}", "GET")
+    assert [g.range for g in gets] == ["bytes=150000-"]
+    assert result.bytes_downloaded < blob.size
+    assert str(blob.digest) in containerd_blobs(ctrd)
+    assert ctrd.snapshots().get(result.chain_id) == "Committed"
+    assert active_ingests(ctrd) == []
