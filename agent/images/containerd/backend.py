@@ -48,13 +48,14 @@ from typing import Any, BinaryIO, Final, cast
 
 from agent.images import descriptors, digests, errors, mediatypes, records, references, tracing
 from agent.images.backends import backend as backend_api
-from agent.images.containerd import checks, ingests, leases
+from agent.images.containerd import checks, ingests, leases, prepared_ahead
 from agent.images.containerd import client as client_mod
 from agent.images.containerd import content as content_mod
 from agent.images.containerd import images as images_mod
 from agent.images.containerd import snapshotter as snapshotter_mod
 from agent.images.content import store
 from agent.images.snapshots import chains
+from agent.images.snapshots import snapshotter as snapshots
 from agent.images.unpack import compression
 from agent.images.unpack import unpacker as unpacker_mod
 
@@ -466,16 +467,29 @@ class _Import:
             blobs: store.BlobProvider = _StreamingBlobs(self, streamed)
         else:
             blobs = self.provider
+        # Layers applied side by side start in empty snapshots prepared ahead, so no unpack
+        # thread waits for a Prepare behind containerd's commit of the layer before.
+        ahead = (
+            prepared_ahead.PreparedAhead(self.snapshotter, diff_ids)
+            if snapshots.CAP_REBASE in self.snapshotter.capabilities
+            and concurrency > 1
+            and len(diff_ids) > 1
+            else None
+        )
         unpacker = unpacker_mod.Unpacker(
             blobs,
-            self.snapshotter,
+            cast(snapshots.Snapshotter, ahead) if ahead is not None else self.snapshotter,
             sync_fs=sync_fs,
             max_uncompressed_bytes=max_uncompressed_bytes,
             max_image_uncompressed_bytes=max_image_uncompressed_bytes,
             concurrency=concurrency,
             on_progress=self._on_layer,
         )
-        chain_id = await unpacker.unpack(manifest.layers, diff_ids)
+        try:
+            chain_id = await unpacker.unpack(manifest.layers, diff_ids)
+        finally:
+            if ahead is not None:
+                await asyncio.shield(asyncio.to_thread(ahead.close))
         # What the unpack did not stream (layers unpacked already, a stream that failed):
         # copied from the store, or only labelled where containerd has it.
         await asyncio.to_thread(self._copy_layers, manifest.layers, diff_ids, copy_layers)

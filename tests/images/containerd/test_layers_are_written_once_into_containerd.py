@@ -39,6 +39,10 @@ def one_layer_image() -> images.Image:
     return images.Image([images.Layer(images.compress(tar, "gzip"), images.sha256(tar))])
 
 
+def active_snapshots(ctrd: Containerd) -> set[str]:
+    return {k for k, kind in ctrd.snapshots().items() if kind == "Active"}
+
+
 def containerd_blobs(ctrd: Containerd) -> set[str]:
     return set(ctrd.ctr("content", "ls", "-q").stdout.split())
 
@@ -90,6 +94,7 @@ async def test_a_blob_that_is_corrupt_every_time_never_reaches_containerd(
                          drip=(50_000, 0.02)))
     backend = ctrd.backend()
     backend.start()
+    actives = active_snapshots(ctrd)
     async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
         svc = service.ImageService(tmp_root, rc, backend=backend)
         try:
@@ -104,6 +109,7 @@ async def test_a_blob_that_is_corrupt_every_time_never_reaches_containerd(
     top = digests.chain_ids([base.diff_id, victim.diff_id])[-1]
     assert str(top) not in ctrd.snapshots()
     assert str(victim.digest) not in stored_blobs(tmp_root)
+    assert active_snapshots(ctrd) == actives  # nothing prepared for it is left
 
 
 async def test_a_cancelled_pull_leaves_no_partial_ingest_in_containerd(
@@ -201,3 +207,25 @@ async def test_an_ingest_a_killed_pull_left_in_containerd_is_resumed_not_refetch
     assert str(blob.digest) in containerd_blobs(ctrd)
     assert ctrd.snapshots().get(result.chain_id) == "Committed"
     assert active_ingests(ctrd) == []
+
+
+async def test_a_many_layer_image_lands_whole_with_no_snapshot_left_active(
+    ctrd: Containerd, fault_proxy: FaultProxy, tmp_root: Path
+) -> None:
+    layers = [images.random_layer(120_000 + 10_000 * i, files=20, seed=1320 + i)
+              for i in range(5)]
+    image = images.Image(layers)
+    images.push(fault_proxy.upstream, "ctrdonce/many", "1", image)
+    backend = ctrd.backend()
+    backend.start()
+    actives = active_snapshots(ctrd)
+
+    result = await pull_through(backend, tmp_root, f"{fault_proxy.host}/ctrdonce/many:1")
+
+    chain = digests.chain_ids([layer.diff_id for layer in layers])
+    snapshots = ctrd.snapshots()
+    assert [snapshots.get(str(c)) for c in chain] == ["Committed"] * len(layers)
+    assert result.chain_id == str(chain[-1])
+    assert active_snapshots(ctrd) == actives
+    assert {str(layer.digest) for layer in layers} <= containerd_blobs(ctrd)
+    assert not {str(layer.digest) for layer in layers} & stored_blobs(tmp_root)
