@@ -65,11 +65,11 @@ class Fetcher:
         ``sink`` is where a backend keeps the blob itself (containerd's content ingest)."""
         key = str(desc.digest)
         into: sinks.BlobSink = sink if sink is not None else self.content
-        if into.exists(desc.digest):
+        if await self._exists(into, desc.digest):
             progress.blob_present(desc)
             return 0
         async with self._blob_locks.hold(key):
-            if into.exists(desc.digest):
+            if await self._exists(into, desc.digest):
                 progress.blob_present(desc)
                 return 0
             async with per_pull, self._node_downloads:
@@ -113,7 +113,7 @@ class Fetcher:
         sink: sinks.BlobSink,
     ) -> int:
         writer = await self._open_writer(sink, desc.digest, desc.size)
-        if sink.exists(desc.digest):
+        if await self._exists(sink, desc.digest):
             # Another process held the ingest and published the blob while we waited.
             writer.abort()
             progress.blob_present(desc)
@@ -202,6 +202,13 @@ class Fetcher:
             raise
         finally:
             tracing.set_attributes({"blob.retries": stalls + resumes, "blob.stalls": stalls})
+
+    async def _exists(self, sink: sinks.BlobSink, digest: digests.Digest) -> bool:
+        if sink is self.content:
+            return self.content.exists(digest)
+        # A runtime's store answers over its API (and may wait behind a snapshot commit):
+        # not on the event loop, whose downloads would stall meanwhile.
+        return await asyncio.to_thread(sink.exists, digest)
 
     async def _open_writer(
         self, sink: sinks.BlobSink, digest: digests.Digest, size: int

@@ -361,7 +361,7 @@ def _ingest_data(root: Path, namespace: str, ref: str) -> Path:
                 found.append(Path(entry.path, "data"))
     found = [p for p in found if p.exists()]
     if not found:
-        raise errors.Unavailable(
+        raise errors.InvalidConfiguration(  # not Unavailable: waiting would not help
             f"containerd opened the ingest {ref} but it is not under {root}/ingest"
             " (is containerd's root mounted at the same path?)"
         )
