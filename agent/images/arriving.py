@@ -19,25 +19,34 @@ layer from the committed blob if that fails (see ``Unpacker``).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from typing import BinaryIO, cast
 
 from agent.images import descriptors, digests, errors
-from agent.images.content import local
+from agent.images.content import local, sinks
 
 
 class ArrivingBlobs:
     """The blobs ``expected`` by an unpack, as the pull's fetches bring them in."""
 
-    def __init__(self, content: local.LocalStore, expected: Sequence[digests.Digest]):
-        self._content = content
+    def __init__(
+        self,
+        content: local.LocalStore,
+        expected: Sequence[digests.Digest],
+        sink: sinks.BlobSink | None = None,
+    ):
+        """``sink``: where the pull's fetches commit the ``expected`` blobs, when not into
+        ``content`` (a backend's own store); other blobs are read from ``content``."""
+        self._store = content
+        self._content: sinks.BlobSink = sink if sink is not None else content
         self._ready = {str(d): threading.Event() for d in expected}
         self._feeds: dict[str, local.IngestFeed] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def downloading(self, desc: descriptors.Descriptor, writer: local.LocalWriter) -> None:
+    def downloading(self, desc: descriptors.Descriptor, writer: sinks.SinkWriter) -> None:
         """The pull opened ``desc``'s ingest: readers may follow it from now on."""
         key = str(desc.digest)
         event = self._ready.get(key)
@@ -68,15 +77,23 @@ class ArrivingBlobs:
         event = self._ready.get(key)
         if event is not None:
             event.wait()
-        if not self._content.exists(digest):
-            with self._lock:
-                feed = self._feeds.get(key)
-                if feed is not None and not feed.finished:
-                    return cast(BinaryIO, feed.reader())
+        # A download in progress is followed (before asking the store whether the blob is
+        # in: a runtime's store answers over its API, and may be busy meanwhile).
+        with self._lock:
+            feed = self._feeds.get(key)
+            if feed is not None and not feed.finished:
+                return cast(BinaryIO, feed.reader())
         if event is None:
             # Not fetched by this pull: the store's answer (NotFound lets a backend read it
             # from where it already is, as containerd's backend does).
+            return self._store.open_blob(digest)
+        if feed is not None and feed.finished:
+            # Committed by this pull's download (maybe not yet visible where it goes: a
+            # runtime's commit in progress): its verified bytes, as a plain file.
+            with contextlib.suppress(errors.Unavailable):
+                return feed.open_committed()
+        if self._content.exists(digest):
             return self._content.open_blob(digest)
-        if not self._content.exists(digest):
-            raise errors.Unavailable(f"blob {digest} did not arrive: its download failed")
-        return self._content.open_blob(digest)
+        if self._content is not self._store and self._store.exists(digest):
+            return self._store.open_blob(digest)  # in the store already: not fetched again
+        raise errors.Unavailable(f"blob {digest} did not arrive: its download failed")

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable
 
 from agent.images import descriptors, digests, durations, errors, locks, references, tracing
-from agent.images.content import local
+from agent.images.content import local, sinks
 from agent.images.progress import stall, tracker
 from agent.images.registry import client as registry_client
 
@@ -24,7 +24,7 @@ from agent.images.registry import client as registry_client
 MAX_BLOB_RESUMES = 5
 
 #: Called with a blob's ingest writer before its first byte is written.
-OnWriter = Callable[[descriptors.Descriptor, local.LocalWriter], None]
+OnWriter = Callable[[descriptors.Descriptor, sinks.SinkWriter], None]
 
 
 class Fetcher:
@@ -55,17 +55,21 @@ class Fetcher:
         per_pull: asyncio.Semaphore,
         progress_timeout: float,
         on_writer: OnWriter | None = None,
+        sink: sinks.BlobSink | None = None,
     ) -> int:
-        """Download one blob into the store unless it is there. Returns bytes downloaded.
+        """Download one blob into ``sink`` (default: the store) unless it is there. Returns
+        bytes downloaded.
 
         ``on_writer`` is called with the ingest's writer before the first byte is written
-        (an unpack follows the ingest from there, see :mod:`agent.images.arriving`)."""
+        (an unpack follows the ingest from there, see :mod:`agent.images.arriving`).
+        ``sink`` is where a backend keeps the blob itself (containerd's content ingest)."""
         key = str(desc.digest)
-        if self.content.exists(desc.digest):
+        into: sinks.BlobSink = sink if sink is not None else self.content
+        if await self._exists(into, desc.digest):
             progress.blob_present(desc)
             return 0
         async with self._blob_locks.hold(key):
-            if self.content.exists(desc.digest):
+            if await self._exists(into, desc.digest):
                 progress.blob_present(desc)
                 return 0
             async with per_pull, self._node_downloads:
@@ -75,7 +79,9 @@ class Fetcher:
                     tracing.LAYER_MEDIA_TYPE: desc.media_type,
                 }
                 with tracing.span(tracing.SERVICE_SPANS, "fetch_blob", attrs) as span:
-                    got = await self._download(ref, desc, progress, progress_timeout, on_writer)
+                    got = await self._download(
+                        ref, desc, progress, progress_timeout, on_writer, into
+                    )
                     span.set_attribute("blob.bytes_downloaded", got)
                     return got
 
@@ -84,7 +90,7 @@ class Fetcher:
         async with self._blob_locks.hold(str(desc.digest)):
             if self.content.exists(desc.digest):
                 return
-            writer = await self._open_writer(desc.digest, len(data))
+            writer = await self._open_writer(self.content, desc.digest, len(data))
             if self.content.exists(desc.digest):  # the process that held it published it
                 writer.abort()
                 return
@@ -104,9 +110,10 @@ class Fetcher:
         progress: tracker.PullProgress,
         progress_timeout: float,
         on_writer: OnWriter | None,
+        sink: sinks.BlobSink,
     ) -> int:
-        writer = await self._open_writer(desc.digest, desc.size)
-        if self.content.exists(desc.digest):
+        writer = await self._open_writer(sink, desc.digest, desc.size)
+        if await self._exists(sink, desc.digest):
             # Another process held the ingest and published the blob while we waited.
             writer.abort()
             progress.blob_present(desc)
@@ -184,18 +191,36 @@ class Fetcher:
                 await asyncio.to_thread(writer.commit, desc.size, desc.digest)
             progress.blob_done(desc.digest)
             return downloaded
+        except asyncio.CancelledError:
+            if sinks.keeps_cancelled(sink):
+                writer.close()
+            else:
+                writer.abort()  # a runtime's content store keeps no partial blob of ours
+            raise
         except BaseException:
             writer.close()  # keeps the ingest for a resume; verification failures removed it
             raise
         finally:
             tracing.set_attributes({"blob.retries": stalls + resumes, "blob.stalls": stalls})
 
-    async def _open_writer(self, digest: digests.Digest, size: int) -> local.LocalWriter:
+    async def _exists(self, sink: sinks.BlobSink, digest: digests.Digest) -> bool:
+        if sink is self.content:
+            return self.content.exists(digest)
+        # A runtime's store answers over its API (and may wait behind a snapshot commit):
+        # not on the event loop, whose downloads would stall meanwhile.
+        return await asyncio.to_thread(sink.exists, digest)
+
+    async def _open_writer(
+        self, sink: sinks.BlobSink, digest: digests.Digest, size: int
+    ) -> sinks.SinkWriter:
         """Open the ingest of ``digest``; wait while another process writes it."""
         delay = 0.05
         while True:
             try:
-                return self.content.writer(str(digest), total=size)
+                if sink is self.content:
+                    return self.content.writer(str(digest), total=size)
+                # A runtime's ingest is opened over its API: not on the event loop.
+                return await asyncio.to_thread(sink.writer, str(digest), total=size)
             except errors.Unavailable:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

@@ -5,10 +5,11 @@
 1. **resolve** the reference (``HEAD``, then ``GET`` unless the manifest is already stored),
    and pick the platform's manifest from an index;
 2. **fetch** the config and every layer concurrently (``max_concurrent_downloads`` per pull,
-   a node-wide limit shared by all pulls of this service), each blob streamed into an ingest,
-   hashed as it arrives, resumed with ``Range`` after a broken or silent connection, and
-   committed only once verified. Blobs already in the store are not downloaded; a blob two
-   pulls need at once is downloaded once (a lock per digest);
+   a node-wide limit shared by all pulls of this service), each blob streamed into an ingest
+   (ours; for layers, the backend's own when it has one: containerd's content ingest), hashed
+   as it arrives, resumed with ``Range`` after a broken or silent connection, and committed
+   only once verified. Blobs already in the store are not downloaded; a blob two pulls need
+   at once is downloaded once (a lock per digest);
 3. **unpack** the layers into snapshots named by chain ID (skipping chains that exist),
    ``syncfs``-ing each before it is committed when configured;
 4. **record** the image (name → digest, platform manifest, config, top chain ID).
@@ -464,13 +465,22 @@ class ImageService:
                 for layer in counted:
                     if str(layer.digest) not in wanted and not self.content.exists(layer.digest):
                         progress.blob_present(layer)  # unpacked already: nothing to fetch
-            blobs_in = arriving.ArrivingBlobs(self.content, [d.digest for d in needed])
+            # A backend that keeps the layers itself (containerd) has them written straight
+            # into its store: each layer's bytes are written once, and unpacked from there.
+            sink = (
+                await asyncio.to_thread(self.backend.layer_sink, ref, manifest, config.diff_ids)
+                if unpacking and needed
+                else None
+            )
+            blobs_in = arriving.ArrivingBlobs(
+                self.content, [d.digest for d in needed], sink
+            )
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest
                     fetches = [
                         group.create_task(
                             self._fetch_and_announce(ref, desc, progress, per_pull, timeout,
-                                                     blobs_in)
+                                                     blobs_in, sink)
                         )
                         for desc in _unique(needed)
                     ]
@@ -481,6 +491,7 @@ class ImageService:
                             ref, top, manifest_desc, manifest, config, progress, blobs_in,
                             timeout, pinned, labels, lease,
                         )
+                        job.sink = sink
                         if fetches:
                             group.create_task(
                                 _phase_after(fetches, progress, events.Phase.UNPACKING)
@@ -492,6 +503,8 @@ class ImageService:
                 raise _first_error(eg) from None
             finally:
                 blobs_in.close()
+                if sink is not None:
+                    await asyncio.shield(asyncio.to_thread(sink.close))
             downloaded += sum(t.result() for t in fetches)
         blobs += [manifest.config.digest, *(layer.digest for layer in manifest.layers)]
         unpacked = (
@@ -651,10 +664,13 @@ class ImageService:
         per_pull: asyncio.Semaphore,
         progress_timeout: float,
         blobs: arriving.ArrivingBlobs,
+        sink: backend_api.LayerSink | None,
     ) -> int:
+        if sink is not None and self.content.exists(desc.digest):
+            sink = None  # in our store already (left by an earlier pull): read from there
         try:
             return await self.fetcher.fetch_blob(
-                ref, desc, progress, per_pull, progress_timeout, blobs.downloading
+                ref, desc, progress, per_pull, progress_timeout, blobs.downloading, sink
             )
         finally:
             # Committed, or never will be in this pull: either way an unpack waiting for

@@ -21,8 +21,10 @@ The backend is built at the edge (the CLI, the node agent) and handed to
 Lifecycle of one pull, as the service drives it::
 
     needed = backend.layers_to_fetch(manifest, config.diff_ids)   # after the config
-    # fetch `needed` into the content store, and meanwhile:
-    unpacked = await backend.unpack(Unpacking(...))               # blobs as they arrive
+    sink = backend.layer_sink(ref, manifest, config.diff_ids)     # None: the content store
+    # fetch `needed` into the sink (or the content store), and meanwhile:
+    unpacked = await backend.unpack(Unpacking(..., sink=sink))    # blobs as they arrive
+    sink.close()                                                  # after the unpack
     # the image record (name → digest, unpacked.chain_id, unpacked.image_id) goes into
     # the service's records
 """
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from agent.images import descriptors, digests, records, references
-from agent.images.content import store
+from agent.images.content import sinks, store
 
 if TYPE_CHECKING:
     from agent.images.content import local
@@ -149,6 +151,8 @@ class Unpacking:
     #: delete these local layer blobs, except those another pull in flight or an image
     #: that is not unpacked still needs (blocking; a backend that keeps the layers itself)
     discard_layers: Callable[[Sequence[descriptors.Descriptor]], None] = lambda layers: None
+    #: where the layers were fetched to when the backend supplied it (:meth:`Backend.layer_sink`)
+    sink: LayerSink | None = None
 
     def on_unpack_event(self, event: unpacker.UnpackEvent) -> None:
         """An unpacker's ``on_progress`` (called from worker threads): bytes written go to
@@ -157,6 +161,14 @@ class Unpacking:
             self.layer_written(event.layer.digest, event.uncompressed_bytes)
         elif event.kind in ("done", "skipped"):
             self.layer_unpacked(event.layer.digest)
+
+
+class LayerSink(sinks.BlobSink, Protocol):
+    """A backend's own place for one pull's layer blobs (see :meth:`Backend.layer_sink`)."""
+
+    def close(self) -> None:
+        """The pull is over (after the unpack): release what kept its blobs (a lease)."""
+        ...
 
 
 class Backend(Protocol):
@@ -187,6 +199,16 @@ class Backend(Protocol):
         self, manifest: descriptors.Manifest, diff_ids: Sequence[digests.Digest]
     ) -> list[descriptors.Descriptor]:
         """The layers the service must download for :meth:`unpack` (blocking)."""
+        ...
+
+    def layer_sink(
+        self,
+        ref: references.Reference,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+    ) -> LayerSink | None:
+        """Where this pull's layer blobs are written, if the backend keeps them itself
+        (blocking); ``None``: the service's content store."""
         ...
 
     async def unpack(self, job: Unpacking) -> Unpacked:

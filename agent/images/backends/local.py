@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from agent.images import descriptors, digests, errors, records, tracing
+from agent.images import descriptors, digests, errors, records, references, tracing
 from agent.images.backends import backend
 from agent.images.content import store
 from agent.images.snapshots import chains
@@ -77,6 +77,15 @@ class LocalBackend:
         if self._snapshotter is None:
             return list(manifest.layers)
         return list(manifest.layers[chains.committed_depth(self._snapshotter, diff_ids):])
+
+    def layer_sink(
+        self,
+        ref: references.Reference,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+    ) -> None:
+        """Layers go into the service's content store."""
+        return None
 
     async def unpack(self, job: backend.Unpacking) -> backend.Unpacked:
         if self._snapshotter is None:

@@ -11,11 +11,15 @@ holding one containerd lease for the whole import:
    whiteouts into the upper directory containerd returned, verify the diff ID, ``syncfs`` if
    asked, commit under the chain ID with ``containerd.io/snapshot.ref`` — the
    :class:`~agent.images.unpack.unpacker.Unpacker` with a :class:`ContainerdSnapshotter`.
-   The blob bytes the unpacker reads (as they download, in a pull) are streamed at the same
-   time into containerd's content ingest (:class:`~.content.Ingest`), committed with the
-   expected digest (containerd verifies it) once the layer was read and confirmed, with
-   ``containerd.io/uncompressed`` = diff ID; layers it did not stream (already unpacked, a
-   failed stream) are then copied or labelled;
+   In a pull, each layer containerd lacks is written once, straight into containerd's own
+   content ingest by the image service's fetcher (:meth:`ContainerdBackend.layer_sink`, see
+   :mod:`.ingests`), hashed as it arrives, and applied from that same ingest file while it
+   grows; it is committed with the expected digest (containerd verifies it again) and
+   ``containerd.io/uncompressed`` = diff ID once the fetcher verified it. Where containerd's
+   content root is not visible to the agent, the fetcher writes into the service's store
+   and the bytes the unpacker reads are streamed into containerd's ingest over gRPC
+   (:class:`~.content.Ingest`); layers written neither way (already unpacked, found in the
+   service's store, a failed stream) are copied or labelled after the unpack;
 2. copies the config (``containerd.io/gc.ref.snapshot.<snapshotter>`` = top chain ID), the
    manifest (``gc.ref.content.config`` / ``gc.ref.content.l.<i>``) and the index, if any
    (``gc.ref.content.m.<i>``): children before parents, as containerd's fetcher does;
@@ -36,20 +40,22 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Final, cast
 
 from agent.images import descriptors, digests, errors, mediatypes, records, references, tracing
 from agent.images.backends import backend as backend_api
-from agent.images.containerd import checks, leases
+from agent.images.containerd import checks, ingests, leases, prepared_ahead
 from agent.images.containerd import client as client_mod
 from agent.images.containerd import content as content_mod
 from agent.images.containerd import images as images_mod
 from agent.images.containerd import snapshotter as snapshotter_mod
 from agent.images.content import store
 from agent.images.snapshots import chains
+from agent.images.snapshots import snapshotter as snapshots
 from agent.images.unpack import compression
 from agent.images.unpack import unpacker as unpacker_mod
 
@@ -124,6 +130,9 @@ class ContainerdBackend:
         self.lease_expire = lease_expire
         #: containerd's version, once :meth:`check` has asked
         self.version = ""
+        #: containerd's content store directory as this process sees it (``None``: not
+        #: visible; then layers are fetched into the service's store and streamed over gRPC)
+        self._content_root: Path | None | bool = False  # False: not asked yet
 
     def close(self) -> None:
         if self._own_client:
@@ -163,10 +172,41 @@ class ContainerdBackend:
             if i >= depth and not self.has_blob(layer.digest)
         ]
 
+    def layer_sink(
+        self,
+        ref: references.Reference,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+    ) -> LayerIngests | None:
+        """containerd's own content ingests, when its content root is visible here and
+        layers are kept as content (not when the CRI discards unpacked layers): the fetcher
+        writes each layer there once and the unpack follows it (:mod:`.ingests`)."""
+        if self.copy_layers is False:
+            return None
+        if self._content_root is False:
+            try:
+                self._content_root = ingests.content_root(self.client)
+            except errors.ImageError:
+                self._content_root = None
+        root = self._content_root
+        if not isinstance(root, Path):
+            return None
+        source = {f"{content_mod.LABEL_DISTRIBUTION_SOURCE}{ref.domain}": ref.path}
+        labels = {
+            str(layer.digest): {**source, content_mod.LABEL_UNCOMPRESSED: str(diff_id)}
+            for layer, diff_id in zip(manifest.layers, diff_ids, strict=True)
+        }
+        lease = self.leases.create(expire=self.lease_expire)
+        return LayerIngests(
+            content_mod.ContainerdContent(self.client, lease=lease), root, labels,
+            lambda: self.leases.delete(lease),
+        )
+
     async def unpack(self, job: backend_api.Unpacking) -> backend_api.Unpacked:
-        """Import the image while its layers download: each layer is applied, and streamed
-        into containerd's content store, from its ingest as the bytes arrive, verified before
-        its snapshot or blob is committed; then the local layer copies are dropped."""
+        """Import the image while its layers download: each layer is applied from its
+        ingest as the bytes arrive — containerd's own ingest, when :meth:`layer_sink` gave
+        one, else the service's, streamed into containerd's as it is read — verified before
+        its snapshot or blob is committed; then any local layer copies are dropped."""
 
         on_layer = job.on_unpack_event
 
@@ -186,6 +226,7 @@ class ContainerdBackend:
                 on_layer=on_layer,
                 max_uncompressed_bytes=job.max_uncompressed_bytes,
                 max_image_uncompressed_bytes=job.max_image_uncompressed_bytes,
+                stream_layers=not isinstance(job.sink, LayerIngests),
             )
         # containerd holds the layers now; the local copies would only duplicate them (a
         # concurrent pull of an image sharing a layer may still be about to read it).
@@ -293,6 +334,7 @@ class ContainerdBackend:
         on_layer: unpacker_mod.OnProgress | None = None,
         max_uncompressed_bytes: int | None = None,
         max_image_uncompressed_bytes: int | None = None,
+        stream_layers: bool = True,
     ) -> ImportResult:
         """Import one image into containerd; see the module doc for the steps.
 
@@ -313,6 +355,9 @@ class ContainerdBackend:
             on_layer: called with each layer's :class:`UnpackEvent`, from worker threads.
             max_uncompressed_bytes, max_image_uncompressed_bytes: this import's limits
                 (``None``: the backend's own; the image service passes its options).
+            stream_layers: stream the layers containerd lacks into its content ingest as
+                the unpacker reads them (``False``: they are being written there already,
+                by the fetcher into :meth:`layer_sink`).
 
         Raises:
             DigestMismatch, UnsafeLayer, UnsupportedMediaType: a layer cannot be used; no
@@ -340,6 +385,7 @@ class ContainerdBackend:
             chain_id = await job.unpack_and_copy_layers(
                 manifest,
                 diff_ids,
+                stream_layers=stream_layers,
                 sync_fs=sync_fs,
                 concurrency=concurrency,
                 max_uncompressed_bytes=(
@@ -374,6 +420,25 @@ class ContainerdBackend:
         )
 
 
+class LayerIngests(ingests.ContainerdIngests):
+    """One pull's :class:`~.ingests.ContainerdIngests` under a lease of its own, which
+    :meth:`close` deletes (after the import labelled the layers from the manifest)."""
+
+    def __init__(
+        self,
+        content: content_mod.ContainerdContent,
+        root: Path,
+        labels: dict[str, dict[str, str]],
+        release: Callable[[], None],
+    ):
+        super().__init__(content, root, labels)
+        self._release = release
+
+    def close(self) -> None:
+        with contextlib.suppress(errors.ImageError):
+            self._release()
+
+
 class _Import:
     """The state of one import, under one lease."""
 
@@ -406,27 +471,41 @@ class _Import:
         manifest: descriptors.Manifest,
         diff_ids: Sequence[digests.Digest],
         *,
+        stream_layers: bool = True,
         sync_fs: bool,
         concurrency: int,
         max_uncompressed_bytes: int,
         max_image_uncompressed_bytes: int,
     ) -> digests.Digest:
         copy_layers = self.backend.copy_layers is not False
-        if copy_layers:
+        if copy_layers and stream_layers:
             streamed = await asyncio.to_thread(self._streamable, manifest.layers, diff_ids)
             blobs: store.BlobProvider = _StreamingBlobs(self, streamed)
         else:
             blobs = self.provider
+        # Layers applied side by side start in empty snapshots prepared ahead, so no unpack
+        # thread waits for a Prepare behind containerd's commit of the layer before.
+        ahead = (
+            prepared_ahead.PreparedAhead(self.snapshotter, diff_ids)
+            if snapshots.CAP_REBASE in self.snapshotter.capabilities
+            and concurrency > 1
+            and len(diff_ids) > 1
+            else None
+        )
         unpacker = unpacker_mod.Unpacker(
             blobs,
-            self.snapshotter,
+            cast(snapshots.Snapshotter, ahead) if ahead is not None else self.snapshotter,
             sync_fs=sync_fs,
             max_uncompressed_bytes=max_uncompressed_bytes,
             max_image_uncompressed_bytes=max_image_uncompressed_bytes,
             concurrency=concurrency,
             on_progress=self._on_layer,
         )
-        chain_id = await unpacker.unpack(manifest.layers, diff_ids)
+        try:
+            chain_id = await unpacker.unpack(manifest.layers, diff_ids)
+        finally:
+            if ahead is not None:
+                await asyncio.shield(asyncio.to_thread(ahead.close))
         # What the unpack did not stream (layers unpacked already, a stream that failed):
         # copied from the store, or only labelled where containerd has it.
         await asyncio.to_thread(self._copy_layers, manifest.layers, diff_ids, copy_layers)

@@ -94,6 +94,10 @@ class ContainerdSnapshotter:
         :func:`~agent.images.containerd.leases.protect`)."""
         if self.lease:
             leases.protect(self.client, self.lease, key, f"snapshots/{self.name}")
+        return self._stat(key)
+
+    def _stat(self, key: str) -> snapshots.Info:
+        """``Stat`` alone (a snapshot this lease made needs no protecting)."""
         response = self._call(
             "Stat",
             snapshots_pb2.StatSnapshotRequest(snapshotter=self.name, key=key),
@@ -145,6 +149,9 @@ class ContainerdSnapshotter:
             return [
                 snapshots.Mount(m.type, m.source, _read_only(m.options)) for m in mounts
             ]
+        return self._active_mounts(key)
+
+    def _active_mounts(self, key: str) -> list[snapshots.Mount]:
         response = self._call(
             "Mounts",
             snapshots_pb2.MountsRequest(snapshotter=self.name, key=key),
@@ -161,7 +168,9 @@ class ContainerdSnapshotter:
         *,
         parent: str | None = None,
     ) -> None:
-        active = self.stat(key)
+        # Only an active snapshot can be committed, and the unpack prepared it under this
+        # lease: nothing to protect (one round trip less per layer on the commit path).
+        active = self._stat(key)
         if active.kind is not snapshots.Kind.ACTIVE:
             raise errors.NotFound(f"{key!r} is a {active.kind.name.lower()} snapshot, not an active"
                                   " one: only active snapshots can be committed")
@@ -187,7 +196,7 @@ class ContainerdSnapshotter:
     def _rebase(self, key: str, active: snapshots.Info, parent: str) -> str:
         """Move active ``key``'s files into a new active snapshot on ``parent``; returns its
         key. A crash midway leaves only active snapshots (owner-labelled: ``cleanup()``)."""
-        staged = _upper(self.mounts(key))
+        staged = _upper(self._active_mounts(key))  # active: commit() checked
         new_key = f"{UNPACK_KEY_PREFIX}{secrets.token_hex(8)} {_chain_id_of_key(key)}".rstrip()
         target = _upper(self.prepare(new_key, parent, active.labels))
         try:

@@ -424,6 +424,15 @@ class IngestFeed:
                 raise errors.Unavailable(f"blob {self.expected}: its download is over")
             return FollowingReader(self, os.dup(self._fd))
 
+    def open_committed(self) -> BinaryIO:
+        """The blob as a plain file (its own offset), once the writer committed it — its
+        size and digest verified — even before it appears where the writer commits it.
+        Raises :class:`Unavailable` otherwise, or once the feed is closed."""
+        with self._cond:
+            if self._outcome is not True or self._fd is None:
+                raise errors.Unavailable(f"blob {self.expected}: not committed by its download")
+            return open(f"/proc/self/fd/{self._fd}", "rb")  # noqa: SIM115
+
     def wait_for(self, end: int) -> int:
         """Wait until ``end`` bytes are written (or the writer finished); return how many
         are. Raises :class:`Unavailable` if the writer stopped without committing."""

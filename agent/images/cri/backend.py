@@ -24,7 +24,7 @@ import os
 from collections.abc import Sequence
 from typing import Final
 
-from agent.images import descriptors, digests, durations, errors, records
+from agent.images import descriptors, digests, durations, errors, records, references
 from agent.images.backends import backend as backend_api
 from agent.images.containerd import client as client_mod
 from agent.images.containerd.protos import cri_pb2
@@ -102,6 +102,15 @@ class CriBackend:
         self, manifest: descriptors.Manifest, diff_ids: Sequence[digests.Digest]
     ) -> list[descriptors.Descriptor]:
         return []  # the runtime fetches the layers itself
+
+    def layer_sink(
+        self,
+        ref: references.Reference,
+        manifest: descriptors.Manifest,
+        diff_ids: Sequence[digests.Digest],
+    ) -> None:
+        """Layers go into the service's content store."""
+        return None
 
     async def unpack(self, job: backend_api.Unpacking) -> backend_api.Unpacked:
         """``PullImage`` of the reference, bounded by the progress timeout."""

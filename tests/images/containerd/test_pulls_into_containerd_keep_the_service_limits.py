@@ -91,8 +91,13 @@ async def test_a_local_layer_another_pull_still_needs_is_kept_after_an_import(
     async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
         svc = service.ImageService(tmp_root, rc, backend=backend)
         try:
-            # Another pull in flight that has found the shared layer in the store (it holds
-            # it in its lease) and has yet to read it.
+            # The shared layer is in our store (an earlier pull left it there: layers pulled
+            # into containerd are written into containerd's content store only), and another
+            # pull in flight has found it there (it holds it in its lease) and has yet to
+            # read it.
+            with svc.content.writer(str(shared.digest)) as w:
+                w.write(shared.data)
+                w.commit(shared.size, shared.digest)
             with svc.leases.held() as other:
                 svc.leases.hold(other, shared.digest)
                 await svc.pull(f"{registry.host}/ctrdcap/shared:1", platform=AMD64)

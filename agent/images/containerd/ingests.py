@@ -1,0 +1,368 @@
+"""``ContainerdIngests``: a pull's layer blobs written straight into containerd's content
+ingest — the :class:`~agent.images.content.sinks.BlobSink` of the containerd backend.
+
+A layer is written once, where it stays: the fetcher hashes the downloaded bytes and writes
+them into the ``data`` file of containerd's own ingest (under containerd's content root,
+``/var/lib/containerd/io.containerd.content.v1.content/ingest/…``, which the agent sees at
+the same path, as it sees the snapshotter's directories), and the unpacker follows that file
+while it grows, as it follows the local store's ingests. Nothing goes over gRPC but the
+ingest's opening and its commit.
+
+Per blob (ref ``layer-<digest>``, as containerd's own fetcher names it):
+
+1. a ``Write`` stream sends ``STAT``: containerd creates the ingest (or finds an interrupted
+   one, whose bytes are resumed) and holds its ref lock for as long as the stream stays open,
+   so no other writer (containerd's own pull of the same layer, another agent process) writes
+   it meanwhile; the stream carries no lease, so containerd keeps an interrupted ingest for
+   24 hours for a later pull to resume, as it does for its own pulls;
+2. the bytes go into the ``data`` file, hashed as they are written;
+3. once the fetcher verified size and digest, the stream is closed and a second one (under
+   the pull's lease) sends ``STAT`` — containerd resumes the ingest, hashing the file — and
+   ``COMMIT`` with the expected digest and the layer's labels: containerd verifies the digest
+   again, and only then is the blob visible.
+
+A blob whose bytes fail verification, and a cancelled download, abort the ingest: nothing is
+left in containerd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from agent.images import digests, errors
+from agent.images.containerd import client as client_mod
+from agent.images.containerd import content as content_mod
+from agent.images.containerd.protos import content_pb2, introspection_pb2
+from agent.images.content import local, store
+
+#: containerd's content plugin, whose ``root`` export is its content store's directory.
+CONTENT_PLUGIN: Final = ("io.containerd.content.v1", "content")
+
+_SERVICE: Final = "/containerd.services.content.v1.Content/"
+_READ_CHUNK: Final = 1024 * 1024
+#: Tries of a commit whose ref another writer took in the moment between the two streams.
+_LOCKED_TRIES: Final = 20
+
+
+def content_root(client: client_mod.Client) -> Path | None:
+    """containerd's content store directory, if containerd says where it is and this process
+    sees it there (with its ``ingest`` directory); ``None`` otherwise."""
+    plugins = client.unary(
+        "/containerd.services.introspection.v1.Introspection/Plugins",
+        introspection_pb2.PluginsRequest(filters=[f"type=={CONTENT_PLUGIN[0]}"]),
+        introspection_pb2.PluginsResponse,
+        what="introspection.Plugins",
+    ).plugins
+    for plugin in plugins:
+        if (plugin.type, plugin.id) == CONTENT_PLUGIN and plugin.exports.get("root"):
+            root = Path(plugin.exports["root"])
+            if (root / "ingest").is_dir():
+                return root
+    return None
+
+
+class ContainerdIngests:
+    """Layer blobs of one pull, written into containerd's content ingests.
+
+    Args:
+        content: containerd's content service under the pull's lease (commits join it).
+        root: containerd's content store directory (:func:`content_root`).
+        labels: the labels each layer is committed with, by digest.
+    """
+
+    #: A cancelled pull's partial ingest is aborted, not left for a resume.
+    keeps_cancelled: Final = False
+
+    def __init__(
+        self,
+        content: content_mod.ContainerdContent,
+        root: Path,
+        labels: Mapping[str, Mapping[str, str]],
+    ):
+        self.content = content
+        self.root = root
+        self.labels = {k: dict(v) for k, v in labels.items()}
+
+    def exists(self, digest: digests.Digest) -> bool:
+        return self.content.exists(digest)
+
+    def open_blob(self, digest: digests.Digest) -> BinaryIO:
+        """A committed blob, read from containerd's blob file (its content service if the
+        file is not where the root says). Raises :class:`NotFound`."""
+        self.content.info(digest)  # in this namespace (and under the lease), or NotFound
+        d = digests.Digest(digest)
+        try:
+            return open(self.root / "blobs" / d.algorithm / d.hex, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return self.content.open_blob(d)
+
+    def writer(
+        self, ref: str, *, total: int = 0, expected: digests.Digest | None = None
+    ) -> IngestWriter:
+        digest = digests.Digest(expected or ref)
+        return IngestWriter(
+            self, content_mod.ingest_ref("layer", digest), total, digest,
+            self.labels.get(str(digest), {}),
+        )
+
+
+class IngestWriter:
+    """One blob written into a containerd ingest; a :class:`~..sinks.SinkWriter`.
+
+    If containerd already has the blob, the writer is empty and its :meth:`commit` raises
+    :class:`AlreadyExists` (the fetcher checks ``exists`` first and aborts it).
+    """
+
+    def __init__(
+        self,
+        owner: ContainerdIngests,
+        ref: str,
+        total: int,
+        expected: digests.Digest,
+        labels: dict[str, str],
+    ):
+        self._owner = owner
+        self._ref = ref
+        self._total = total
+        self._expected = expected
+        self._labels = labels
+        self._hasher = digests.Hasher(expected.algorithm)
+        self._offset = 0
+        self._fd: int | None = None
+        self._feed: local.IngestFeed | None = None
+        self._closed = False
+        self._held: _HeldStream | None = None
+        try:
+            self._held = _HeldStream(owner.content.client, ref, total, expected)
+        except errors.AlreadyExists:
+            return  # containerd has the blob: nothing to write
+        try:
+            data = _ingest_data(owner.root, owner.content.client.namespace, ref)
+            self._fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+            self._rehash()
+        except BaseException:
+            self._release()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            raise
+
+    @property
+    def ref(self) -> str:
+        return self._ref
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def write(self, data: bytes | memoryview) -> None:
+        fd = self._require()
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], self._offset + written)
+        self._hasher.update(view)
+        self._offset += len(view)
+        if self._feed is not None:
+            self._feed.wrote(self._offset)
+
+    def truncate(self, offset: int = 0) -> None:
+        fd = self._require()
+        if self._feed is not None:
+            self._feed.wrote(min(offset, self._offset))  # before the bytes go
+        os.ftruncate(fd, offset)
+        self._rehash()
+        if self._feed is not None:
+            self._feed.wrote(self._offset)
+
+    def digest(self) -> digests.Digest:
+        return self._hasher.digest()
+
+    def follow(self, size: int, expected: digests.Digest) -> local.IngestFeed:
+        if self._feed is None:
+            self._feed = local.IngestFeed(
+                os.dup(self._require()), self._offset, size, digests.Digest(expected)
+            )
+        return self._feed
+
+    def commit(self, size: int, expected: digests.Digest) -> store.Info:
+        """Verify what was written, then have containerd commit it (and verify it again).
+
+        Raises:
+            SizeMismatch, DigestMismatch: the bytes are not the blob; the ingest is aborted.
+            AlreadyExists: containerd has the blob (committed by another writer).
+        """
+        expected = digests.Digest(expected)
+        if self._fd is None:
+            self._finish(committed=True)
+            raise errors.AlreadyExists(f"blob {expected} already exists in containerd")
+        if size and self._offset != size:
+            got = self._offset
+            self.abort()
+            raise errors.SizeMismatch(
+                f"blob {expected}: got {got} bytes, expected {size}; the download was discarded"
+            )
+        actual = self._hasher.digest()
+        if actual != expected:
+            self.abort()
+            raise errors.DigestMismatch(
+                f"blob {expected}: content hashes to {actual}; the registry served bytes that"
+                " do not match the digest, so nothing was stored (the registry's copy may be"
+                " corrupt or tampered with)"
+            )
+        # The bytes are the blob's: an unpack following them may commit its snapshot now,
+        # without waiting for containerd's commit (which can wait behind a snapshot commit
+        # holding containerd's metadata lock). If containerd's commit fails, so does the pull.
+        if self._feed is not None:
+            self._feed.finish(committed=True)
+        self._release()  # containerd's lock: the commit's stream takes it again
+        try:
+            created = self._commit_in_containerd(size)
+        except errors.DigestMismatch:
+            self.abort()
+            raise
+        except BaseException:
+            self.close()
+            raise
+        self._finish(committed=True)
+        if not created:
+            raise errors.AlreadyExists(f"blob {expected} already exists in containerd")
+        return store.Info(digest=expected, size=size, created_at=time.time())
+
+    def close(self) -> None:
+        """Stop writing; containerd keeps the ingest for a later pull to resume."""
+        self._finish(committed=False)
+
+    def abort(self) -> None:
+        """Stop writing and drop the ingest from containerd."""
+        self._finish(committed=False)
+        with contextlib.suppress(errors.ImageError):
+            self._owner.content.abort(self._ref)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _commit_in_containerd(self, size: int) -> bool:
+        fd = self._require()
+        for attempt in range(_LOCKED_TRIES):
+            # containerd resumes the ingest (hashing the file); the source is only read if
+            # it has fewer bytes than were written (it then takes the rest over gRPC).
+            with open(os.dup(fd), "rb") as source:
+                try:
+                    return self._owner.content.write(
+                        self._ref, source, size, self._expected, self._labels
+                    )
+                except errors.Unavailable:
+                    if attempt == _LOCKED_TRIES - 1:
+                        raise
+            time.sleep(min(0.02 * 2**attempt, 0.5))
+        return True  # pragma: no cover - the loop returns or raises
+
+    def _require(self) -> int:
+        if self._fd is None:
+            raise errors.Unavailable(f"the ingest {self._ref} is closed")
+        return self._fd
+
+    def _rehash(self) -> None:
+        """Rebuild the hash state from the bytes in the file (on resume or truncate)."""
+        fd = self._require()
+        self._hasher = digests.Hasher(self._expected.algorithm)
+        offset = 0
+        while chunk := os.pread(fd, _READ_CHUNK, offset):
+            self._hasher.update(chunk)
+            offset += len(chunk)
+        self._offset = offset
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
+
+    def _finish(self, *, committed: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+        if self._feed is not None:
+            self._feed.finish(committed=committed)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> IngestWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _HeldStream:
+    """A ``Write`` stream that opened (or found) the ingest ``ref`` with ``STAT`` and holds
+    containerd's lock on it until :meth:`release`. Without a lease: containerd then expires
+    an abandoned ingest after 24 hours instead of with a lease."""
+
+    def __init__(
+        self, client: client_mod.Client, ref: str, total: int, expected: digests.Digest
+    ):
+        self._requests: queue.Queue[content_pb2.WriteContentRequest | None] = queue.Queue()
+
+        def feed() -> Iterator[content_pb2.WriteContentRequest]:
+            while (item := self._requests.get()) is not None:
+                yield item
+
+        self._what = f"content.Write {expected}"
+        self._address = client.address
+        self._call = client.stream_stream(
+            _SERVICE + "Write", feed(), content_pb2.WriteContentResponse, lease=""
+        )
+        try:
+            with client_mod.translating(self._what, self._address):
+                self._responses = iter(self._call)
+                self._requests.put(
+                    content_pb2.WriteContentRequest(
+                        action=content_pb2.STAT, ref=ref, total=total, expected=str(expected)
+                    )
+                )
+                next(self._responses)
+        except BaseException:
+            self._requests.put(None)
+            self._call.cancel()
+            raise
+
+    def release(self) -> None:
+        """End the stream and wait until containerd closed its writer (and its lock)."""
+        self._requests.put(None)
+        try:
+            with client_mod.translating(self._what, self._address):
+                for _ in self._responses:
+                    pass
+        except errors.ImageError:
+            self._call.cancel()
+
+
+def _ingest_data(root: Path, namespace: str, ref: str) -> Path:
+    """The ``data`` file of the ingest ``ref`` of ``namespace`` (containerd names ingest
+    directories by the digest of ``<namespace>/<sequence>/<ref>``, its metadata's key)."""
+    wanted = re.compile(re.escape(namespace) + r"/\d+/" + re.escape(ref))
+    found: list[Path] = []
+    with os.scandir(root / "ingest") as entries:
+        for entry in entries:
+            try:
+                text = Path(entry.path, "ref").read_text()
+            except OSError:
+                continue
+            if wanted.fullmatch(text):
+                found.append(Path(entry.path, "data"))
+    found = [p for p in found if p.exists()]
+    if not found:
+        raise errors.InvalidConfiguration(  # not Unavailable: waiting would not help
+            f"containerd opened the ingest {ref} but it is not under {root}/ingest"
+            " (is containerd's root mounted at the same path?)"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
