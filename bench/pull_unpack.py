@@ -160,6 +160,7 @@ class Run:
     daemon_rss_kib: int = 0  # containerd's VmHWM, for both containerd methods
     entries: int = 0  # names found in the snapshot directories afterwards
     problems: list[str] = field(default_factory=list)  # failed checks after the run
+    user: float = 0.0  # the user-mode part of cpu (system time swings with the machine)
 
 
 def read_io(pid: int | str = "self") -> dict[str, int]:
@@ -172,11 +173,13 @@ def io_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {key: after[key] - before[key] for key in IO_KEYS}
 
 
-def proc_cpu(pid: int) -> float:
-    """user+sys seconds of a live process (all threads, and its reaped children)."""
+def proc_cpu(pid: int, *, user_only: bool = False) -> float:
+    """user+sys (or user) seconds of a live process (all threads, and its reaped children)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    if user_only:
+        return (utime + cutime) / os.sysconf("SC_CLK_TCK")
     return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
@@ -315,7 +318,7 @@ def run_ours(setup: Setup, repetition: int, sync_fs: bool) -> Run:
         unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
     return Run(method, repetition, wall, rusage.ru_utime + rusage.ru_stime, io,
-               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries)
+               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries, user=rusage.ru_utime)
 
 
 @dataclass
@@ -404,16 +407,18 @@ def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
             log = setup.run_dir / f"{method}.log"
         settle(setup.drop_caches)
         daemon_io, daemon_cpu = read_io(daemon.proc.pid), proc_cpu(daemon.proc.pid)
+        daemon_user = proc_cpu(daemon.proc.pid, user_only=True)
         wall, io, rusage = measured(setup.children, argv, log, setup.env)
         daemon_io = io_delta(daemon_io, read_io(daemon.proc.pid))
         daemon_cpu = proc_cpu(daemon.proc.pid) - daemon_cpu
+        daemon_user = proc_cpu(daemon.proc.pid, user_only=True) - daemon_user
         hwm = vm_hwm_kib(daemon.proc.pid)
         entries, problems = check_containerd(setup, daemon, setup.layers)
     total_io = {key: io[key] + daemon_io[key] for key in IO_KEYS}
     cpu = rusage.ru_utime + rusage.ru_stime + daemon_cpu
     peak = hwm if method == "containerd" else rusage.ru_maxrss
     return Run(method, repetition, wall, cpu, total_io, peak, rusage.ru_maxrss, hwm, entries,
-               problems)
+               problems, user=rusage.ru_utime + daemon_user)
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -427,6 +432,7 @@ def median_of(runs: list[Run], method: str) -> dict[str, float]:
         "wall": statistics.median(r.wall for r in mine),
         "wall_min": min(r.wall for r in mine),
         "cpu": statistics.median(r.cpu for r in mine),
+        "user": statistics.median(r.user for r in mine),
         "peak_rss_mib": statistics.median(r.peak_rss_kib for r in mine) / 1024,
         "client_rss_mib": statistics.median(r.client_rss_kib for r in mine) / 1024,
         "daemon_rss_mib": statistics.median(r.daemon_rss_kib for r in mine) / 1024,
@@ -506,7 +512,7 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
               "containerd": "containerd 1.6 (ctr)"}
     for method, m in med.items():
         print(f"* {labels[method]}: {m['wall']:.3f}s (best {m['wall_min']:.2f}s, "
-              f"cpu {m['cpu']:.2f}s, "
+              f"cpu {m['cpu']:.2f}s (user {m['user']:.2f}s), "
               f"peak RSS {m['peak_rss_mib']:.0f} MiB"
               + (f", containerd {m['daemon_rss_mib']:.0f} MiB" if m["daemon_rss_mib"] else "")
               + ")")
@@ -528,7 +534,7 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
         if a in med and b in med and med[b][key]:
             ratios[f"{name}.{key}"] = med[a][key] / med[b][key]
 
-    for key in ("wall", "cpu", "syscw", "write_bytes"):
+    for key in ("wall", "cpu", "user", "syscw", "write_bytes"):
         ratio("ours/containerd", "ours", "containerd", key)
         ratio("ours-syncfs/containerd", "ours-syncfs", "containerd", key)
         ratio("ours-containerd/containerd", "ours-containerd", "containerd", key)
@@ -680,8 +686,10 @@ def main(argv: list[str] | None = None) -> int:
                    if not k.startswith(("PREFETCHER_", "CONTAINERD_"))
                    and k != "PYTHONDONTWRITEBYTECODE"}
             # Bytecode compiled once, outside the clock, as an installed package has it (not
-            # compiled again by every run); kept in the run directory, not the checkout.
-            env["PYTHONPYCACHEPREFIX"] = str(run_dir / "pycache")
+            # compiled again by every run), in the package's (git-ignored) __pycache__
+            # directories; site-packages has its own already. (Not PYTHONPYCACHEPREFIX: with
+            # it every module, site-packages' too, would be compiled again by the first run.)
+            env.pop("PYTHONPYCACHEPREFIX", None)
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO_ROOT / "agent")],
                            env=env, check=True, stdout=subprocess.DEVNULL)
             setup = Setup(run_dir, f"{registry.host}/{REPO}:{TAG}", args.prefetcher,
@@ -705,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
                               if run.daemon_rss_kib and run.daemon_rss_kib != run.peak_rss_kib
                               else "")
                     print(f"[{repetition + 1}/{args.repeat}] {method:<15} {run.wall:7.2f}s"
-                          f"  cpu {run.cpu:6.2f}s  syscw {run.io['syscw']:>7}"
+                          f"  cpu {run.cpu:6.2f}s (user {run.user:5.2f})"
+                          f"  syscw {run.io['syscw']:>7}"
                           f"  write_bytes {human(run.io['write_bytes']):>9}"
                           f"  peak RSS {run.peak_rss_kib / 1024:5.0f} MiB{daemon}{flag}",
                           flush=True)
