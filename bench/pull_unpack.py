@@ -160,6 +160,7 @@ class Run:
     daemon_rss_kib: int = 0  # containerd's VmHWM, for both containerd methods
     entries: int = 0  # names found in the snapshot directories afterwards
     problems: list[str] = field(default_factory=list)  # failed checks after the run
+    user: float = 0.0  # the user-mode part of cpu (system time swings with the machine)
 
 
 def read_io(pid: int | str = "self") -> dict[str, int]:
@@ -172,11 +173,13 @@ def io_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {key: after[key] - before[key] for key in IO_KEYS}
 
 
-def proc_cpu(pid: int) -> float:
-    """user+sys seconds of a live process (all threads, and its reaped children)."""
+def proc_cpu(pid: int, *, user_only: bool = False) -> float:
+    """user+sys (or user) seconds of a live process (all threads, and its reaped children)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    if user_only:
+        return (utime + cutime) / os.sysconf("SC_CLK_TCK")
     return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
@@ -258,9 +261,26 @@ def unmount_under(path: Path) -> None:
         subprocess.run(["umount", "-l", point], check=False)
 
 
+#: Seconds to wait after the previous run's state was deleted (``--settle``).
+SETTLE_SECONDS = 0.0
+
+
+def dirty_expire_seconds() -> float:
+    """``vm.dirty_expire_centisecs`` in seconds: how long ext4 without a journal avoids
+    reusing a deleted inode (``recently_deleted`` in its inode allocator)."""
+    try:
+        return int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100
+    except (OSError, ValueError):  # pragma: no cover
+        return 30.0
+
+
 def settle(drop_caches: bool) -> None:
-    """Write back everything dirty (and drop the page cache when asked)."""
+    """Write back everything dirty, wait ``SETTLE_SECONDS`` (and drop the page cache when
+    asked)."""
     os.sync()
+    if SETTLE_SECONDS > 0:
+        time.sleep(SETTLE_SECONDS)
+        os.sync()
     if drop_caches:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
@@ -298,7 +318,7 @@ def run_ours(setup: Setup, repetition: int, sync_fs: bool) -> Run:
         unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
     return Run(method, repetition, wall, rusage.ru_utime + rusage.ru_stime, io,
-               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries)
+               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries, user=rusage.ru_utime)
 
 
 @dataclass
@@ -387,16 +407,18 @@ def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
             log = setup.run_dir / f"{method}.log"
         settle(setup.drop_caches)
         daemon_io, daemon_cpu = read_io(daemon.proc.pid), proc_cpu(daemon.proc.pid)
+        daemon_user = proc_cpu(daemon.proc.pid, user_only=True)
         wall, io, rusage = measured(setup.children, argv, log, setup.env)
         daemon_io = io_delta(daemon_io, read_io(daemon.proc.pid))
         daemon_cpu = proc_cpu(daemon.proc.pid) - daemon_cpu
+        daemon_user = proc_cpu(daemon.proc.pid, user_only=True) - daemon_user
         hwm = vm_hwm_kib(daemon.proc.pid)
         entries, problems = check_containerd(setup, daemon, setup.layers)
     total_io = {key: io[key] + daemon_io[key] for key in IO_KEYS}
     cpu = rusage.ru_utime + rusage.ru_stime + daemon_cpu
     peak = hwm if method == "containerd" else rusage.ru_maxrss
     return Run(method, repetition, wall, cpu, total_io, peak, rusage.ru_maxrss, hwm, entries,
-               problems)
+               problems, user=rusage.ru_utime + daemon_user)
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -410,6 +432,7 @@ def median_of(runs: list[Run], method: str) -> dict[str, float]:
         "wall": statistics.median(r.wall for r in mine),
         "wall_min": min(r.wall for r in mine),
         "cpu": statistics.median(r.cpu for r in mine),
+        "user": statistics.median(r.user for r in mine),
         "peak_rss_mib": statistics.median(r.peak_rss_kib for r in mine) / 1024,
         "client_rss_mib": statistics.median(r.client_rss_kib for r in mine) / 1024,
         "daemon_rss_mib": statistics.median(r.daemon_rss_kib for r in mine) / 1024,
@@ -481,14 +504,15 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
     print(f"* Code: {info['machine']['commit']}; {info['machine']['containerd']}")
     print(f"* Load (/proc/loadavg) before: {info['load_before']}; after: {info['load_after']}")
     print(f"* Medians of {n} interleaved repetitions; page cache "
-          f"{'dropped' if info['drop_caches'] else 'synced, not dropped'} before each run")
+          f"{'dropped' if info['drop_caches'] else 'synced, not dropped'} before each run"
+          f" ({info.get('settle_seconds', 0):.0f} s after the previous run's state was deleted)")
     labels = {"ours": "prefetcher", "ours-syncfs": "prefetcher --sync-fs",
               "ours-containerd": "prefetcher->containerd",
               "ours-containerd-syncfs": "prefetcher->ctrd --sync-fs",
               "containerd": "containerd 1.6 (ctr)"}
     for method, m in med.items():
         print(f"* {labels[method]}: {m['wall']:.3f}s (best {m['wall_min']:.2f}s, "
-              f"cpu {m['cpu']:.2f}s, "
+              f"cpu {m['cpu']:.2f}s (user {m['user']:.2f}s), "
               f"peak RSS {m['peak_rss_mib']:.0f} MiB"
               + (f", containerd {m['daemon_rss_mib']:.0f} MiB" if m["daemon_rss_mib"] else "")
               + ")")
@@ -510,7 +534,7 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
         if a in med and b in med and med[b][key]:
             ratios[f"{name}.{key}"] = med[a][key] / med[b][key]
 
-    for key in ("wall", "cpu", "syscw", "write_bytes"):
+    for key in ("wall", "cpu", "user", "syscw", "write_bytes"):
         ratio("ours/containerd", "ours", "containerd", key)
         ratio("ours-syncfs/containerd", "ours-syncfs", "containerd", key)
         ratio("ours-containerd/containerd", "ours-containerd", "containerd", key)
@@ -605,12 +629,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image cache (cache/) and per-invocation run directories")
     parser.add_argument("--drop-caches", action=argparse.BooleanOptionalAction, default=True,
                         help="echo 3 > /proc/sys/vm/drop_caches before each run (global!)")
+    parser.add_argument("--settle", type=float, default=dirty_expire_seconds() + 1,
+                        metavar="SECONDS",
+                        help="wait this long after deleting the previous run's state (default:"
+                        " vm.dirty_expire_centisecs + 1 s: ext4 without a journal skips"
+                        " inodes deleted more recently than that when it allocates new ones,"
+                        " which makes creating the next run's files much slower)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw numbers here")
     parser.add_argument("--prefetcher", default=str(Path(sys.executable).parent / "prefetcher"),
                         help="the prefetcher executable")
     parser.add_argument("--containerd", default=shutil.which("containerd") or "containerd")
     parser.add_argument("--ctr", default=shutil.which("ctr") or "ctr")
     args = parser.parse_args(argv)
+    global SETTLE_SECONDS
+    SETTLE_SECONDS = args.settle
     if args.shape:
         size, args.files, args.layers = SHAPES[args.shape]
         args.size = parse_size(size)
@@ -651,7 +683,15 @@ def main(argv: list[str] | None = None) -> int:
             config = run_dir / "prefetcher.toml"
             config.write_text("")
             env = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("PREFETCHER_", "CONTAINERD_"))}
+                   if not k.startswith(("PREFETCHER_", "CONTAINERD_"))
+                   and k != "PYTHONDONTWRITEBYTECODE"}
+            # Bytecode compiled once, outside the clock, as an installed package has it (not
+            # compiled again by every run), in the package's (git-ignored) __pycache__
+            # directories; site-packages has its own already. (Not PYTHONPYCACHEPREFIX: with
+            # it every module, site-packages' too, would be compiled again by the first run.)
+            env.pop("PYTHONPYCACHEPREFIX", None)
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO_ROOT / "agent")],
+                           env=env, check=True, stdout=subprocess.DEVNULL)
             setup = Setup(run_dir, f"{registry.host}/{REPO}:{TAG}", args.prefetcher,
                           args.containerd, args.ctr, sys.executable, config,
                           args.drop_caches, image.entries, len(image.layers), children, env)
@@ -673,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
                               if run.daemon_rss_kib and run.daemon_rss_kib != run.peak_rss_kib
                               else "")
                     print(f"[{repetition + 1}/{args.repeat}] {method:<15} {run.wall:7.2f}s"
-                          f"  cpu {run.cpu:6.2f}s  syscw {run.io['syscw']:>7}"
+                          f"  cpu {run.cpu:6.2f}s (user {run.user:5.2f})"
+                          f"  syscw {run.io['syscw']:>7}"
                           f"  write_bytes {human(run.io['write_bytes']):>9}"
                           f"  peak RSS {run.peak_rss_kib / 1024:5.0f} MiB{daemon}{flag}",
                           flush=True)
@@ -683,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "filesystem": filesystem_of(args.workdir),
             "drop_caches": args.drop_caches,
+            "settle_seconds": SETTLE_SECONDS,
         }
         summary = report(runs, image, info)
         if args.json:

@@ -159,7 +159,9 @@ def _components(name: bytes, layer: str, what: str = "entry") -> list[bytes]:
         raise errors.UnsafeLayer(f"{layer}: {what} {name!r} is an absolute path")
     if b"\0" in name:
         raise errors.UnsafeLayer(f"{layer}: {what} {name!r} holds a NUL byte")
-    parts = [p for p in name.split(b"/") if p and p != b"."]
+    parts = name.split(b"/")
+    if b"" in parts or b"." in parts:
+        parts = [p for p in parts if p and p != b"."]
     if b".." in parts:
         raise errors.UnsafeLayer(f"{layer}: {what} {name!r} has a '..' component")
     if len(parts) > _MAX_DEPTH:
@@ -225,10 +227,12 @@ class _Applier:
 
     def _loop(self) -> None:
         layer = self.name
+        cancel = self.cancel
+        next_entry = self.reader.next
         while True:
-            if self.cancel is not None and self.cancel.is_set():
+            if cancel is not None and cancel.is_set():
                 raise CancelledError(f"{layer}: unpack cancelled")
-            h = self.reader.next()
+            h = next_entry()
             if h is None:
                 break
             if h.uid > _MAX_ID or h.gid > _MAX_ID or h.uid < 0 or h.gid < 0:
@@ -259,7 +263,7 @@ class _Applier:
         layer = self.name
         if len(self.dirs) >= _MAX_CACHED_DIRS:
             self._forget_dirs()  # only between entries: no fd is in use here
-        xattrs = h.xattrs
+        xattrs = h.xattrs if h.pax else {}
         for xname in xattrs:
             if xname.startswith("trusted."):
                 raise errors.UnsafeLayer(
@@ -270,10 +274,11 @@ class _Applier:
         if not parts:
             return  # the root itself: containerd ignores it, whatever its type
         t = h.typeflag
-        base = parts[-1]
-        parent_key = b"/".join(parts[:-1])
         key = b"/".join(parts)
-        d = self._dir(parent_key)
+        parent_key, _, base = key.rpartition(b"/")
+        d = self.dirs.get(parent_key)
+        if d is None:
+            d = self._dir(parent_key)
 
         if base.startswith(whiteouts.PREFIX):
             if base == whiteouts.OPAQUE:
@@ -299,7 +304,11 @@ class _Applier:
             return
         if self.strategy.tracks_created:
             self.created.add(key)
-        chown = self._chown_needed(h, parent_key)
+        # New entries are owned by us, in the group of a setgid parent: chown unless that
+        # is already what the header asks for.
+        chown = (
+            h.uid != self.euid or h.gid != self.egid or self.setgid.get(parent_key, True)
+        )
         if t == tar.REG:
             self._file(d, base, key, h, xattrs, chown)
             return
@@ -341,11 +350,6 @@ class _Applier:
         self._xattrs_at(d, base, xattrs)
         os.utime(base, ns=(h.mtime_ns, h.mtime_ns), dir_fd=d, follow_symlinks=False)
 
-    def _chown_needed(self, h: tar.Header, parent_key: bytes) -> bool:
-        if h.uid != self.euid or h.gid != self.egid:
-            return True
-        return self.setgid.get(parent_key, True)
-
     def _file(
         self,
         d: int,
@@ -368,8 +372,9 @@ class _Applier:
                 os.fchown(fd, h.uid, h.gid)
             if chown or perm & (0o7000 | self.umask):
                 os.fchmod(fd, perm)
-            for xname, value in xattrs.items():
-                self._setxattr(fd, xname, value)
+            if xattrs:
+                for xname, value in xattrs.items():
+                    self._setxattr(fd, xname, value)
             os.utime(fd, ns=(h.mtime_ns, h.mtime_ns))
         finally:
             os.close(fd)

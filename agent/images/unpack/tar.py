@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -53,6 +54,8 @@ REG, REGA, LINK, SYMLINK, CHAR, BLOCKDEV, DIR, FIFO, CONT = (
 XHEADER, XGLOBAL, GNU_SPARSE, GNU_LONGNAME, GNU_LONGLINK = b"x", b"g", b"S", b"L", b"K"
 #: Types that never have data (Go's ``isHeaderOnlyType``).
 HEADER_ONLY: Final = frozenset({LINK, SYMLINK, CHAR, BLOCKDEV, DIR, FIFO})
+#: Types that take no special handling (no special header, never sparse).
+_PLAIN_TYPES: Final = frozenset({REG, REGA, LINK, SYMLINK, CHAR, BLOCKDEV, DIR, FIFO, CONT})
 
 XATTR_PREFIX: Final = b"SCHILY.xattr."
 _SPARSE_PREFIX: Final = b"GNU.sparse."
@@ -66,7 +69,7 @@ _DIGITS: Final = re.compile(rb"[0-9]*")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Header:
     """One entry, as Go's ``tar.Reader.Next`` returns it.
 
@@ -94,6 +97,8 @@ class Header:
     @property
     def xattrs(self) -> dict[str, bytes]:
         """``SCHILY.xattr.*`` records, empty values included (containerd sets those too)."""
+        if not self.pax:
+            return {}
         n = len(XATTR_PREFIX)
         return {
             k[n:].decode("utf-8", "surrogateescape"): v
@@ -136,18 +141,34 @@ class Reader:
 
     def next(self) -> Header | None:
         """The next entry, or ``None`` at the end of the archive (the rest is drained)."""
-        self.input.skip(self._remaining + self._pad)
+        skip = self._remaining + self._pad
         self._remaining = self._pad = 0
         pax: dict[bytes, bytes] = {}
         long_name = long_link = b""
         meta = 0
         while True:
-            block = self._header_block()
+            block = self._header_block(skip)
+            skip = 0
             if block is None:
                 return None
             h, fmt = _parse_block(block, self._error)
-            self._set_data(h)
             t = h.typeflag
+            if meta == 0 and t in _PLAIN_TYPES:
+                # The common entry: no PAX records, long names or sparse map apply to it,
+                # so what follows would change nothing (a REGA is a REG or a DIR, neither
+                # of which can be sparse without PAX records).
+                n = 0 if t in HEADER_ONLY else h.size
+                if n < 0:
+                    raise self._error(f"entry {h.name!r} has a negative size")
+                if t == REGA:
+                    if h.name.endswith(b"/"):
+                        h.typeflag, n = DIR, 0
+                    else:
+                        h.typeflag = REG
+                self._remaining = n
+                self._pad = -n % BLOCK
+                return h
+            self._set_data(h)
             if t in (XHEADER, XGLOBAL, GNU_LONGNAME, GNU_LONGLINK):
                 meta += h.size
                 if meta > MAX_META_BYTES:
@@ -184,8 +205,8 @@ class Reader:
             self._sparse(h, block, fmt, MAX_META_BYTES - meta)
             return h
 
-    def _header_block(self) -> bytes | None:
-        block = self.input.header()
+    def _header_block(self, skip: int = 0) -> bytes | None:
+        block = self.input.header(skip)
         if block is None:
             return None
         if block != _ZERO_BLOCK:
@@ -357,8 +378,9 @@ class Reader:
         exactly the data in the archive (Go fails such a read either way).
         """
         if h.sparse is None:
-            self.input.copy(fd, self._remaining)
-            self._remaining = 0
+            if self._remaining:
+                self.input.copy(fd, self._remaining)
+                self._remaining = 0
             return
         if sum(n for _, n in h.sparse) != self._remaining:
             raise self._error(
@@ -433,12 +455,29 @@ _FIELDS: Final = (("mode", 100, 8), ("uid", 108, 8), ("gid", 116, 8), ("size", 1
                   ("mtime", 136, 12))  # fmt: skip
 
 
+def _byte_sum(block: bytes) -> int:
+    """``sum(block)`` of a 512-byte block, in C: the Adler-32 of each half started at 0 is
+    its byte sum modulo 65521, and 256 bytes sum to at most 65280."""
+    return (zlib.adler32(block[:256], 0) & 0xFFFF) + (zlib.adler32(block[256:], 0) & 0xFFFF)
+
+
+def _field(
+    block: bytes, what: str, offset: int, width: int, name: bytes,
+    error: Callable[[str], Exception],
+) -> int:  # fmt: skip
+    value = _numeric(block[offset : offset + width])
+    if value is None:
+        raise error(f"corrupt {what} field in the tar header of {name!r}")
+    return value
+
+
 def _parse_block(block: bytes, error: Callable[[str], Exception]) -> tuple[Header, str]:
     """Go's ``readHeader`` for one 512-byte block: the header and its format."""
-    stored = _octal(block[148:156])
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32  # the field itself as spaces
+    chksum = block[148:156]
+    stored = _octal(chksum)
+    unsigned = _byte_sum(block) - sum(chksum) + 8 * 32  # the field itself as spaces
     if stored != unsigned:
-        high = sum(1 for b in block if b > 127) - sum(1 for b in block[148:156] if b > 127)
+        high = sum(1 for b in block if b > 127) - sum(1 for b in chksum if b > 127)
         if stored is None or stored != unsigned - 256 * high:  # Sun tar's signed bytes
             raise error("tar header checksum mismatch (corrupt archive)")
     magic, version, trailer = block[257:263], block[263:265], block[508:512]
@@ -448,27 +487,43 @@ def _parse_block(block: bytes, error: Callable[[str], Exception]) -> tuple[Heade
         fmt = _GNU
     else:
         fmt = _V7
-    h = Header(name=_cstring(block[0:100]), typeflag=block[156:157])
-    h.linkname = _cstring(block[157:257])
-    numbers: dict[str, int] = {}
+    name = block[:100]
+    if (i := name.find(0)) >= 0:
+        name = name[:i]
+    linkname = block[157:257]
+    if (i := linkname.find(0)) >= 0:
+        linkname = linkname[:i]
+    numeric = _numeric
+    mode = numeric(block[100:108])
+    uid = numeric(block[108:116])
+    gid = numeric(block[116:124])
+    size = numeric(block[124:136])
+    mtime = numeric(block[136:148])
+    if mode is None or uid is None or gid is None or size is None or mtime is None:
+        for what, offset, width in _FIELDS:
+            _field(block, what, offset, width, name, error)
+        raise AssertionError("unreachable")  # pragma: no cover
+    if fmt == _V7:
+        h = Header(name, block[156:157], mode, uid, gid, size, mtime * 1_000_000_000, linkname)
+        return h, fmt
 
     def number(what: str, offset: int, width: int) -> int:
-        value = _numeric(block[offset : offset + width])
-        if value is None:
-            raise error(f"corrupt {what} field in the tar header of {h.name!r}")
-        return value
+        return _field(block, what, offset, width, name, error)
 
-    for what, offset, width in _FIELDS:
-        numbers[what] = number(what, offset, width)
-    h.mode, h.uid, h.gid, h.size = numbers["mode"], numbers["uid"], numbers["gid"], numbers["size"]
-    h.mtime_ns = numbers["mtime"] * 1_000_000_000
-    if fmt == _V7:
-        return h, fmt
-    h.devmajor = number("devmajor", 329, 8)
-    h.devminor = number("devminor", 337, 8)
+    devmajor = numeric(block[329:337])
+    devminor = numeric(block[337:345])
+    if devmajor is None or devminor is None:
+        _field(block, "devmajor", 329, 8, name, error)
+        _field(block, "devminor", 337, 8, name, error)
+        raise AssertionError("unreachable")  # pragma: no cover
+    h = Header(
+        name, block[156:157], mode, uid, gid, size, mtime * 1_000_000_000, linkname,
+        devmajor, devminor,
+    )  # fmt: skip
     prefix = b""
     if fmt == _USTAR:
-        prefix = _cstring(block[345:500])
+        if block[345]:
+            prefix = _cstring(block[345:500])
     elif fmt == _STAR:
         prefix = _cstring(block[345:476])
         number("atime", 476, 12)
@@ -481,7 +536,7 @@ def _parse_block(block: bytes, error: Callable[[str], Exception]) -> tuple[Heade
             if all(c < 0x80 for c in text):
                 prefix = text
     if prefix:
-        h.name = prefix + b"/" + h.name
+        h.name = prefix + b"/" + name
     return h, fmt
 
 
@@ -569,8 +624,15 @@ class _Input:
     def _truncated(self) -> errors.UnsafeLayer:
         return errors.UnsafeLayer(f"{self._name}: truncated tar archive after {self.total} bytes")
 
-    def header(self) -> bytes | None:
-        """The next 512-byte block, or ``None`` at a clean end of stream."""
+    def header(self, skip: int = 0) -> bytes | None:
+        """Skip ``skip`` bytes, then the next 512-byte block, or ``None`` at a clean end of
+        stream."""
+        pos = self.pos + skip
+        end = pos + BLOCK
+        if end <= len(self.buf):  # all in the buffer: the common case
+            self.pos = end
+            return self.buf[pos:end]
+        self.skip(skip)
         if self.pos >= len(self.buf) and not self._fill():
             return None
         return self.read(BLOCK)
@@ -607,6 +669,11 @@ class _Input:
     def copy(self, fd: int, n: int) -> None:
         """Write the next ``n`` bytes to ``fd``."""
         write = os.write
+        pos = self.pos
+        if 0 < n <= len(self.buf) - pos:  # all of it in the buffer: the common case
+            written = write(fd, self.view[pos : pos + n])
+            self.pos = pos + written
+            n -= written
         while n > 0:
             avail = len(self.buf) - self.pos
             if avail <= 0:

@@ -160,3 +160,36 @@ def test_the_reader_lists_what_go_lists() -> None:
         (b"link", b"1", 0, L.MTIME * 10**9, b"/short"),
     ]
     assert reader.total == len(data)
+
+
+def test_a_header_full_of_high_bytes_has_its_checksum_checked_as_go_does(
+    tmp_path: Path,
+) -> None:
+    """Go's checksum is the unsigned byte sum (Sun tar's signed sum is accepted too): a
+    header with bytes >= 0x80 all through both halves of the block is read, and a
+    checksum one off is refused."""
+    name = bytes(range(0x80, 0xE4))  # 100 high bytes: the name field
+    link = b"\xff" * 99  # the link name, ending at byte 256
+    prefix = b"\xfe" * 154  # the ustar prefix, in the second half
+    block = bytearray(L.header(b"x", type=b"2", size=0))
+    block[0:100] = name
+    block[157:256] = link
+    block[345:499] = prefix
+    unsigned = R.checksum(block)
+    root = apply(unsigned + END, tmp_path)
+    path = os.fsdecode(prefix + b"/" + name)
+    assert os.readlink(root / path) == os.fsdecode(link)
+
+    off = bytearray(unsigned)
+    off[148:156] = b"%06o\0 " % (int(unsigned[148:154], 8) + 1)
+    (tmp_path / "off").mkdir()
+    with pytest.raises(errors.UnsafeLayer, match="checksum"):
+        apply(bytes(off) + END, tmp_path / "off")
+
+    signed = bytearray(L.header(b"caf\xe9-\xe0-la-cr\xe8me", size=0))
+    signed[148:156] = b" " * 8
+    signed[148:156] = b"%06o\0 " % sum(c - 256 if c > 127 else c for c in signed)
+    root = tmp_path / "signed"
+    root.mkdir()
+    archive.apply(io.BytesIO(bytes(signed) + END), root)
+    assert os.listdir(os.fsencode(root)) == [b"caf\xe9-\xe0-la-cr\xe8me"]
