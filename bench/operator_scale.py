@@ -133,7 +133,20 @@ def _summary(calls: list[Call]) -> str:
                      for (v, r, s), n in verbs.most_common(10))
 
 
+class OperatorExited(Exception):
+    """The operator process ended during a run (a failure: it must run until stopped)."""
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main() -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # tee / CI logs
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=5000)
     parser.add_argument("--prefetches", type=int, default=20)
@@ -154,6 +167,8 @@ def main() -> int:
     results: dict[str, Any] = {"nodes": args.nodes, "prefetches": args.prefetches,
                                "images": args.images}
     workdir = Path(tempfile.mkdtemp(prefix="operator-scale-"))
+    failures: list[str] = []
+    print(f"load average at start {_load()}")
     with Cluster(workdir, bookmark_interval=30.0, history=args.history) as cluster:
         assert cluster.api is not None
         cluster.install_crds()
@@ -184,7 +199,20 @@ def main() -> int:
 
         thread = threading.Thread(target=simulate, daemon=True)
 
+        def alive() -> None:
+            """Stop the run at once when the operator exits (not at the timeout)."""
+            if operator.poll() is not None:
+                raise OperatorExited(f"the operator exited with code {operator.returncode}")
+
+        def sleep(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                alive()
+                time.sleep(min(left, 1.0))
+            alive()
+
         def all_complete() -> bool:
+            alive()
             return all((o.get("status") or {}).get("phase") == "Complete"
                        for o in cluster.list(API, "imageprefetches", "default"))
 
@@ -196,10 +224,12 @@ def main() -> int:
                 ready = Counter((o.get("status") or {}).get("summary", {}).get("ready")
                                 for o in cluster.list(API, "imageprefetches", "default"))
                 print(f"{what}: NOT all Complete after {args.timeout}s; READY: {dict(ready)}")
+                failures.append(f"{what}: not all Complete after {args.timeout}s")
             return time.monotonic() - start
 
         try:
-            cluster.wait_for(lambda: b"'configure' succeeded" in
+            print(f"{args.nodes} nodes created; load average {_load()}")
+            cluster.wait_for(lambda: alive() or b"'configure' succeeded" in
                              (workdir / "operator.log").read_bytes(), timeout=120)
             thread.start()
             # 1. Rollout.
@@ -223,6 +253,8 @@ def main() -> int:
             rollout = {
                 "seconds": round(elapsed, 1),
                 "operator_cpu_s": round(_cpu_seconds(operator.pid) - cpu0, 1),
+                "operator_peak_rss_mib": round(_peak_rss_mib(operator.pid), 1),
+                "load_average_after": _load(),
                 "bench_cpu_s": round(time.process_time() - bench_cpu0, 1),
                 "requests": len(calls),
                 "requests_per_node_per_image": round(len(calls) / pairs, 4),
@@ -239,11 +271,12 @@ def main() -> int:
 
             # 2. Steady state: heartbeats only.
             if args.steady > 0:
-                time.sleep(min(5.0, args.steady))  # the last status writes settle
+                sleep(min(5.0, args.steady))  # the last status writes settle
                 before = len(cluster.calls())
                 cpu0, t0 = _cpu_seconds(operator.pid), time.monotonic()
                 beats0 = agents.counts["heartbeats"]
-                time.sleep(args.steady)
+                load0 = _load()
+                sleep(args.steady)
                 seconds = time.monotonic() - t0
                 calls = _operator_calls(cluster, before)
                 writes = [c for c in calls if c.verb in WRITES]
@@ -256,6 +289,7 @@ def main() -> int:
                                               1),
                     "api_requests_per_s": round(len(calls) / seconds, 3),
                     "api_writes_per_s": round(len(writes) / seconds, 3),
+                    "load_average_before": load0, "load_average_after": _load(),
                 }
                 results["steady"] = steady
                 print(f"steady state: {json.dumps(steady)}")
@@ -272,7 +306,7 @@ def main() -> int:
                     "spec": {"images": [f"registry.example.com/bench/churn-{i}:1"
                                         for i in range(args.images)],
                              "nodeSelector": {"matchLabels": {"bench": "yes"}}}})
-                time.sleep(1.0)
+                sleep(1.0)
                 gone, new = live_nodes[:k], [f"node-new-{i:05d}" for i in range(k)]
                 for node in gone:
                     live_nodes.remove(node)
@@ -291,6 +325,9 @@ def main() -> int:
                          "complete": all_complete()}
                 results["churn"] = churn
                 print(f"churn: {json.dumps(churn)}")
+        except OperatorExited as e:
+            failures.append(str(e))
+            print(f"FAIL: {e}; the end of its log:\n{_log_tail(workdir / 'operator.log')}")
         finally:
             stop.set()
             os.killpg(operator.pid, signal.SIGTERM)
@@ -299,10 +336,33 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(operator.pid, signal.SIGKILL)
                 operator.wait()
+    failures += _missed_targets(results, args.nodes)
+    results["failures"] = failures
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"operator log: {workdir / 'operator.log'}")
-    return 0
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    print("PASS" if not failures else f"FAILED ({len(failures)})")
+    return 1 if failures else 0
+
+
+def _missed_targets(results: dict[str, Any], nodes: int) -> list[str]:
+    """Issue 14's targets the results miss (the CPU one is for an idle machine; the request
+    one for 1,000 nodes and more: a small run's fixed costs dominate)."""
+    missed = []
+    rollout, steady, churn = (results.get(k) for k in ("rollout", "steady", "churn"))
+    if rollout and nodes >= 1000 and rollout["requests_per_node_per_image"] > 0.05:
+        missed.append(f"requests per node per image {rollout['requests_per_node_per_image']}"
+                      " > 0.05")
+    if steady and steady["operator_cpu_percent"] > 5:
+        missed.append(f"steady state CPU {steady['operator_cpu_percent']} % > 5 %"
+                      f" (load average {steady['load_average_after']})")
+    if steady and steady["operator_peak_rss_mib"] > 256:
+        missed.append(f"peak RSS {steady['operator_peak_rss_mib']} MiB > 256 MiB")
+    if churn and not (churn["complete"] and churn["nodeimagesets_of_deleted_nodes_left"] == 0):
+        missed.append(f"churn did not converge: {churn}")
+    return missed
 
 
 if __name__ == "__main__":

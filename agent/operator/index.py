@@ -179,8 +179,9 @@ class State:
         ``agent_heartbeat_timeout`` (:meth:`.heartbeats.Heartbeats.alive`), or a Ready agent
         pod that has not renewed a heartbeat yet. ``now`` is unused (liveness is judged on
         this process's monotonic clock)."""
-        live = self.heartbeats.alive_nodes()
-        live |= {n for n in self.agent_pods_ready if not self.heartbeats.known(n)}
+        live = self.heartbeats.alive_nodes()  # kept by the heartbeat watch: no node scan
+        if self.agent_pods_ready:
+            live |= self.heartbeats.unknown(self.agent_pods_ready)
         return live
 
     def agent_down_for(self, node: str, live: set[str], clock: float) -> float:
