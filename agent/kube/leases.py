@@ -154,6 +154,19 @@ class LeaderElector:
     async def try_acquire_or_renew(self) -> bool:
         """One attempt; True when we hold the lease afterwards."""
         now = self.clock()
+        if self.leader and self.lease.body is not None:
+            # client-go's fast path: the holder writes its renewal onto the Lease as it
+            # last wrote it, without reading it first (one request, not two); a 409 means
+            # it changed since, and the slow path below reads it.
+            spec = self.lease.body.get("spec") or {}
+            if spec.get("holderIdentity") == self.identity:
+                try:
+                    await self.lease.update(self._spec(
+                        spec.get("acquireTime"), int(spec.get("leaseTransitions") or 0)))
+                    self._renewed_at = now
+                    return True
+                except errors.APIError as e:
+                    logger.debug(f"cannot renew the lease {self.lease.name} at once: {e}")
         body = await self.lease.read()
         if body is None:
             try:
@@ -226,7 +239,15 @@ class LeaderElector:
                 "leaseTransitions": int((self.lease.body.get("spec") or {})
                                         .get("leaseTransitions") or 0)}
         try:
-            await self.lease.update(spec)
+            try:
+                await self.lease.update(spec)
+            except errors.Conflict:
+                # A renewal cancelled by the stop after the server applied it: still ours?
+                body = await self.lease.read()
+                if body is None or (body.get("spec") or {}).get("holderIdentity") \
+                        != self.identity:
+                    raise
+                await self.lease.update(spec)
             logger.info(f"released the lease {self.lease.namespace}/{self.lease.name}")
         except errors.APIError as e:
             logger.warning(f"cannot release the lease {self.lease.name}: {e}")
