@@ -587,7 +587,8 @@ class OperatorSettings(BaseModel):
         gt=0,
         description=(
             "Reconcile every ImagePrefetch at least this often even without events (level-"
-            "triggered safety net; also drives TTL). Default '30s'."
+            "triggered safety net; also drives TTL); a Complete one with nothing due every "
+            "10 intervals. Default '30s'."
         ),
     )
     agent_heartbeat_timeout: Duration = Field(

@@ -24,8 +24,11 @@ steady state CPU <= 5 % and peak RSS <= 256 MiB. Results: bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,14 +70,24 @@ class Agents:
         self.counts: Counter[str] = Counter()
         self.writes_per_node: Counter[str] = Counter()
         self._next_beat: dict[str, float] = {}
+        self._seen: dict[str, str] = {}  # NodeImageSet -> resourceVersion looked at
 
-    def report_ready(self) -> None:
-        """Every NodeImageSet whose entries are not all reported gets them Ready."""
+    def report_ready(self, limit: int = 50) -> bool:
+        """NodeImageSets whose entries are not all reported get them Ready, at most
+        ``limit`` per call; True when more are left. (It runs on the emulator's loop, the
+        API server's: only objects changed since the last look are looked at, and a few at
+        a time, so that the simulated agents do not stall the API server's answers.)"""
         api = self.api
         rt = api.types[("prefetcher.dev", "v1alpha1", "nodeimagesets")]
         for (key, _, name), nis in list(api.store.items()):
             if key != rt.key:
                 continue
+            version = nis["metadata"].get("resourceVersion")
+            if self._seen.get(name) == version:
+                continue
+            if limit <= 0:
+                return True
+            self._seen[name] = version
             spec = (nis.get("spec") or {}).get("images") or []
             done = {s["name"] for s in (nis.get("status") or {}).get("images") or []}
             generation = nis["metadata"].get("generation")
@@ -89,6 +102,8 @@ class Agents:
                        {"status": status}, {})
             self.counts["status writes"] += 1
             self.writes_per_node[name] += 1
+            limit -= 1
+        return False
 
     def heartbeat(self, nodes: list[str], now: float) -> None:
         """Renew the Leases that are due (each node every heartbeat_interval, spread)."""
@@ -133,7 +148,20 @@ def _summary(calls: list[Call]) -> str:
                      for (v, r, s), n in verbs.most_common(10))
 
 
+class OperatorExited(Exception):
+    """The operator process ended during a run (a failure: it must run until stopped)."""
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main() -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # tee / CI logs
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=5000)
     parser.add_argument("--prefetches", type=int, default=20)
@@ -154,7 +182,15 @@ def main() -> int:
     results: dict[str, Any] = {"nodes": args.nodes, "prefetches": args.prefetches,
                                "images": args.images}
     workdir = Path(tempfile.mkdtemp(prefix="operator-scale-"))
-    with Cluster(workdir, bookmark_interval=30.0, history=args.history) as cluster:
+    failures: list[str] = []
+    gone: list[str] = []  # nodes the churn deletes (their agents stop renewing, rightly)
+    print(f"load average at start {_load()}")
+    # No schema validation in the emulator: in Python it costs ~35 ms per NodeImageSet
+    # write of 100 entries (an API server validates in well under a millisecond), and at
+    # 5,000 nodes it made the emulator, not the operator, the bottleneck: answers (the
+    # leader's Lease renewals too) came seconds late. The schemas are tested elsewhere.
+    with Cluster(workdir, bookmark_interval=30.0, history=args.history,
+                 validate=False) as cluster:
         assert cluster.api is not None
         cluster.install_crds()
         cluster.put("v1", "namespaces", {"metadata": {"name": NAMESPACE}})
@@ -178,13 +214,59 @@ def main() -> int:
 
         def simulate() -> None:
             while not stop.is_set():
-                cluster.call(agents.report_ready)
+                try:
+                    simulate_once()
+                except TimeoutError:  # the emulator was over 10 s late: carry on
+                    print(f"  agents: the emulator did not answer in 10 s at"
+                          f" {time.strftime('%H:%M:%S')}")
+
+        def simulate_once() -> None:
+            if not stop.is_set():
+                while cluster.call(agents.report_ready) and not stop.is_set():
+                    time.sleep(0.02)  # let the API server answer others in between
+                    cluster.call(agents.heartbeat, list(live_nodes), time.monotonic())
                 cluster.call(agents.heartbeat, list(live_nodes), time.monotonic())
                 stop.wait(0.5)
 
         thread = threading.Thread(target=simulate, daemon=True)
+        lag = {"max": 0.0}
+
+        def watch_lag() -> None:
+            """The emulator (the API server) answers on one loop in this process: how late
+            it runs bounds how fast anyone's request is answered."""
+            while not stop.is_set():
+                # The emulator holds millions of objects (5,000 NodeImageSets of 100 entries,
+                # its event history): each full collection of Python's cyclic GC scanned them
+                # all, holding the GIL for seconds, and the API server stopped answering.
+                # Frozen objects are not scanned (they are still freed when unreferenced).
+                gc.freeze()
+                t0 = time.monotonic()
+                try:
+                    cluster.call(lambda: None)
+                except Exception:  # noqa: BLE001 - a timeout (10 s) is a lag too
+                    pass
+                late = time.monotonic() - t0
+                if late > 2.0:
+                    print(f"  emulator loop {late:.1f} s late at {time.strftime('%H:%M:%S')}")
+                lag["max"] = max(lag["max"], late)
+                stop.wait(1.0)
+
+        threading.Thread(target=watch_lag, daemon=True).start()
+
+        def alive() -> None:
+            """Stop the run at once when the operator exits (not at the timeout)."""
+            if operator.poll() is not None:
+                raise OperatorExited(f"the operator exited with code {operator.returncode}")
+
+        def sleep(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                alive()
+                time.sleep(min(left, 1.0))
+            alive()
 
         def all_complete() -> bool:
+            alive()
             return all((o.get("status") or {}).get("phase") == "Complete"
                        for o in cluster.list(API, "imageprefetches", "default"))
 
@@ -196,13 +278,16 @@ def main() -> int:
                 ready = Counter((o.get("status") or {}).get("summary", {}).get("ready")
                                 for o in cluster.list(API, "imageprefetches", "default"))
                 print(f"{what}: NOT all Complete after {args.timeout}s; READY: {dict(ready)}")
+                failures.append(f"{what}: not all Complete after {args.timeout}s")
             return time.monotonic() - start
 
         try:
-            cluster.wait_for(lambda: b"'configure' succeeded" in
+            print(f"{args.nodes} nodes created; load average {_load()}")
+            cluster.wait_for(lambda: alive() or b"'configure' succeeded" in
                              (workdir / "operator.log").read_bytes(), timeout=120)
             thread.start()
             # 1. Rollout.
+            lag["max"] = 0.0
             before = len(cluster.calls())
             cpu0, bench_cpu0 = _cpu_seconds(operator.pid), time.process_time()
             agents.counts.clear()
@@ -223,6 +308,9 @@ def main() -> int:
             rollout = {
                 "seconds": round(elapsed, 1),
                 "operator_cpu_s": round(_cpu_seconds(operator.pid) - cpu0, 1),
+                "operator_peak_rss_mib": round(_peak_rss_mib(operator.pid), 1),
+                "load_average_after": _load(),
+                "emulator_lag_max_s": round(lag["max"], 2),
                 "bench_cpu_s": round(time.process_time() - bench_cpu0, 1),
                 "requests": len(calls),
                 "requests_per_node_per_image": round(len(calls) / pairs, 4),
@@ -239,11 +327,13 @@ def main() -> int:
 
             # 2. Steady state: heartbeats only.
             if args.steady > 0:
-                time.sleep(min(5.0, args.steady))  # the last status writes settle
+                sleep(min(5.0, args.steady))  # the last status writes settle
                 before = len(cluster.calls())
                 cpu0, t0 = _cpu_seconds(operator.pid), time.monotonic()
+                lag["max"] = 0.0
                 beats0 = agents.counts["heartbeats"]
-                time.sleep(args.steady)
+                load0 = _load()
+                sleep(args.steady)
                 seconds = time.monotonic() - t0
                 calls = _operator_calls(cluster, before)
                 writes = [c for c in calls if c.verb in WRITES]
@@ -256,6 +346,8 @@ def main() -> int:
                                               1),
                     "api_requests_per_s": round(len(calls) / seconds, 3),
                     "api_writes_per_s": round(len(writes) / seconds, 3),
+                    "load_average_before": load0, "load_average_after": _load(),
+                    "emulator_lag_max_s": round(lag["max"], 2),
                 }
                 results["steady"] = steady
                 print(f"steady state: {json.dumps(steady)}")
@@ -272,7 +364,7 @@ def main() -> int:
                     "spec": {"images": [f"registry.example.com/bench/churn-{i}:1"
                                         for i in range(args.images)],
                              "nodeSelector": {"matchLabels": {"bench": "yes"}}}})
-                time.sleep(1.0)
+                sleep(1.0)
                 gone, new = live_nodes[:k], [f"node-new-{i:05d}" for i in range(k)]
                 for node in gone:
                     live_nodes.remove(node)
@@ -291,18 +383,53 @@ def main() -> int:
                          "complete": all_complete()}
                 results["churn"] = churn
                 print(f"churn: {json.dumps(churn)}")
+        except OperatorExited as e:
+            failures.append(str(e))
+            print(f"FAIL: {e}; the end of its log:\n{_log_tail(workdir / 'operator.log')}")
         finally:
             stop.set()
-            os.killpg(operator.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it may have exited (a failure)
+                os.killpg(operator.pid, signal.SIGTERM)
             try:
                 operator.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(operator.pid, signal.SIGKILL)
                 operator.wait()
+    # Every simulated agent renews its Lease (the deleted nodes' go with them): an agent
+    # judged dead by the operator is a misjudgement (a busy loop observing renewals late).
+    dead = set(re.findall(r"the agent on node (\S+) stopped renewing its heartbeat",
+                          (workdir / "operator.log").read_text(errors="replace")))
+    results["agents_judged_dead"] = len(dead - set(gone))
+    print(f"agents judged dead (of nodes that were not deleted): {len(dead - set(gone))}")
+    if dead - set(gone):
+        failures.append(f"{len(dead - set(gone))} live agents judged dead")
+    failures += _missed_targets(results, args.nodes)
+    results["failures"] = failures
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"operator log: {workdir / 'operator.log'}")
-    return 0
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    print("PASS" if not failures else f"FAILED ({len(failures)})")
+    return 1 if failures else 0
+
+
+def _missed_targets(results: dict[str, Any], nodes: int) -> list[str]:
+    """Issue 14's targets the results miss (the CPU one is for an idle machine; the request
+    one for 1,000 nodes and more: a small run's fixed costs dominate)."""
+    missed = []
+    rollout, steady, churn = (results.get(k) for k in ("rollout", "steady", "churn"))
+    if rollout and nodes >= 1000 and rollout["requests_per_node_per_image"] > 0.05:
+        missed.append(f"requests per node per image {rollout['requests_per_node_per_image']}"
+                      " > 0.05")
+    if steady and steady["operator_cpu_percent"] > 5:
+        missed.append(f"steady state CPU {steady['operator_cpu_percent']} % > 5 %"
+                      f" (load average {steady['load_average_after']})")
+    if steady and steady["operator_peak_rss_mib"] > 256:
+        missed.append(f"peak RSS {steady['operator_peak_rss_mib']} MiB > 256 MiB")
+    if churn and not (churn["complete"] and churn["nodeimagesets_of_deleted_nodes_left"] == 0):
+        missed.append(f"churn did not converge: {churn}")
+    return missed
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ agent alive by when it observed the last renewal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -152,6 +154,19 @@ class LeaderElector:
     async def try_acquire_or_renew(self) -> bool:
         """One attempt; True when we hold the lease afterwards."""
         now = self.clock()
+        if self.leader and self.lease.body is not None:
+            # client-go's fast path: the holder writes its renewal onto the Lease as it
+            # last wrote it, without reading it first (one request, not two); a 409 means
+            # it changed since, and the slow path below reads it.
+            spec = self.lease.body.get("spec") or {}
+            if spec.get("holderIdentity") == self.identity:
+                try:
+                    await self.lease.update(self._spec(
+                        spec.get("acquireTime"), int(spec.get("leaseTransitions") or 0)))
+                    self._renewed_at = now
+                    return True
+                except errors.APIError as e:
+                    logger.debug(f"cannot renew the lease {self.lease.name} at once: {e}")
         body = await self.lease.read()
         if body is None:
             try:
@@ -224,7 +239,15 @@ class LeaderElector:
                 "leaseTransitions": int((self.lease.body.get("spec") or {})
                                         .get("leaseTransitions") or 0)}
         try:
-            await self.lease.update(spec)
+            try:
+                await self.lease.update(spec)
+            except errors.Conflict:
+                # A renewal cancelled by the stop after the server applied it: still ours?
+                body = await self.lease.read()
+                if body is None or (body.get("spec") or {}).get("holderIdentity") \
+                        != self.identity:
+                    raise
+                await self.lease.update(spec)
             logger.info(f"released the lease {self.lease.namespace}/{self.lease.name}")
         except errors.APIError as e:
             logger.warning(f"cannot release the lease {self.lease.name}: {e}")
@@ -285,3 +308,106 @@ class Heartbeat:
             self._owner()
             await self.lease.update(self._spec())
         self.renewals += 1
+
+
+class ElectorThread:
+    """A :class:`LeaderElector` on a thread of its own, with its own event loop and its own
+    client (``make_client``, called on that thread), as client-go's elector runs in its own
+    goroutine: the renewals keep their ``retry_period`` however long the caller's event
+    loop is busy (a reconcile of thousands of nodes, a burst of watch events), so a leader
+    does not lose its Lease because its own work delayed the renewal.
+
+    :meth:`acquire` (from the caller's loop) starts the thread and returns once the lease
+    is held; the thread then renews it. When renewal fails for ``renew_deadline``,
+    ``on_lost`` is called ON THE ELECTOR'S THREAD at once, whatever the caller's loop is
+    doing (the operator exits from there, as controller-runtime's ``OnStoppedLeading``
+    does). :meth:`stop` stops renewing and releases the lease (a clean stop)."""
+
+    def __init__(self, make_client: Callable[[], kube_client.Client], namespace: str,
+                 name: str, identity: str, *, on_lost: Callable[[LostLeadership], None],
+                 lease_duration: float = 15.0, renew_deadline: float = 10.0,
+                 retry_period: float = 2.0) -> None:
+        self.make_client = make_client
+        self.namespace, self.name, self.identity = namespace, name, identity
+        self.timing = {"lease_duration": lease_duration, "renew_deadline": renew_deadline,
+                       "retry_period": retry_period}
+        self.on_lost = on_lost
+        #: The elector (set on the thread once it runs; tests read its state).
+        self.elector: LeaderElector | None = None
+        self._loop = asyncio.new_event_loop()
+        self._stopping = asyncio.Event()  # set on the elector's loop (call_soon_threadsafe)
+        self._release = True
+        self._thread = threading.Thread(target=self._main, name=f"lease-{name}", daemon=True)
+        self._caller: asyncio.AbstractEventLoop | None = None
+        self._acquired: asyncio.Future[None] | None = None
+
+    async def acquire(self) -> None:
+        """Start the thread; return once it holds the lease (cancelled: stop the thread)."""
+        self._caller = asyncio.get_running_loop()
+        self._acquired = self._caller.create_future()
+        self._thread.start()
+        try:
+            await self._acquired
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self.stop, release=False)
+            raise
+
+    def stop(self, *, release: bool = True, timeout: float = 10.0) -> None:
+        """Stop renewing (and release the lease when held and ``release``); blocks until the
+        thread ended (at most ``timeout`` seconds)."""
+        self._release = release
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _tell_caller(self, error: BaseException | None) -> None:
+        def tell() -> None:
+            if self._acquired is not None and not self._acquired.done():
+                if error is None:
+                    self._acquired.set_result(None)
+                else:
+                    self._acquired.set_exception(error)
+        if self._caller is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop ended
+                self._caller.call_soon_threadsafe(tell)
+
+    def _main(self) -> None:
+        try:
+            self._loop.run_until_complete(self._run())
+        except BaseException as e:  # tell a caller still waiting, then end the thread
+            logger.error(f"leader election failed: {e!r}")
+            self._tell_caller(e)
+        finally:
+            self._loop.close()
+
+    async def _run(self) -> None:
+        client = self.make_client()
+        elector = self.elector = LeaderElector(client, self.namespace, self.name,
+                                               self.identity, **self.timing)
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            acquiring = asyncio.create_task(elector.acquire())
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquiring.done():
+                acquiring.cancel()
+                await asyncio.gather(acquiring, return_exceptions=True)
+                return
+            acquiring.result()
+            self._tell_caller(None)
+            keeping = asyncio.create_task(elector.keep())
+            await asyncio.wait({keeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if keeping.done():
+                error = keeping.exception()
+                if not isinstance(error, LostLeadership):  # renewing broke: as good as lost
+                    error = LostLeadership(f"cannot renew the lease {self.name}: {error!r}")
+                self.on_lost(error)
+                return
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
+            if self._release:
+                await elector.release()
+        finally:
+            stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
+            await client.aclose()

@@ -142,6 +142,8 @@ def plan(
     # would write, computed once; shared entries get the full merge.
     owner = next((e["owners"][0]["uid"] for e in desired.values() if e.get("owners")), "")
     alone = {name: entries.combine([want]) for name, want in desired.items()}
+    same: dict[int, bool] = {}  # id(entry) -> _same(entry, alone[name]): nodes share
+    # their equal entries (index.Shared), so thousands of nodes cost a few comparisons
 
     def differs(ours: Mapping[str, specs.ImageEntry]) -> bool:
         if ours.keys() != desired.keys():
@@ -150,7 +152,10 @@ def plan(
             owners = have.get("owners") or []
             if len(owners) != 1 or owners[0].get("uid") != owner:
                 return _differs(ours, desired, known)
-            if not _same(have, alone[name]):
+            alike = same.get(id(have))
+            if alike is None:
+                alike = same[id(have)] = _same(have, alone[name])
+            if not alike:
                 return True
         return False
 

@@ -1,12 +1,14 @@
 """``prefetcher operator``: settings → connection → leader election → kopf, cluster-wide.
 
 Replicas elect one leader through a ``coordination.k8s.io`` Lease (``operator.peering_name``
-in ``runtime.namespace``; :class:`agent.kube.leases.LeaderElector`, as client-go). Only the
+in ``runtime.namespace``; :class:`agent.kube.leases.LeaderElector`, as client-go, on a thread
+of its own with its own client: :class:`agent.kube.leases.ElectorThread`). Only the
 leader runs kopf, so only the leader writes anything (handlers, status, the agents'
 DaemonSet keeper). Every replica answers ``/healthz`` from start to exit, with its role
 (``standby`` or ``leader``), so a rolling update with ``maxUnavailable: 0`` proceeds and a
 probe never falls between two servers. The leader that cannot renew the Lease within
-``lease_renew_deadline`` exits at once (exit code 1, as controller-runtime does): it stops
+``lease_renew_deadline`` exits at once from the elector's thread (exit code 1, as
+controller-runtime does), however busy the event loop of kopf and the reconciles is: it stops
 writing and its pod restarts as a standby. On SIGTERM the leader stops kopf, then
 releases the Lease so a standby takes over within ``lease_retry_period``.
 """
@@ -80,30 +82,28 @@ def run(settings: config.Settings, *, verbose: bool = False) -> int:
             return await elect_and_operate(role)
 
     async def elect_and_operate(role: dict[str, str]) -> int:
-        client = kubeapi.Client(connection)
-        elector = leases.LeaderElector(
-            client, rt.namespace, op.peering_name, identity(),
-            lease_duration=op.lease_duration, renew_deadline=op.lease_renew_deadline,
-            retry_period=op.lease_retry_period)
+        # The elector runs on a thread of its own with its own client (as client-go's in
+        # its own goroutine): reconciles of thousands of nodes keep this loop busy for
+        # seconds, and a renewal waiting behind them would miss the renew deadline.
+        elector = leases.ElectorThread(
+            lambda: kubeapi.Client(connection), rt.namespace, op.peering_name, identity(),
+            on_lost=lost, lease_duration=op.lease_duration,
+            renew_deadline=op.lease_renew_deadline, retry_period=op.lease_retry_period)
+        await elector.acquire()
+        role["role"] = "leader"
         try:
-            await elector.acquire()
-            role["role"] = "leader"
-            keeping = asyncio.create_task(elector.keep())
-            operating = asyncio.create_task(operate())
-            done, _ = await asyncio.wait({keeping, operating},
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if keeping in done:
-                logger.error(f"leader election lost, exiting: {keeping.exception()}")
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(LOST_LEASE_EXIT)  # stop every write now, as controller-runtime does
-            keeping.cancel()
-            await asyncio.gather(keeping, return_exceptions=True)
-            operating.result()
-            await elector.release()
+            await operate()
         finally:
-            await client.aclose()
+            await asyncio.to_thread(elector.stop)  # releases the Lease (a clean stop)
         return 0
+
+    def lost(error: leases.LostLeadership) -> None:
+        """On the elector's thread: stop every write now, as controller-runtime does, even
+        while this process's event loop is busy."""
+        logger.error(f"leader election lost, exiting: {error}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(LOST_LEASE_EXIT)
 
     assert handlers  # the handlers register themselves with kopf on import
     server = metrics.serve(rt.metrics_address, operator_metrics.registry)

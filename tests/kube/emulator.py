@@ -1039,6 +1039,7 @@ class KubeAPI(kmock.KubernetesEmulator):
                             yield out
             # Events already replayed above are also in the queue only if they came after
             # `last`; the queue was registered first, so skip what is not newer than `last`.
+            sent = loop.time()
             while True:
                 wait = self.bookmark_interval if bookmarks else None
                 if deadline is not None:
@@ -1061,6 +1062,15 @@ class KubeAPI(kmock.KubernetesEmulator):
                 out = self._translate(event, rt, matches)
                 if out is not None:
                     yield out
+                    sent = loop.time()
+                elif bookmarks and loop.time() - sent >= self.bookmark_interval:
+                    # Other kinds' events keep coming (heartbeat Leases, many a second): a
+                    # quiet watch still gets its bookmark every interval, as from an API
+                    # server, or it resumes from a version long out of the history (410).
+                    yield {"type": "BOOKMARK", "object": {
+                        "kind": rt.kind, "apiVersion": rt.api_version,
+                        "metadata": {"resourceVersion": str(event[0])}}}
+                    sent = loop.time()
         finally:
             self._watchers.discard(queue)
 
