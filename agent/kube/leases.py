@@ -329,8 +329,7 @@ class ElectorThread:
                  retry_period: float = 2.0) -> None:
         self.make_client = make_client
         self.namespace, self.name, self.identity = namespace, name, identity
-        self.timing = {"lease_duration": lease_duration, "renew_deadline": renew_deadline,
-                       "retry_period": retry_period}
+        self.timing = (lease_duration, renew_deadline, retry_period)
         self.on_lost = on_lost
         #: The elector (set on the thread once it runs; tests read its state).
         self.elector: LeaderElector | None = None
@@ -384,7 +383,9 @@ class ElectorThread:
     async def _run(self) -> None:
         client = self.make_client()
         elector = self.elector = LeaderElector(client, self.namespace, self.name,
-                                               self.identity, **self.timing)
+                                               self.identity, lease_duration=self.timing[0],
+                                               renew_deadline=self.timing[1],
+                                               retry_period=self.timing[2])
         stopping = asyncio.create_task(self._stopping.wait())
         try:
             acquiring = asyncio.create_task(elector.acquire())

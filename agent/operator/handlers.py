@@ -170,7 +170,7 @@ async def run_prefetch(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, m
         # every SETTLED_RESYNCS intervals. At 5,000 nodes each resync costs a survey of every
         # node; 20 of them every 30 s were ~13 % of a core of steady state.
         settled = delay is None and (state.summaries.get(uid) or ("",))[0] == "Complete"
-        for _ in range(SETTLED_RESYNCS if settled else 1):
+        for _round in range(SETTLED_RESYNCS if settled else 1):
             try:
                 await asyncio.wait_for(wake.wait(), timeout=max(timeout, 0.05))
                 break
