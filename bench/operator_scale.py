@@ -200,7 +200,8 @@ def main() -> int:
         (workdir / "config.toml").write_text(
             CONFIG.format(timeout=int(args.heartbeat_interval * 3)))
         env = cluster.env() | {"PREFETCHER_CONFIG": str(workdir / "config.toml"),
-                               "POD_NAME": "operator-bench"}
+                               "POD_NAME": "operator-bench",
+                               "MALLOC_ARENA_MAX": "2"}  # as the chart's operator Deployment
         log = (workdir / "operator.log").open("wb")
         command = [str(Path(sys.executable).with_name("prefetcher")), "operator",
                    "--kubeconfig", str(cluster.kubeconfig_path)]
