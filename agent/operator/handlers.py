@@ -39,10 +39,14 @@ logger = logging.getLogger("agent.operator")
 
 PREFETCHES = (resources.GROUP, resources.VERSION, resources.PREFETCHES)
 NODE_SETS = (resources.GROUP, resources.VERSION, resources.NODE_SETS)
-#: Longest pause between two reconciles of one prefetch woken by events (seconds).
+#: Least pause between two reconciles of one prefetch woken by events (seconds; longer
+#: after costly ones: LOOP_SHARE).
 MAX_COALESCE = 0.5
 #: A Complete prefetch not woken by events is reconciled every this many resync intervals.
 SETTLED_RESYNCS = 10
+#: The next reconcile of a prefetch waits this many times what the last one held the
+#: event loop for, per prefetch (so reconciles together hold at most about half of it).
+LOOP_SHARE = 2.0
 
 
 class PrefetchDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -184,7 +188,14 @@ async def run_prefetch(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, m
                 break
         # Coalesce wake-ups: node statuses arrive in bursts, and status writes are throttled
         # to one per status_interval anyway; reconcile at most twice per interval.
-        rest = started + min(state.settings.status_interval / 2, MAX_COALESCE) - time.monotonic()
+        # And bound what reconciles take of the event loop: after one that held the loop for
+        # c seconds (a survey of every node of this prefetch), the next of this prefetch waits
+        # LOOP_SHARE x c per prefetch reconciling, so all of them together keep at most about
+        # half of the loop, and the watches, the writes and Events keep up: at 5,000 nodes a
+        # survey takes ~0.3 s, and node churn woke 21 prefetches twice a second each.
+        spacing = max(min(state.settings.status_interval / 2, MAX_COALESCE),
+                      LOOP_SHARE * state.loop_costs.get(uid, 0.0) * len(state.wakers))
+        rest = started + spacing - time.monotonic()
         if rest > 0 and not stopped:
             await asyncio.sleep(rest)
 

@@ -107,6 +107,8 @@ class State:
     node_sets: dict[str, JSON] = dataclasses.field(default_factory=dict)
     agent_pods_ready: set[str] = dataclasses.field(default_factory=set)
     wakers: dict[str, asyncio.Event] = dataclasses.field(default_factory=dict)
+    #: Seconds of the event loop each prefetch's last reconcile held (no await between).
+    loop_costs: dict[str, float] = dataclasses.field(default_factory=dict)
     contributions: dict[tuple[str, str], specs.ImageEntry] = dataclasses.field(
         default_factory=dict)
     digests: dict[tuple[str, int], Memo] = dataclasses.field(default_factory=dict)
@@ -152,7 +154,8 @@ class State:
                                                     on_change=self.wake_node)
         self.writer = writing.NodeWriter(
             self.client, self.node_sets.get, self.remember_node_set, self.forget_node_set,
-            self.contributions, node_uid=self.node_uid)
+            self.contributions, node_uid=self.node_uid,
+            node_exists=lambda name: name in self.nodes)
         self.secret_readers = roles.PullSecretReaders(
             self.client, self.namespace, self.settings.agent_secrets_role,
             self.settings.agent_daemonset_owner)
@@ -293,6 +296,7 @@ class State:
         self.events_sent.pop(uid, None)
         self.recorder.forget(uid)
         self.wakers.pop(uid, None)
+        self.loop_costs.pop(uid, None)
         self.throttle.forget(uid)
         self.summaries.pop(uid, None)
         self.update_gauges()

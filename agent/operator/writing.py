@@ -96,6 +96,10 @@ class NodeWriter:
         concurrency: nodes written at once.
         node_uid: node name → its Node's uid ("" if unknown): every NodeImageSet gets an
             ownerReference to its Node, so the garbage collector removes it with the Node.
+        node_exists: whether the node is still known when its write is flushed: no
+            NodeImageSet is created for a Node deleted since the change was queued (a
+            dispatch to thousands of nodes takes minutes; one created then would have no
+            owner left to be collected with, and would stay for good).
     """
 
     def __init__(self, client: kubeapi.Client, cached: Callable[[str], JSON | None],
@@ -103,7 +107,8 @@ class NodeWriter:
                  known: Mapping[tuple[str, str], specs.ImageEntry], *,
                  debounce: float = DEBOUNCE, concurrency: int = CONCURRENCY,
                  attempts: int = ATTEMPTS,
-                 node_uid: Callable[[str], str] = lambda node: "") -> None:
+                 node_uid: Callable[[str], str] = lambda node: "",
+                 node_exists: Callable[[str], bool] = lambda node: True) -> None:
         self.client = client
         self.cached = cached
         self.remember = remember
@@ -113,6 +118,7 @@ class NodeWriter:
         self.concurrency = concurrency
         self.attempts = attempts
         self.node_uid = node_uid
+        self.node_exists = node_exists
         self.writes = 0  # spec writes sent (creates and patches)
         #: (uid, node) → why that prefetch's last change there was refused (a cap).
         self.refused: dict[tuple[str, str], str] = {}
@@ -255,8 +261,8 @@ class NodeWriter:
         if images == before and body is not None:
             return
         if body is None:
-            if not images:
-                return
+            if not images or not self.node_exists(node):
+                return  # nothing to write, or the Node is gone: nothing to create
             new: JSON = {
                 "apiVersion": resources.API_VERSION, "kind": resources.NODE_SET_KIND,
                 "metadata": {"name": node,

@@ -245,3 +245,25 @@ def test_a_conflicting_write_is_folded_into_the_fresh_object_not_over_it() -> No
         await writer.close()
 
     asyncio.run(main())
+
+
+def test_no_node_image_set_is_created_for_a_node_deleted_while_its_write_waited() -> None:
+    """A dispatch to thousands of nodes takes minutes to write; a Node deleted meanwhile
+    must not get a NodeImageSet created after it is gone (it could not be owned by the
+    Node any more, so nothing would ever collect it). Nodes that still exist get theirs."""
+    async def main() -> None:
+        client = FakeClient()
+        nodes = {"n1": "uid-1", "n2": "uid-2"}
+        writer, index = make_writer(client, debounce=0.05, node_uid=lambda n: nodes.get(n, ""),
+                                    node_exists=nodes.__contains__)
+        writing_ = asyncio.ensure_future(
+            writer.write({n: writing.Change("a", {"x": entry("x", "a")}) for n in ("n1", "n2")}))
+        await asyncio.sleep(0.01)  # queued, not flushed yet
+        del nodes["n2"]  # the Node is deleted before the flush
+        await writing_
+        assert [body["metadata"]["name"] for _, _, body in client.writes] == ["n1"]
+        assert client.writes[0][2]["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert "n2" not in index
+        await writer.close()
+
+    asyncio.run(main())
