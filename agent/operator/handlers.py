@@ -190,9 +190,10 @@ async def run_prefetch(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, m
         # to one per status_interval anyway; reconcile at most twice per interval.
         # And bound what reconciles take of the event loop: after one that held the loop for
         # c seconds (a survey of every node of this prefetch), the next of this prefetch waits
-        # LOOP_SHARE x c per prefetch reconciling, so all of them together keep at most about
-        # half of the loop, and the watches, the writes and Events keep up: at 5,000 nodes a
-        # survey takes ~0.3 s, and node churn woke 21 prefetches twice a second each.
+        # LOOP_SHARE x c per prefetch this operator runs, so all of them together keep at
+        # most about half of the loop, and the watches, the writes and Events keep up: at
+        # 5,000 nodes a survey takes ~0.3 s, and node churn woke 21 prefetches twice a second
+        # each. (Costly reconciles are rare on small clusters: there this adds nothing.)
         spacing = max(min(state.settings.status_interval / 2, MAX_COALESCE),
                       LOOP_SHARE * state.loop_costs.get(uid, 0.0) * len(state.wakers))
         rest = started + spacing - time.monotonic()
