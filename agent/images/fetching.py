@@ -219,8 +219,22 @@ class Fetcher:
             try:
                 if sink is self.content:
                     return self.content.writer(str(digest), total=size)
-                # A runtime's ingest is opened over its API: not on the event loop.
-                return await asyncio.to_thread(sink.writer, str(digest), total=size)
+                # A runtime's ingest is opened over its API: not on the event loop. If the
+                # pull is cancelled meanwhile, the writer the thread still opens is aborted
+                # (it would hold the runtime's lock and leave its ingest behind).
+                opening = asyncio.ensure_future(
+                    asyncio.to_thread(sink.writer, str(digest), total=size))
+                try:
+                    return await asyncio.shield(opening)
+                except asyncio.CancelledError:
+                    opening.add_done_callback(_abort_opened)
+                    raise
             except errors.Unavailable:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+def _abort_opened(opening: asyncio.Future[sinks.SinkWriter]) -> None:
+    """Abort a writer opened for a pull that was cancelled while it opened."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().abort()

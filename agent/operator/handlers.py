@@ -89,7 +89,7 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     # kopf keeps a worker (a task, its queue, the last event's body) per object until the
     # object has been quiet this long (default 5 s): during a rollout at 5,000 nodes that is
     # one per NodeImageSet at once. Its handlers here are short and async; 1 s suffices.
-    settings.batching.idle_timeout = 1.0
+    settings.queueing.idle_timeout = 1.0
     settings.peering.standalone = True  # the leader Lease is the lock (see .main)
     settings.peering.mandatory = False
 

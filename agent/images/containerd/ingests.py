@@ -27,7 +27,7 @@ left in containerd.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import queue
 import re
@@ -41,6 +41,8 @@ from agent.images.containerd import client as client_mod
 from agent.images.containerd import content as content_mod
 from agent.images.containerd.protos import content_pb2, introspection_pb2
 from agent.images.content import local, store
+
+logger = logging.getLogger(__name__)
 
 #: containerd's content plugin, whose ``root`` export is its content store's directory.
 CONTENT_PLUGIN: Final = ("io.containerd.content.v1", "content")
@@ -243,8 +245,18 @@ class IngestWriter:
     def abort(self) -> None:
         """Stop writing and drop the ingest from containerd."""
         self._finish(committed=False)
-        with contextlib.suppress(errors.ImageError):
-            self._owner.content.abort(self._ref)
+        for attempt in range(_LOCKED_TRIES):
+            try:
+                self._owner.content.abort(self._ref)
+                return
+            except errors.Unavailable as e:  # still locked: the writer's stream is closing
+                if attempt == _LOCKED_TRIES - 1:
+                    logger.warning(f"the partial ingest {self._ref} stays in containerd: {e}")
+                    return
+            except errors.ImageError as e:
+                logger.warning(f"the partial ingest {self._ref} stays in containerd: {e}")
+                return
+            time.sleep(min(0.02 * 2**attempt, 0.5))
 
     # -- internals ----------------------------------------------------------------------
 
