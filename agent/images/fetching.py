@@ -113,19 +113,22 @@ class Fetcher:
         sink: sinks.BlobSink,
     ) -> int:
         writer = await self._open_writer(sink, desc.digest, desc.size)
-        if await self._exists(sink, desc.digest):
-            # Another process held the ingest and published the blob while we waited.
-            writer.abort()
-            progress.blob_present(desc)
-            return 0
-        if on_writer is not None:
-            on_writer(desc, writer)
         policy = stall.RetryPolicy.for_stall_timeout(progress_timeout)
         downloaded = 0
         stalls = 0
         resumes = 0
         refetched = False
+        # From here on a cancelled pull aborts (or keeps) the ingest it opened, including
+        # while asking whether another process published the blob meanwhile: a runtime's
+        # ingest left open would keep its lock and stay in the runtime's store.
         try:
+            if await self._exists(sink, desc.digest):
+                # Another process held the ingest and published the blob while we waited.
+                writer.abort()
+                progress.blob_present(desc)
+                return 0
+            if on_writer is not None:
+                on_writer(desc, writer)
             if writer.offset > desc.size:
                 writer.truncate(0)
             while writer.offset < desc.size or desc.size == 0:

@@ -8,12 +8,14 @@ no ingest; a cancelled pull leaves no partial ingest either. Downloads still res
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 from fixtures import images
 from fixtures import layers as L
 from fixtures.faultproxy import FaultProxy, Rule
+from fixtures.registries import Registry
 
 from agent.images import containerd, digests, errors, service
 from agent.images.containerd import content as content_mod
@@ -132,7 +134,9 @@ async def test_a_cancelled_pull_leaves_no_partial_ingest_in_containerd(
                 pull = asyncio.ensure_future(
                     svc.pull(f"{fault_proxy.host}/ctrdonce/cancel:1", platform=AMD64)
                 )
-                for _ in range(200):  # until containerd's ingest holds the first bytes
+                # Until containerd lists the layer's ingest ("0B" passes too: the pull may
+                # be cancelled right after it opened the ingest, before its first byte).
+                for _ in range(200):
                     await asyncio.sleep(0.05)
                     listed = await asyncio.to_thread(ctrd.ctr, "content", "active")
                     rows = [r.split() for r in listed.stdout.splitlines()[1:]]
@@ -151,6 +155,55 @@ async def test_a_cancelled_pull_leaves_no_partial_ingest_in_containerd(
     assert ref not in active_ingests(ctrd)
     assert str(victim.digest) not in containerd_blobs(ctrd)
     assert local.LocalStore(tmp_root / "content").ingests() == []
+
+
+async def test_a_pull_cancelled_just_after_it_opened_the_ingest_leaves_none(
+    ctrd: Containerd, registry: Registry, tmp_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fetcher asks containerd once more whether the blob appeared while it opened the
+    # ingest; the pull is cancelled during that question (as a loaded machine let happen).
+    victim = images.random_layer(300_000, files=2, seed=1310)
+    images.push(registry, "ctrdonce/cancel-open", "1", images.Image([victim]))
+    asked = threading.Event()
+    hold = threading.Event()
+    exists = ingests.ContainerdIngests.exists
+    opened: list[str] = []
+    writer = ingests.ContainerdIngests.writer
+
+    def opening(self: ingests.ContainerdIngests, ref: str, **kwargs: object) -> object:
+        opened.append(ref)
+        return writer(self, ref, **kwargs)  # type: ignore[arg-type]
+
+    def slow_exists(self: ingests.ContainerdIngests, digest: digests.Digest) -> bool:
+        if opened:  # the question after the ingest was opened
+            asked.set()
+            hold.wait(10)
+        return exists(self, digest)
+
+    monkeypatch.setattr(ingests.ContainerdIngests, "exists", slow_exists)
+    monkeypatch.setattr(ingests.ContainerdIngests, "writer", opening)
+    backend = ctrd.backend()
+    backend.start()
+    try:
+        async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
+            svc = service.ImageService(tmp_root, rc, backend=backend)
+            try:
+                pull = asyncio.ensure_future(
+                    svc.pull(f"{registry.host}/ctrdonce/cancel-open:1", platform=AMD64)
+                )
+                assert await asyncio.to_thread(asked.wait, 10)
+                assert content_mod.ingest_ref("layer", victim.digest) in active_ingests(ctrd)
+                pull.cancel()
+                hold.set()
+                with pytest.raises(asyncio.CancelledError):
+                    await pull
+            finally:
+                hold.set()
+                svc.close()
+    finally:
+        hold.set()
+    assert active_ingests(ctrd) == []
+    assert str(victim.digest) not in containerd_blobs(ctrd)
 
 
 async def pull_through(
