@@ -194,6 +194,7 @@ def service_options(settings: Any) -> service.ServiceOptions:
         sync_fs=img.image_pull_with_sync_fs,
         max_layer_uncompressed_bytes=img.max_layer_uncompressed_bytes,
         max_image_uncompressed_bytes=img.max_image_uncompressed_bytes,
+        max_concurrent_unpacks=img.max_concurrent_unpacks,
         discard_unpacked_layers=img.discard_unpacked_layers,
     )
 

@@ -54,6 +54,7 @@ from agent.images import (
     records,
     references,
     tracing,
+    turns,
 )
 from agent.images.backends import backend as backend_api
 from agent.images.backends import local as local_backend
@@ -114,7 +115,10 @@ class ServiceOptions:
     #: refuse an image whose layers unpacked by one pull decompress to more than this in
     #: total (0: no cap); what the failed pull committed is removed unless something uses it
     max_image_uncompressed_bytes: int = 64 * 1024**3
-    unpack_concurrency: int = 2
+    #: layers one pull takes up at once (each waits for a turn to write its files)
+    unpack_concurrency: int = 3
+    #: layers whose files this service writes at once, across all its pulls
+    max_concurrent_unpacks: int = turns.DEFAULT_LIMIT
     #: delete layer blobs once their snapshots are committed (containerd's option)
     discard_unpacked_layers: bool = False
 
@@ -152,6 +156,7 @@ class ImageService:
             self._lock_fd = _open_shared_lock(self.root / "lock")
             undo.callback(os.close, self._lock_fd)
             self.leases = leases.Leases()
+            self._turns = turns.Turns(self.options.max_concurrent_unpacks)
             self.content = local.LocalStore(self.root / "content")
             self.records = records.ImageRecords(self.root / "images.db")
             undo.callback(self.records.close)
@@ -588,6 +593,7 @@ class ImageService:
             max_uncompressed_bytes=self.options.max_layer_uncompressed_bytes,
             max_image_uncompressed_bytes=self.options.max_image_uncompressed_bytes,
             concurrency=self.options.unpack_concurrency,
+            turns=self._turns,
             labels=labels,
             discard_layers=lambda layers: self._discard_layers(layers, lease),
         )

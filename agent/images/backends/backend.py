@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from agent.images import descriptors, digests, records, references
 from agent.images.content import sinks, store
+from agent.images.turns import Turns
 
 if TYPE_CHECKING:
     from agent.images.content import local
@@ -146,7 +147,9 @@ class Unpacking:
     sync_fs: bool = False
     max_uncompressed_bytes: int = 32 * 1024**3
     max_image_uncompressed_bytes: int = 0
-    concurrency: int = 2
+    concurrency: int = 3
+    #: the service's turns at writing layers (None: the process's, one at a time)
+    turns: Turns | None = None
     labels: dict[str, str] = field(default_factory=dict)
     #: delete these local layer blobs, except those another pull in flight or an image
     #: that is not unpacked still needs (blocking; a backend that keeps the layers itself)

@@ -100,6 +100,7 @@ class LocalBackend:
             max_uncompressed_bytes=job.max_uncompressed_bytes,
             max_image_uncompressed_bytes=job.max_image_uncompressed_bytes,
             concurrency=job.concurrency,
+            turns=job.turns,
             on_progress=on_progress,
         )
         attrs = {"image.layers": len(job.manifest.layers)}

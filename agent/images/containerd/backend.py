@@ -56,6 +56,7 @@ from agent.images.containerd import snapshotter as snapshotter_mod
 from agent.images.content import store
 from agent.images.snapshots import chains
 from agent.images.snapshots import snapshotter as snapshots
+from agent.images.turns import Turns
 from agent.images.unpack import compression
 from agent.images.unpack import unpacker as unpacker_mod
 
@@ -223,6 +224,7 @@ class ContainerdBackend:
                 pinned=job.pinned,
                 sync_fs=job.sync_fs,
                 concurrency=job.concurrency,
+                turns=job.turns,
                 on_layer=on_layer,
                 max_uncompressed_bytes=job.max_uncompressed_bytes,
                 max_image_uncompressed_bytes=job.max_image_uncompressed_bytes,
@@ -331,6 +333,7 @@ class ContainerdBackend:
         pinned: bool = False,
         sync_fs: bool = False,
         concurrency: int = unpacker_mod.DEFAULT_CONCURRENCY,
+        turns: Turns | None = None,
         on_layer: unpacker_mod.OnProgress | None = None,
         max_uncompressed_bytes: int | None = None,
         max_image_uncompressed_bytes: int | None = None,
@@ -350,8 +353,9 @@ class ContainerdBackend:
             pinned: label the records ``io.cri-containerd.pinned=pinned`` (kubelet's image
                 GC keeps them); ``False`` removes the label.
             sync_fs: ``syncfs`` each layer's filesystem before its snapshot is committed.
-            concurrency: layers applied at once (each into its own snapshot, moved onto its
+            concurrency: layers taken up at once (each into its own snapshot, moved onto its
                 parent at commit: see :class:`~.snapshotter.ContainerdSnapshotter`).
+            turns: the turns at writing layers' files (``None``: the process's).
             on_layer: called with each layer's :class:`UnpackEvent`, from worker threads.
             max_uncompressed_bytes, max_image_uncompressed_bytes: this import's limits
                 (``None``: the backend's own; the image service passes its options).
@@ -388,6 +392,7 @@ class ContainerdBackend:
                 stream_layers=stream_layers,
                 sync_fs=sync_fs,
                 concurrency=concurrency,
+                turns=turns,
                 max_uncompressed_bytes=(
                     self.max_uncompressed_bytes
                     if max_uncompressed_bytes is None
@@ -474,6 +479,7 @@ class _Import:
         stream_layers: bool = True,
         sync_fs: bool,
         concurrency: int,
+        turns: Turns | None,
         max_uncompressed_bytes: int,
         max_image_uncompressed_bytes: int,
     ) -> digests.Digest:
@@ -499,6 +505,7 @@ class _Import:
             max_uncompressed_bytes=max_uncompressed_bytes,
             max_image_uncompressed_bytes=max_image_uncompressed_bytes,
             concurrency=concurrency,
+            turns=turns,
             on_progress=self._on_layer,
         )
         try:

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.images import descriptors, digests, errors, syscalls
+from agent.images import descriptors, digests, errors, syscalls, turns
 from agent.images.content import store
 
 _READ_CHUNK = 1024 * 1024
@@ -433,6 +433,13 @@ class IngestFeed:
                 raise errors.Unavailable(f"blob {self.expected}: not committed by its download")
             return open(f"/proc/self/fd/{self._fd}", "rb")  # noqa: SIM115
 
+    def written(self, end: int) -> int | None:
+        """What :meth:`wait_for` would return now, or ``None`` if it would wait."""
+        with self._cond:
+            if self._outcome is False or self._written >= end or self._outcome:
+                return self.wait_for(end)
+            return None
+
     def wait_for(self, end: int) -> int:
         """Wait until ``end`` bytes are written (or the writer finished); return how many
         are. Raises :class:`Unavailable` if the writer stopped without committing."""
@@ -462,6 +469,9 @@ class FollowingReader:
     """Reads an ingest from the start while it is being written: :meth:`read` waits for
     bytes that are not there yet and returns ``b""`` after the blob's last byte.
 
+    A reader that has to wait for bytes gives its thread's turn at writing layers to
+    another layer meanwhile (:func:`agent.images.turns.waiting`).
+
     Everything it returns is unconfirmed until :meth:`confirm`, which waits for the writer's
     commit and checks that the bytes returned were exactly the blob's (the hash of what was
     read, in the digest's own algorithm, so a truncation and rewrite by a resumed download
@@ -482,7 +492,11 @@ class FollowingReader:
             size = _READ_CHUNK
         end = min(total, self._pos + size)
         while self._pos < end:
-            written = self._feed.wait_for(min(end, self._pos + _FOLLOW_MIN))
+            want = min(end, self._pos + _FOLLOW_MIN)
+            written = self._feed.written(want)
+            if written is None:  # not there yet: another layer may write while this waits
+                with turns.waiting():
+                    written = self._feed.wait_for(want)
             if written <= self._pos:
                 # Committed but shorter than the manifest says: the commit cannot have
                 # verified such a blob; the caller's confirm() fails.

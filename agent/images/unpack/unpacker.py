@@ -10,9 +10,13 @@ asked, and commit the snapshot under its chain ID on the previous chain ID. An
 active snapshot is dropped and the layer counts as done.
 
 When the snapshotter can rebase (overlay: layers are independent directories) the missing
-layers are applied in worker threads, up to ``concurrency`` at a time, and committed strictly
-in chain order by the calling thread, while the workers go on with the next layers; otherwise
-(naive, containerd: a snapshot is prepared on its committed parent) one after the other.
+layers are taken up by worker threads, up to ``concurrency`` at a time, and committed
+strictly in chain order by the calling thread, while the workers go on with the next layers;
+otherwise (naive, containerd: a snapshot is prepared on its committed parent) one after the
+other. Writing a layer's files needs a :class:`~agent.images.turns.Turns` turn (one layer at
+a time in the process by default, whatever the number of pulls): a layer that waits for its
+download's next bytes gives its turn to the next worker meanwhile, so the workers overlap
+downloads, not file creation.
 
 With ``sync_fs`` a layer's ``syncfs`` runs in a :class:`~.syncer.Syncer` thread: the layer is
 committed once a ``syncfs`` started after its last write has returned, but the next layers
@@ -36,11 +40,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from agent.images import descriptors, digests, errors, snapshots, tracing
+from agent.images import turns as turns_mod
 from agent.images.content import store
 from agent.images.snapshots import chains
 from agent.images.unpack import archive, compression, syncer, whiteouts
 
-DEFAULT_CONCURRENCY: Final = 2
+DEFAULT_CONCURRENCY: Final = 3
 
 SPAN_PREFIX: Final = "agent.images.unpack"
 
@@ -94,7 +99,9 @@ class Unpacker:
         max_image_uncompressed_bytes: refuse the image once the layers this unpacker applies
             decompress to more than this together (0: no cap). One unpacker per image.
         max_ratio: refuse a layer whose uncompressed/compressed ratio passes this.
-        concurrency: how many layers are applied at once (with a rebasing snapshotter).
+        concurrency: how many layers are taken up at once (with a rebasing snapshotter).
+        turns: the turns at writing a layer's files, shared by every unpacker of the
+            process (default: :data:`PROCESS_TURNS`, one layer at a time).
         on_progress: called with an :class:`UnpackEvent`, from worker threads.
     """
 
@@ -108,6 +115,7 @@ class Unpacker:
         max_image_uncompressed_bytes: int = 0,
         max_ratio: float = compression.DEFAULT_MAX_RATIO,
         concurrency: int = DEFAULT_CONCURRENCY,
+        turns: turns_mod.Turns | None = None,
         on_progress: OnProgress | None = None,
     ):
         self.provider = provider
@@ -119,6 +127,7 @@ class Unpacker:
             max_image_uncompressed_bytes, setting="images.max_image_uncompressed_bytes"
         )
         self.concurrency = max(1, concurrency)
+        self.turns = turns if turns is not None else PROCESS_TURNS
         self.on_progress = on_progress
         # One syncer for the unpacks running at once (with sync_fs), and how many they are.
         self._syncer: syncer.Syncer | None = None
@@ -353,35 +362,36 @@ class Unpacker:
                 if confirm is not None and not speculate:
                     raise errors.Unavailable(f"{name}: its blob was not committed")
                 try:
-                    stream = compression.open_layer(
-                        blob,
-                        layer.media_type,
-                        max_uncompressed_bytes=self.max_uncompressed_bytes,
-                        max_ratio=self.max_ratio,
-                        image_limit=self.image_limit,
-                        name=name,
-                    )
-                    opened = stream
-
-                    written = 0
-
-                    def progress(n: int) -> None:
-                        nonlocal written
-                        if self._syncer is not None:
-                            self._syncer.wrote(target, n - written)
-                            written = n
-                        self._emit(
-                            "progress", index, layer, chain_id, stream.compressed_bytes, n
+                    with self.turns.turn(cancel):
+                        stream = compression.open_layer(
+                            blob,
+                            layer.media_type,
+                            max_uncompressed_bytes=self.max_uncompressed_bytes,
+                            max_ratio=self.max_ratio,
+                            image_limit=self.image_limit,
+                            name=name,
                         )
+                        opened = stream
 
-                    result = archive.apply(
-                        stream,
-                        target,
-                        whiteouts=self._whiteouts,
-                        on_progress=progress if self.on_progress or self._syncer else None,
-                        cancel=cancel,
-                        name=name,
-                    )
+                        written = 0
+
+                        def progress(n: int) -> None:
+                            nonlocal written
+                            if self._syncer is not None:
+                                self._syncer.wrote(target, n - written)
+                                written = n
+                            self._emit(
+                                "progress", index, layer, chain_id, stream.compressed_bytes, n
+                            )
+
+                        result = archive.apply(
+                            stream,
+                            target,
+                            whiteouts=self._whiteouts,
+                            on_progress=progress if self.on_progress or self._syncer else None,
+                            cancel=cancel,
+                            name=name,
+                        )
                     if confirm is not None:
                         # No snapshot from bytes that are not the verified blob's.
                         confirm()
@@ -464,6 +474,9 @@ class Unpacker:
         if self.on_progress is not None:
             self.on_progress(UnpackEvent(kind, index, layer, chain_id, compressed, uncompressed))
 
+
+#: The turns of every unpacker not given its own: one layer written at a time per process.
+PROCESS_TURNS: Final = turns_mod.Turns()
 
 _CAP_REBASE: Final = snapshots.CAP_REBASE
 _CAP_OVERLAY_WHITEOUTS: Final = snapshots.CAP_OVERLAY_WHITEOUTS

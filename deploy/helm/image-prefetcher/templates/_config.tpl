@@ -14,6 +14,7 @@ version = 2
 snapshotter = {{ include "image-prefetcher.snapshotter" . | toJson }}
 max_concurrent_downloads = {{ int64 $i.maxConcurrentDownloads }}
 node_max_concurrent_downloads = {{ int64 $i.nodeMaxConcurrentDownloads }}
+max_concurrent_unpacks = {{ int64 $i.maxConcurrentUnpacks }}
 image_pull_progress_timeout = {{ toString $i.imagePullProgressTimeout | toJson }}
 image_pull_min_bytes_per_second = {{ int64 $i.imagePullMinBytesPerSecond }}
 image_pull_with_sync_fs = {{ $i.imagePullWithSyncFs }}
