@@ -158,10 +158,16 @@ def test_a_layer_waiting_for_its_download_lets_the_next_layer_write(
     feed = writer.follow(len(blob0), digest0)
     writer.write(blob0[: len(blob0) // 2])  # the rest has not arrived yet
 
+    layer0 = f"layer {img.layers[0][1]}"
+
     class Provider(L.MemoryProvider):
         def open_blob(self, digest: str) -> Any:
             if digest == digest0:
                 return feed.reader()  # layer 0: still downloading
+            # Layer 1 is complete; it asks for a turn only once layer 0 holds one.
+            deadline = time.monotonic() + WAIT
+            while ("start", layer0) not in spy.events and time.monotonic() < deadline:
+                time.sleep(0.005)
             return super().open_blob(digest)
 
     sn = snapshots.OverlaySnapshotter(tmp_path / "sn")
@@ -181,7 +187,6 @@ def test_a_layer_waiting_for_its_download_lets_the_next_layer_write(
         time.sleep(0.01)
     # Layer 1 was written completely while layer 0, started first, waited for the rest of
     # its blob (without its turn: otherwise layer 1 could not have started).
-    layer0 = f"layer {img.layers[0][1]}"
     assert ("end", layer1) in spy.events, spy.events
     assert spy.events.index(("start", layer0)) < spy.events.index(("start", layer1))
     assert ("end", layer0) not in spy.events
