@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 CONTENT_PLUGIN: Final = ("io.containerd.content.v1", "content")
 
 _SERVICE: Final = "/containerd.services.content.v1.Content/"
-_READ_CHUNK: Final = 1024 * 1024
 #: Tries of a commit whose ref another writer took in the moment between the two streams.
 _LOCKED_TRIES: Final = 20
 
@@ -115,7 +114,7 @@ class ContainerdIngests:
         )
 
 
-class IngestWriter:
+class IngestWriter(local.FileIngest):
     """One blob written into a containerd ingest; a :class:`~..sinks.SinkWriter`.
 
     If containerd already has the blob, the writer is empty and its :meth:`commit` raises
@@ -130,15 +129,11 @@ class IngestWriter:
         expected: digests.Digest,
         labels: dict[str, str],
     ):
+        super().__init__(ref, expected.algorithm)
         self._owner = owner
-        self._ref = ref
         self._total = total
         self._expected = expected
         self._labels = labels
-        self._hasher = digests.Hasher(expected.algorithm)
-        self._offset = 0
-        self._fd: int | None = None
-        self._feed: local.IngestFeed | None = None
         self._closed = False
         self._held: _HeldStream | None = None
         try:
@@ -156,44 +151,6 @@ class IngestWriter:
                 self._fd = None
             raise
 
-    @property
-    def ref(self) -> str:
-        return self._ref
-
-    @property
-    def offset(self) -> int:
-        return self._offset
-
-    def write(self, data: bytes | memoryview) -> None:
-        fd = self._require()
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(fd, view[written:], self._offset + written)
-        self._hasher.update(view)
-        self._offset += len(view)
-        if self._feed is not None:
-            self._feed.wrote(self._offset)
-
-    def truncate(self, offset: int = 0) -> None:
-        fd = self._require()
-        if self._feed is not None:
-            self._feed.wrote(min(offset, self._offset))  # before the bytes go
-        os.ftruncate(fd, offset)
-        self._rehash()
-        if self._feed is not None:
-            self._feed.wrote(self._offset)
-
-    def digest(self) -> digests.Digest:
-        return self._hasher.digest()
-
-    def follow(self, size: int, expected: digests.Digest) -> local.IngestFeed:
-        if self._feed is None:
-            self._feed = local.IngestFeed(
-                os.dup(self._require()), self._offset, size, digests.Digest(expected)
-            )
-        return self._feed
-
     def commit(self, size: int, expected: digests.Digest) -> store.Info:
         """Verify what was written, then have containerd commit it (and verify it again).
 
@@ -205,20 +162,7 @@ class IngestWriter:
         if self._fd is None:
             self._finish(committed=True)
             raise errors.AlreadyExists(f"blob {expected} already exists in containerd")
-        if size and self._offset != size:
-            got = self._offset
-            self.abort()
-            raise errors.SizeMismatch(
-                f"blob {expected}: got {got} bytes, expected {size}; the download was discarded"
-            )
-        actual = self._hasher.digest()
-        if actual != expected:
-            self.abort()
-            raise errors.DigestMismatch(
-                f"blob {expected}: content hashes to {actual}; the registry served bytes that"
-                " do not match the digest, so nothing was stored (the registry's copy may be"
-                " corrupt or tampered with)"
-            )
+        self._verify(size, expected)
         # The bytes are the blob's: an unpack following them may commit its snapshot now,
         # without waiting for containerd's commit (which can wait behind a snapshot commit
         # holding containerd's metadata lock). If containerd's commit fails, so does the pull.
@@ -275,21 +219,6 @@ class IngestWriter:
                         raise
             time.sleep(min(0.02 * 2**attempt, 0.5))
         return True  # pragma: no cover - the loop returns or raises
-
-    def _require(self) -> int:
-        if self._fd is None:
-            raise errors.Unavailable(f"the ingest {self._ref} is closed")
-        return self._fd
-
-    def _rehash(self) -> None:
-        """Rebuild the hash state from the bytes in the file (on resume or truncate)."""
-        fd = self._require()
-        self._hasher = digests.Hasher(self._expected.algorithm)
-        offset = 0
-        while chunk := os.pread(fd, _READ_CHUNK, offset):
-            self._hasher.update(chunk)
-            offset += len(chunk)
-        self._offset = offset
 
     def _release(self) -> None:
         held, self._held = self._held, None

@@ -237,25 +237,20 @@ class LocalStore:
         return self._ingest / hashlib.sha256(ref.encode()).hexdigest()
 
 
-class LocalWriter:
-    """Writes one ingest of a :class:`LocalStore`. See :class:`store.Writer`."""
+class FileIngest:
+    """An ingest written into one file through a descriptor: hashed as it is written,
+    resumed from the bytes already in the file (hashed again on open and on truncate), and
+    followed by readers in other threads (:meth:`follow`). The base of the local store's
+    :class:`LocalWriter` and of the containerd ingest writer; a subclass opens the file,
+    calls :meth:`_rehash`, and commits with :meth:`_verify` first."""
 
-    def __init__(
-        self, owner: LocalStore, ref: str, path: Path, lock_fd: int, algorithm: str = "sha256"
-    ):
-        self._owner = owner
+    def __init__(self, ref: str, algorithm: str):
         self._ref = ref
-        self._path = path
-        self._lock_fd = lock_fd
-        # Unbuffered: chunks are large already, and what write() returned is in the kernel,
-        # so a killed process leaves exactly the bytes it reported for a resume.
-        self._file = open(path / "data", "a+b", buffering=0)  # noqa: SIM115
         self._algorithm = algorithm
         self._hasher = digests.Hasher(algorithm)
         self._offset = 0
-        self._closed = False
+        self._fd: int | None = None
         self._feed: IngestFeed | None = None
-        self._rehash()
 
     @property
     def ref(self) -> str:
@@ -266,19 +261,22 @@ class LocalWriter:
         return self._offset
 
     def write(self, data: bytes | memoryview) -> None:
+        # Unbuffered: what the kernel took is what a killed process leaves for a resume.
+        fd = self._require()
         view = memoryview(data)
         written = 0
         while written < len(view):
-            written += self._file.write(view[written:]) or 0
-        self._hasher.update(data)
+            written += os.pwrite(fd, view[written:], self._offset + written)
+        self._hasher.update(view)
         self._offset += len(view)
         if self._feed is not None:
             self._feed.wrote(self._offset)
 
     def truncate(self, offset: int = 0) -> None:
+        fd = self._require()
         if self._feed is not None:
             self._feed.wrote(min(offset, self._offset))  # before the bytes go
-        self._file.truncate(offset)
+        os.ftruncate(fd, offset)
         self._rehash()
         if self._feed is not None:
             self._feed.wrote(self._offset)
@@ -291,13 +289,19 @@ class LocalWriter:
         threads while it is written. ``size`` and ``expected`` are the blob's."""
         if self._feed is None:
             self._feed = IngestFeed(
-                os.dup(self._file.fileno()), self._offset, size, digests.Digest(expected)
+                os.dup(self._require()), self._offset, size, digests.Digest(expected)
             )
         return self._feed
 
-    def commit(self, size: int, expected: digests.Digest) -> store.Info:
-        expected = digests.Digest(expected)
-        os.fsync(self._file.fileno())
+    def abort(self) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+    def _verify(self, size: int, expected: digests.Digest) -> None:
+        """Check what was written is the blob; if not, abort the ingest and raise.
+
+        Raises:
+            SizeMismatch, DigestMismatch: the bytes are not the blob's.
+        """
         if size and self._offset != size:
             got = self._offset
             self.abort()
@@ -315,6 +319,46 @@ class LocalWriter:
                 " do not match the digest, so nothing was stored (the registry's copy may be"
                 " corrupt or tampered with)"
             )
+
+    def _require(self) -> int:
+        if self._fd is None:
+            raise errors.Unavailable(f"the ingest {self._ref} is closed")
+        return self._fd
+
+    def _rehash(self) -> None:
+        """Rebuild the hash state from the bytes in the file (on resume or truncate)."""
+        fd = self._require()
+        self._hasher = digests.Hasher(self._algorithm)
+        offset = 0
+        while chunk := os.pread(fd, _READ_CHUNK, offset):
+            self._hasher.update(chunk)
+            offset += len(chunk)
+        self._offset = offset
+
+
+class LocalWriter(FileIngest):
+    """Writes one ingest of a :class:`LocalStore`. See :class:`store.Writer`."""
+
+    def __init__(
+        self, owner: LocalStore, ref: str, path: Path, lock_fd: int, algorithm: str = "sha256"
+    ):
+        super().__init__(ref, algorithm)
+        self._owner = owner
+        self._path = path
+        self._lock_fd = lock_fd
+        self._closed = False
+        self._fd = os.open(path / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self._rehash()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def commit(self, size: int, expected: digests.Digest) -> store.Info:
+        expected = digests.Digest(expected)
+        fd = self._require()
+        os.fsync(fd)
+        self._verify(size, expected)
         target = self._owner.blob_path(expected)
         if target.exists():
             # Verified, and the same bytes are already published (another writer won): a
@@ -324,7 +368,7 @@ class LocalWriter:
             self._finish(remove=True)
             raise errors.AlreadyExists(f"blob {expected} already exists")
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.fchmod(self._file.fileno(), 0o444)
+        os.fchmod(fd, 0o444)
         os.rename(self._path / "data", target)
         syscalls.fsync_dir(target.parent)
         info = store.Info(digest=expected, size=self._offset, created_at=time.time())
@@ -345,23 +389,14 @@ class LocalWriter:
         self._closed = True
         if self._feed is not None:
             self._feed.finish(committed=False)  # no-op after a successful commit
-        with contextlib.suppress(OSError):
-            self._file.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if remove:
             shutil.rmtree(self._path, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
-
-    def _rehash(self) -> None:
-        """Rebuild the hash state from the bytes on disk (on resume or truncate)."""
-        self._hasher = digests.Hasher(self._algorithm)
-        self._file.seek(0)
-        offset = 0
-        while chunk := self._file.read(_READ_CHUNK):
-            self._hasher.update(chunk)
-            offset += len(chunk)
-        self._offset = offset
-        self._file.seek(0, os.SEEK_END)
 
     def __enter__(self) -> LocalWriter:
         return self
