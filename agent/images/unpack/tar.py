@@ -36,16 +36,14 @@ import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, cast
+from typing import Final
 
 from agent.images import digests, errors
-from agent.images.unpack import compression, readahead
+from agent.images.unpack import compression
 
 BLOCK: Final = 512
 _ZERO_BLOCK: Final = bytes(BLOCK)
 _CHUNK: Final = 1 << 20
-#: The size of the reads from the decompressed stream.
-CHUNK: Final = _CHUNK
 #: PAX records, GNU long names and sparse maps, in all for one entry.
 MAX_META_BYTES: Final = 1 << 20
 
@@ -602,10 +600,7 @@ class _Input:
         name: str,
     ):
         self._stream = stream
-        # A read-ahead stream hashes what it reads on its own thread.
-        self._hasher: digests.Hasher | None = (
-            None if isinstance(stream, readahead.Readahead) else digests.Hasher("sha256")
-        )
+        self._hasher = digests.Hasher("sha256")
         self._on_progress = on_progress
         self._name = name
         self.buf = b""
@@ -617,8 +612,7 @@ class _Input:
         data = self._stream.read(_CHUNK)
         if not data:
             return False
-        if self._hasher is not None:
-            self._hasher.update(data)
+        self._hasher.update(data)
         self.total += len(data)
         self.buf = data
         self.view = memoryview(data)
@@ -700,6 +694,4 @@ class _Input:
             self.pos = len(self.buf)
 
     def digest(self) -> digests.Digest:
-        if self._hasher is None:
-            return cast(readahead.Readahead, self._stream).digest()
         return self._hasher.digest()
