@@ -105,7 +105,7 @@ def unpack_in_threads(jobs: list[tuple[unpacker.Unpacker, L.Image]]) -> list[str
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
@@ -179,22 +179,25 @@ def test_a_layer_waiting_for_its_download_lets_the_next_layer_write(
         result.append(str(u.unpack_blocking(L.descriptors_of(img), L.diff_ids_of(img))))
         done.set()
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    layer1 = f"layer {img.layers[1][1]}"
-    deadline = time.monotonic() + WAIT
-    while ("end", layer1) not in spy.events and time.monotonic() < deadline:
-        time.sleep(0.01)
-    # Layer 1 was written completely while layer 0, started first, waited for the rest of
-    # its blob (without its turn: otherwise layer 1 could not have started).
-    assert ("end", layer1) in spy.events, spy.events
-    assert spy.events.index(("start", layer0)) < spy.events.index(("start", layer1))
-    assert ("end", layer0) not in spy.events
-    writer.write(blob0[len(blob0) // 2 :])
-    writer.commit(len(blob0), digest0)
-    assert done.wait(WAIT)
-    thread.join()
-    feed.close()
+    try:
+        layer1 = f"layer {img.layers[1][1]}"
+        deadline = time.monotonic() + WAIT
+        while ("end", layer1) not in spy.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Layer 1 was written completely while layer 0, started first, waited for the rest
+        # of its blob (without its turn: otherwise layer 1 could not have started).
+        assert ("end", layer1) in spy.events, spy.events
+        assert spy.events.index(("start", layer0)) < spy.events.index(("start", layer1))
+        assert ("end", layer0) not in spy.events
+        writer.write(blob0[len(blob0) // 2 :])
+        writer.commit(len(blob0), digest0)
+        assert done.wait(WAIT)
+    finally:
+        writer.close()  # after a failed assertion: the unpack stops waiting for the blob
+        thread.join(WAIT)
+        feed.close()
     assert result == [str(digests.chain_ids(L.diff_ids_of(img))[-1])]
     assert sorted(i.name for i in sn.walk() if i.kind is snapshots.Kind.COMMITTED) == sorted(
         str(c) for c in digests.chain_ids(L.diff_ids_of(img))
@@ -214,7 +217,7 @@ def test_a_cancelled_unpack_stops_waiting_for_its_turn(tmp_path: Path) -> None:
             except CancelledError as e:
                 waited.append(e)
 
-        thread = threading.Thread(target=wait)
+        thread = threading.Thread(target=wait, daemon=True)
         thread.start()
         deadline = time.monotonic() + WAIT
         while shared.waiting == 0 and time.monotonic() < deadline:
@@ -237,7 +240,7 @@ def test_turns_go_first_come_first_served() -> None:
                 with shared.turn():
                     order.append(i)
 
-            t = threading.Thread(target=take)
+            t = threading.Thread(target=take, daemon=True)
             t.start()
             threads.append(t)
             deadline = time.monotonic() + WAIT
