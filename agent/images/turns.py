@@ -12,7 +12,8 @@ time, a process applies ``limit`` layers at once (default 1) across all its pull
 A layer applied while its blob downloads would then hold the turn while it waits for the
 network. It does not: a reader that is about to wait for bytes that have not arrived calls
 :func:`waiting`, which gives the calling thread's turn to the next layer in line for the
-wait and queues for it again afterwards (:class:`~.content.local.FollowingReader` does).
+wait and queues for it again afterwards (:class:`~.content.local.FollowingReader` does, and
+:class:`~.unpack.readahead.Readahead` when the layer's next inflated chunk is not ready).
 Turns are handed out first come, first served.
 """
 

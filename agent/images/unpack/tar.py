@@ -36,14 +36,16 @@ import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 from agent.images import digests, errors
-from agent.images.unpack import compression
+from agent.images.unpack import compression, readahead
 
 BLOCK: Final = 512
 _ZERO_BLOCK: Final = bytes(BLOCK)
 _CHUNK: Final = 1 << 20
+#: The size of the reads from the decompressed stream.
+CHUNK: Final = _CHUNK
 #: PAX records, GNU long names and sparse maps, in all for one entry.
 MAX_META_BYTES: Final = 1 << 20
 
@@ -600,7 +602,10 @@ class _Input:
         name: str,
     ):
         self._stream = stream
-        self._hasher = digests.Hasher("sha256")
+        # A read-ahead stream hashes what it reads on its own thread.
+        self._hasher: digests.Hasher | None = (
+            None if isinstance(stream, readahead.Readahead) else digests.Hasher("sha256")
+        )
         self._on_progress = on_progress
         self._name = name
         self.buf = b""
@@ -612,7 +617,8 @@ class _Input:
         data = self._stream.read(_CHUNK)
         if not data:
             return False
-        self._hasher.update(data)
+        if self._hasher is not None:
+            self._hasher.update(data)
         self.total += len(data)
         self.buf = data
         self.view = memoryview(data)
@@ -694,4 +700,6 @@ class _Input:
             self.pos = len(self.buf)
 
     def digest(self) -> digests.Digest:
+        if self._hasher is None:
+            return cast(readahead.Readahead, self._stream).digest()
         return self._hasher.digest()

@@ -43,7 +43,7 @@ from agent.images import descriptors, digests, errors, snapshots, tracing
 from agent.images import turns as turns_mod
 from agent.images.content import store
 from agent.images.snapshots import chains
-from agent.images.unpack import archive, compression, syncer, whiteouts
+from agent.images.unpack import archive, compression, readahead, syncer, tar, whiteouts
 
 DEFAULT_CONCURRENCY: Final = 3
 
@@ -384,14 +384,18 @@ class Unpacker:
                                 "progress", index, layer, chain_id, stream.compressed_bytes, n
                             )
 
-                        result = archive.apply(
-                            stream,
-                            target,
-                            whiteouts=self._whiteouts,
-                            on_progress=progress if self.on_progress or self._syncer else None,
-                            cancel=cancel,
-                            name=name,
-                        )
+                        # Inflated and hashed on a thread of its own, a few MiB ahead.
+                        with readahead.Readahead(stream, tar.CHUNK, name=name) as ahead:
+                            result = archive.apply(
+                                ahead,
+                                target,
+                                whiteouts=self._whiteouts,
+                                on_progress=(
+                                    progress if self.on_progress or self._syncer else None
+                                ),
+                                cancel=cancel,
+                                name=name,
+                            )
                     if confirm is not None:
                         # No snapshot from bytes that are not the verified blob's.
                         confirm()
