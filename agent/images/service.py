@@ -61,6 +61,7 @@ from agent.images.backends import local as local_backend
 from agent.images.content import local
 from agent.images.progress import events, stall, tracker
 from agent.images.registry import client as registry_client
+from agent.images.unpack import readahead
 
 if TYPE_CHECKING:
     from agent.images.snapshots import snapshotter as snapshotter_api
@@ -142,6 +143,9 @@ class ImageService:
     ):
         self.root = Path(root)
         self.options = options or ServiceOptions()
+        # One service per process (see above): it sets the interpreter's switch interval
+        # its unpacks' read-ahead threads need.
+        readahead.tune_interpreter()
         self.registry = registry
         # A step that fails closes what the earlier ones opened (the backend handed in
         # included: it is ours from the start), so a refused start leaks no socket or fd.

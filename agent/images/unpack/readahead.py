@@ -15,6 +15,7 @@ or its decompression, and another layer can write.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from typing import Final
 
@@ -23,6 +24,19 @@ from agent.images.unpack import compression
 
 #: Chunks read ahead at most (the memory a layer holds: DEPTH x the chunk size).
 DEPTH: Final = 4
+
+#: The interpreter's thread switch interval for a process that pulls (Python's default is
+#: 5 ms). The read-ahead thread needs the interpreter lock back after every inflate call,
+#: and a tar reader busy in Python held it for the whole interval each time: the read-ahead
+#: starved and cost CPU instead of saving time (190 MiB shape: ~1 s more CPU, no faster);
+#: at 0.5 ms it keeps ahead (bench/README.md, session 4).
+SWITCH_INTERVAL: Final = 0.0005
+
+
+def tune_interpreter() -> None:
+    """Set :data:`SWITCH_INTERVAL` for this process, unless something set a shorter one."""
+    if sys.getswitchinterval() > SWITCH_INTERVAL:
+        sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 class Readahead:

@@ -83,7 +83,7 @@ class Endless:
 
 def test_it_reads_only_a_few_chunks_ahead_and_stops_when_closed() -> None:
     source = Endless()
-    ahead = readahead.Readahead(source, 1024)
+    ahead = readahead.Readahead(source, 1024, name="endless-test")
     deadline = time.monotonic() + WAIT
     while source.reads < readahead.DEPTH and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -92,6 +92,19 @@ def test_it_reads_only_a_few_chunks_ahead_and_stops_when_closed() -> None:
     ahead.read()
     ahead.close()
     deadline = time.monotonic() + WAIT
-    while any(t.name.startswith("readahead") for t in threading.enumerate()):
+    while any(t.name == "readahead endless-test" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the read-ahead thread did not stop"
         time.sleep(0.01)
+
+
+def test_a_pulling_process_switches_threads_often_enough_for_the_read_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The read-ahead thread starves behind a tar reader under Python's 5 ms default.
+    import sys
+
+    monkeypatch.setattr(sys, "getswitchinterval", lambda: 0.005)
+    set_to: list[float] = []
+    monkeypatch.setattr(sys, "setswitchinterval", set_to.append)
+    readahead.tune_interpreter()
+    assert set_to == [readahead.SWITCH_INTERVAL] and readahead.SWITCH_INTERVAL <= 0.001

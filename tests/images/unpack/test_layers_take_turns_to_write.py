@@ -9,6 +9,7 @@ layer's apply starts and ends and how many run at once.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -25,7 +26,7 @@ from agent.cli import pulling
 from agent.images import descriptors, digests, service, snapshots, turns
 from agent.images.content import local
 from agent.images.registry import client, hosts
-from agent.images.unpack import archive, unpacker
+from agent.images.unpack import archive, readahead, unpacker
 from tests.images.pulling import FAST_RETRY
 
 AMD64 = descriptors.Platform("linux", "amd64")
@@ -272,6 +273,8 @@ async def test_a_pull_follows_images_max_concurrent_unpacks(
     options = pulling.service_options(config.load(tmp_path / "c.toml", env={}))
     async with client.RegistryClient(hosts.RegistryHosts(None), retry=FAST_RETRY) as rc:
         svc = service.ImageService(tmp_root, rc, options)
+        # A pulling process switches threads often enough for the read-ahead threads.
+        assert sys.getswitchinterval() <= readahead.SWITCH_INTERVAL
         try:
             result = await svc.pull(f"{registry.host}/turns/app:1", platform=AMD64)
         finally:
