@@ -16,7 +16,8 @@ otherwise (naive, containerd: a snapshot is prepared on its committed parent) on
 other. Writing a layer's files needs a :class:`~agent.images.turns.Turns` turn (one layer at
 a time in the process by default, whatever the number of pulls): a layer that waits for its
 download's next bytes gives its turn to the next worker meanwhile, so the workers overlap
-downloads, not file creation.
+downloads, not file creation. Each layer is inflated and hashed by a
+:class:`~.readahead.Readahead` thread a few MiB ahead of its tar reader.
 
 With ``sync_fs`` a layer's ``syncfs`` runs in a :class:`~.syncer.Syncer` thread: the layer is
 committed once a ``syncfs`` started after its last write has returned, but the next layers
