@@ -231,8 +231,13 @@ class LeaderElector:
                                      f" (holder now: {holder or 'none'})")
 
     async def release(self) -> None:
-        """Give the lease up (clean stop): a standby takes it at its next try."""
-        if not self.leader or self.lease.body is None:
+        """Give the lease up (clean stop): a standby takes it at its next try.
+
+        Also when the last renewal is older than the renew deadline (a renewal still in
+        flight when the stop cancelled it): the update carries the record's resourceVersion,
+        so it never overwrites another holder's, and after a conflict the record is read
+        again and released only if it still names us."""
+        if self._renewed_at is None or self.lease.body is None:
             return
         spec = {"holderIdentity": None, "leaseDurationSeconds": 1,
                 "acquireTime": micro_time(), "renewTime": micro_time(),

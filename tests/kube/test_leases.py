@@ -82,6 +82,30 @@ def test_a_released_lease_is_taken_at_once_and_a_restarted_holder_keeps_its_own(
     asyncio.run(main())
 
 
+def test_a_stop_releases_the_lease_even_when_the_last_renewal_is_late(
+        cluster: Cluster) -> None:
+    # A renewal in flight when the stop cancels it leaves the last one older than the renew
+    # deadline; the lease still names us and must be handed over, not left to expire.
+    async def main() -> None:
+        client = kube_client.Client(connections.Connection(server=cluster.url))
+        try:
+            a, b = elector(client, "pod-a"), elector(client, "pod-b")
+            await a.acquire()
+            real = a.clock
+            a.clock = lambda: real() + 5.0  # type: ignore[method-assign]
+            assert not a.leader
+            await a.release()
+            assert lease(cluster)["holderIdentity"] is None
+            assert await b.try_acquire_or_renew()
+            # Once another pod holds it, a late release of the old holder changes nothing.
+            await a.release()
+            assert lease(cluster)["holderIdentity"] == "pod-b"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 def test_two_candidates_racing_for_a_free_lease_get_one_leader(cluster: Cluster) -> None:
     async def main() -> list[bool]:
         client = kube_client.Client(connections.Connection(server=cluster.url))
