@@ -73,6 +73,11 @@ _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _ALLOWED_XATTR_NAMESPACES: Final = ("user.", "security.", "system.")
+_NO_XATTRS: Final[dict[str, bytes]] = {}
+# _Applier._plain_file's names: none starts with these (nor holds "/." or "//"), and they are
+# short enough to have fewer than _MAX_DEPTH components.
+_NOT_PLAIN_START: Final = (b"/", b".")
+_PLAIN_NAME_MAX: Final = 2 * _MAX_DEPTH
 
 # Errors that mean "this layer does not fit this root", not "the machine is broken".
 _LAYER_ERRNOS: Final = frozenset(
@@ -263,6 +268,8 @@ class _Applier:
         layer = self.name
         if len(self.dirs) >= _MAX_CACHED_DIRS:
             self._forget_dirs()  # only between entries: no fd is in use here
+        if h.typeflag == tar.REG and not h.pax and self._plain_file(h):
+            return
         xattrs = h.xattrs if h.pax else {}
         for xname in xattrs:
             if xname.startswith("trusted."):
@@ -349,6 +356,35 @@ class _Applier:
                 os.chown(base, h.uid, h.gid, dir_fd=d, follow_symlinks=False)
         self._xattrs_at(d, base, xattrs)
         os.utime(base, ns=(h.mtime_ns, h.mtime_ns), dir_fd=d, follow_symlinks=False)
+
+    def _plain_file(self, h: tar.Header) -> bool:
+        """Apply the common entry, a regular file without PAX records in a directory already
+        open, and say so; ``False`` (nothing done) for any other, left to :meth:`_entry`.
+
+        Its name has no component that is empty or starts with a dot (so no ``.``, ``..``,
+        whiteout or root), no leading or trailing slash, and fewer than ``_MAX_DEPTH``
+        components: it is its own key and passes every check of :meth:`_entry` and
+        :func:`_components`.
+        """
+        name = h.name
+        if (
+            not name
+            or name.startswith(_NOT_PLAIN_START)
+            or b"/." in name
+            or b"//" in name
+            or name.endswith(b"/")
+            or len(name) >= _PLAIN_NAME_MAX
+        ):
+            return False
+        parent_key, _, base = name.rpartition(b"/")
+        d = self.dirs.get(parent_key)
+        if d is None:
+            return False
+        if self.strategy.tracks_created:
+            self.created.add(name)
+        chown = h.uid != self.euid or h.gid != self.egid or self.setgid.get(parent_key, True)
+        self._file(d, base, name, h, _NO_XATTRS, chown)
+        return True
 
     def _file(
         self,
