@@ -1,7 +1,5 @@
 """``python -m agent …`` is ``prefetcher …``."""
 
-import sys
+from agent.cli.main import console
 
-from agent.cli.main import main
-
-sys.exit(main())
+console()

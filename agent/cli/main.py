@@ -9,9 +9,13 @@ line on stderr and exit non-zero; they never show a traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
+import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 import agent
 
@@ -56,5 +60,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def console() -> NoReturn:
+    """The ``prefetcher`` command (and ``python -m agent``): :func:`main`, then a quick exit.
+
+    Once a command returns, its output is flushed, the other non-daemon threads are joined
+    and the atexit handlers run (logging's and OpenTelemetry's flush among them), as at any
+    exit; then the process ends without the interpreter's teardown: with the
+    image service, gRPC and pydantic loaded that teardown is 0.15-0.25 s of garbage
+    collection over some 60,000 objects, freeing memory the kernel frees anyway, on every
+    ``prefetcher pull``. An exception (a bug's traceback, ``--help``'s SystemExit) takes
+    the ordinary way out.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # a closed reader: the ordinary exit reports it
+        sys.exit(code)
+    # What Py_FinalizeEx does first: the threading module's exit hooks (an executor's idle
+    # workers are told to stop) and a join of every other non-daemon thread; then atexit.
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()
