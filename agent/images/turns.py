@@ -14,13 +14,22 @@ network. It does not: a reader that is about to wait for bytes that have not arr
 :func:`waiting`, which gives the calling thread's turn to the next layer in line for the
 wait and queues for it again afterwards (:class:`~.content.local.FollowingReader` does, and
 :class:`~.unpack.readahead.Readahead` when the layer's next inflated chunk is not ready).
-Turns are handed out first come, first served.
+
+Turns go by place in line: an unpacker takes a line when it starts and asks for each layer's
+turn at ``(line, layer index)``, so its layers are written in chain order (the order they
+are committed in) and before the layers of any unpacker that started later; a thread back
+from such a wait keeps its place. Otherwise a lower layer whose download was late waited for
+every layer above it that asked while it waited, and every commit above it then ran one
+after the other once it was finally written (measured on the 190 MiB shape into containerd:
+the second layer written last, four snapshot commits of 40-110 ms each at the end of the
+pull).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import heapq
+import itertools
 import threading
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
@@ -34,7 +43,8 @@ _CANCEL_POLL: Final = 0.1
 
 
 class Turns:
-    """At most ``limit`` threads hold a turn at once; the others wait in arrival order."""
+    """At most ``limit`` threads hold a turn at once; the others wait in the order they
+    first asked."""
 
     def __init__(self, limit: int = DEFAULT_LIMIT):
         if limit < 1:
@@ -42,7 +52,8 @@ class Turns:
         self.limit = limit
         self._cond = threading.Condition()
         self._held = 0
-        self._queue: collections.deque[object] = collections.deque()
+        self._lines = itertools.count()
+        self._queue: list[tuple[int, int]] = []  # a heap of the waiters' places in line
 
     @property
     def held(self) -> int:
@@ -54,9 +65,20 @@ class Turns:
         """How many threads wait for a turn now."""
         return len(self._queue)
 
+    def line(self) -> int:
+        """A new line number: whoever asks for turns with it (:meth:`turn`'s ``place``)
+        comes after every line taken before."""
+        return next(self._lines)
+
     @contextlib.contextmanager
-    def turn(self, cancel: threading.Event | None = None) -> Iterator[None]:
+    def turn(
+        self, cancel: threading.Event | None = None, place: tuple[int, int] | None = None
+    ) -> Iterator[None]:
         """Hold a turn while the block runs (waiting for one first).
+
+        ``place`` is ``(line, index)``: the waiters go in this order (an unpacker takes one
+        line and asks for each layer's turn at ``(line, layer index)``, so its layers go in
+        chain order, before those of every unpacker that came later); by default a new line.
 
         Raises:
             CancelledError: ``cancel`` was set while waiting for the turn.
@@ -65,8 +87,10 @@ class Turns:
         if previous is not None:  # already holding one (of these or other turns): reuse it
             yield
             return
-        self._acquire(cancel)
-        _local.held = (self, cancel)
+        if place is None:
+            place = (self.line(), 0)
+        self._acquire(cancel, place)
+        _local.held = (self, cancel, place)
         try:
             yield
         finally:
@@ -74,20 +98,20 @@ class Turns:
                 _local.held = None
                 self._release()
 
-    def _acquire(self, cancel: threading.Event | None) -> None:
-        ticket = object()
+    def _acquire(self, cancel: threading.Event | None, place: tuple[int, int]) -> None:
         with self._cond:
-            self._queue.append(ticket)
+            heapq.heappush(self._queue, place)
             try:
-                while self._queue[0] is not ticket or self._held >= self.limit:
+                while self._queue[0] != place or self._held >= self.limit:
                     if cancel is not None and cancel.is_set():
                         raise CancelledError("cancelled while waiting for a turn to unpack")
                     self._cond.wait(_CANCEL_POLL if cancel is not None else None)
             except BaseException:
-                self._queue.remove(ticket)
+                self._queue.remove(place)
+                heapq.heapify(self._queue)
                 self._cond.notify_all()
                 raise
-            self._queue.popleft()
+            heapq.heappop(self._queue)
             self._held += 1
             self._cond.notify_all()  # the next in line may fit too (limit > 1)
 
@@ -103,17 +127,19 @@ _local = threading.local()
 @contextlib.contextmanager
 def waiting() -> Iterator[None]:
     """Around a wait for I/O: the calling thread's turn, if it holds one, goes to the next
-    in line meanwhile and is queued for again afterwards (which may raise
-    :class:`CancelledError` if the unpack was cancelled)."""
-    held: tuple[Turns, threading.Event | None] | None = getattr(_local, "held", None)
+    in line meanwhile and is queued for again afterwards, at its old place in line (which
+    may raise :class:`CancelledError` if the unpack was cancelled)."""
+    held: tuple[Turns, threading.Event | None, tuple[int, int]] | None = getattr(
+        _local, "held", None
+    )
     if held is None:
         yield
         return
-    turns, cancel = held
+    turns, cancel, place = held
     _local.held = None
     turns._release()
     try:
         yield
     finally:
-        turns._acquire(cancel)
+        turns._acquire(cancel, place)
         _local.held = held

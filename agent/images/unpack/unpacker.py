@@ -129,6 +129,7 @@ class Unpacker:
         )
         self.concurrency = max(1, concurrency)
         self.turns = turns if turns is not None else PROCESS_TURNS
+        self._line = self.turns.line()  # this image's layers go in chain order, after others'
         self.on_progress = on_progress
         # One syncer for the unpacks running at once (with sync_fs), and how many they are.
         self._syncer: syncer.Syncer | None = None
@@ -363,7 +364,7 @@ class Unpacker:
                 if confirm is not None and not speculate:
                     raise errors.Unavailable(f"{name}: its blob was not committed")
                 try:
-                    with self.turns.turn(cancel):
+                    with self.turns.turn(cancel, (self._line, index)):
                         stream = compression.open_layer(
                             blob,
                             layer.media_type,

@@ -253,6 +253,80 @@ def test_turns_go_first_come_first_served() -> None:
     assert shared.held == 0
 
 
+def test_an_images_layers_take_their_turns_in_chain_order() -> None:
+    """An unpacker asks for each layer's turn at (its line, the layer's index): a lower
+    layer that asks late still goes before the higher ones of its image, and an image
+    that started later goes after them all."""
+    shared = turns.Turns(1)
+    first_image, second_image = shared.line(), shared.line()
+    order: list[tuple[int, int]] = []
+    threads = []
+    with shared.turn():  # another layer writes while they all ask
+        for place in [(second_image, 0), (first_image, 2), (first_image, 0), (first_image, 1)]:
+            def take(place: tuple[int, int] = place) -> None:
+                with shared.turn(place=place):
+                    order.append(place)
+
+            t = threading.Thread(target=take, daemon=True)
+            t.start()
+            threads.append(t)
+            deadline = time.monotonic() + WAIT
+            while shared.waiting < len(threads) and time.monotonic() < deadline:
+                time.sleep(0.005)
+    for t in threads:
+        t.join(WAIT)
+    assert order == [(first_image, 0), (first_image, 1), (first_image, 2), (second_image, 0)]
+    assert shared.held == 0
+
+
+def test_a_thread_back_from_a_wait_keeps_its_place_in_line() -> None:
+    """Layer 1 gives its turn away while its download is late; layer 2 writes meanwhile and
+    layer 3 asks for a turn. Back from the wait, layer 1 goes before layer 3 (it asked
+    first), so layers are written, and can be committed, in chain order."""
+    shared = turns.Turns(1)
+    order: list[str] = []
+    in_wait, wait_over, second_in, third_asked = (threading.Event() for _ in range(4))
+
+    def layer1() -> None:
+        with shared.turn():
+            order.append("1 starts")
+            with turns.waiting():  # its download is late
+                in_wait.set()
+                assert wait_over.wait(WAIT)
+            order.append("1 resumes")
+
+    def layer2() -> None:
+        with shared.turn():
+            order.append("2")
+            second_in.set()
+            assert third_asked.wait(WAIT)
+            wait_over.set()  # layer 1's bytes arrive while 2 still writes
+            deadline = time.monotonic() + WAIT
+            while shared.waiting < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+    def layer3() -> None:
+        with shared.turn():
+            order.append("3")
+
+    first = threading.Thread(target=layer1, daemon=True)
+    first.start()
+    assert in_wait.wait(WAIT)
+    threads = [first, threading.Thread(target=layer2, daemon=True)]
+    threads[1].start()
+    assert second_in.wait(WAIT)
+    third = threading.Thread(target=layer3, daemon=True)
+    third.start()
+    deadline = time.monotonic() + WAIT
+    while shared.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    third_asked.set()
+    for t in [*threads, third]:
+        t.join(WAIT)
+    assert order == ["1 starts", "2", "1 resumes", "3"]
+    assert shared.held == 0 and shared.waiting == 0
+
+
 @pytest.mark.parametrize("configured, most", [(None, 1), (2, 2)])
 async def test_a_pull_follows_images_max_concurrent_unpacks(
     configured: int | None,
