@@ -43,8 +43,8 @@ _CANCEL_POLL: Final = 0.1
 
 
 class Turns:
-    """At most ``limit`` threads hold a turn at once; the others wait in the order they
-    first asked."""
+    """At most ``limit`` threads hold a turn at once; the others wait by their place in
+    line (without one: in the order they asked)."""
 
     def __init__(self, limit: int = DEFAULT_LIMIT):
         if limit < 1:
