@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
@@ -16,11 +18,25 @@ from agent.operator import heartbeats
 from .cluster import Cluster
 
 NS = "prefetcher"
+T = TypeVar("T")
 FAST = {"lease_duration": 1.5, "renew_deadline": 1.0, "retry_period": 0.1}
 
 
 def elector(client: kube_client.Client, identity: str) -> leases.LeaderElector:
     return leases.LeaderElector(client, NS, "operator", identity, **FAST)  # type: ignore[arg-type]
+
+
+def with_client(cluster: Cluster, body: Callable[[kube_client.Client], Awaitable[T]]) -> T:
+    """Run ``body`` with a client of the emulator, closed afterwards."""
+
+    async def main() -> T:
+        client = kube_client.Client(connections.Connection(server=cluster.url))
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
 
 
 def lease(cluster: Cluster) -> dict:
@@ -31,93 +47,77 @@ def lease(cluster: Cluster) -> dict:
 
 def test_one_leader_then_the_standby_takes_over_when_it_stops_renewing(
         cluster: Cluster) -> None:
-    async def main() -> None:
-        client = kube_client.Client(connections.Connection(server=cluster.url))
+    async def main(client: kube_client.Client) -> None:
         a, b = elector(client, "a"), elector(client, "b")
-        try:
-            await a.acquire()
-            assert not await b.try_acquire_or_renew()  # held, not expired
-            spec = lease(cluster)
-            assert spec["holderIdentity"] == "a" and spec["leaseTransitions"] == 0
-            assert spec["leaseDurationSeconds"] == 2 and spec["renewTime"] == spec["acquireTime"]
-            # "a" is killed -9: it renews no more. "b" takes over once the lease expires,
-            # as b itself observed (its own clock), not at once.
-            last_renewal = datetime.datetime.fromisoformat(spec["renewTime"])
-            await asyncio.wait_for(b.acquire(), timeout=10)
-            spec = lease(cluster)
-            assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
-            taken = datetime.datetime.fromisoformat(spec["acquireTime"])
-            assert taken >= last_renewal + datetime.timedelta(seconds=2)  # leaseDuration
-            # "a" (if it were alive) learns it lost within its renew deadline. (It reads the
-            # lease first: its renew deadline passed long ago, so keep()'s own attempt gets
-            # no time at all, and on a loaded machine would not read who holds it.)
-            assert not await a.try_acquire_or_renew()
-            with pytest.raises(leases.LostLeadership, match="holder now: b"):
-                await asyncio.wait_for(a.keep(), timeout=10)
-        finally:
-            await client.aclose()
+        await a.acquire()
+        assert not await b.try_acquire_or_renew()  # held, not expired
+        spec = lease(cluster)
+        assert spec["holderIdentity"] == "a" and spec["leaseTransitions"] == 0
+        assert spec["leaseDurationSeconds"] == 2 and spec["renewTime"] == spec["acquireTime"]
+        # "a" is killed -9: it renews no more. "b" takes over once the lease expires,
+        # as b itself observed (its own clock), not at once.
+        last_renewal = datetime.datetime.fromisoformat(spec["renewTime"])
+        await asyncio.wait_for(b.acquire(), timeout=10)
+        spec = lease(cluster)
+        assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
+        taken = datetime.datetime.fromisoformat(spec["acquireTime"])
+        assert taken >= last_renewal + datetime.timedelta(seconds=2)  # leaseDuration
+        # "a" (if it were alive) learns it lost within its renew deadline. (It reads the
+        # lease first: its renew deadline passed long ago, so keep()'s own attempt gets
+        # no time at all, and on a loaded machine would not read who holds it.)
+        assert not await a.try_acquire_or_renew()
+        with pytest.raises(leases.LostLeadership, match="holder now: b"):
+            await asyncio.wait_for(a.keep(), timeout=10)
 
-    asyncio.run(main())
+    with_client(cluster, main)
 
 
 def test_a_released_lease_is_taken_at_once_and_a_restarted_holder_keeps_its_own(
         cluster: Cluster) -> None:
-    async def main() -> None:
-        client = kube_client.Client(connections.Connection(server=cluster.url))
-        try:
-            a, b = elector(client, "pod-a"), elector(client, "pod-b")
-            await a.acquire()
-            assert not await b.try_acquire_or_renew()
-            await a.release()  # SIGTERM during a rolling update
-            assert lease(cluster)["holderIdentity"] is None
-            assert await b.try_acquire_or_renew()
-            # pod-b's container is killed -9 and restarts (same pod name): it does not wait
-            # out its own lease.
-            restarted = elector(client, "pod-b")
-            assert await restarted.try_acquire_or_renew()
-            assert lease(cluster)["leaseTransitions"] == 1
-        finally:
-            await client.aclose()
+    async def main(client: kube_client.Client) -> None:
+        a, b = elector(client, "pod-a"), elector(client, "pod-b")
+        await a.acquire()
+        assert not await b.try_acquire_or_renew()
+        await a.release()  # SIGTERM during a rolling update
+        assert lease(cluster)["holderIdentity"] is None
+        assert await b.try_acquire_or_renew()
+        # pod-b's container is killed -9 and restarts (same pod name): it does not wait
+        # out its own lease.
+        restarted = elector(client, "pod-b")
+        assert await restarted.try_acquire_or_renew()
+        assert lease(cluster)["leaseTransitions"] == 1
 
-    asyncio.run(main())
+    with_client(cluster, main)
 
 
 def test_a_stop_releases_the_lease_even_when_the_last_renewal_is_late(
         cluster: Cluster) -> None:
     # A renewal in flight when the stop cancels it leaves the last one older than the renew
     # deadline; the lease still names us and must be handed over, not left to expire.
-    async def main() -> None:
-        client = kube_client.Client(connections.Connection(server=cluster.url))
-        try:
-            a, b = elector(client, "pod-a"), elector(client, "pod-b")
-            await a.acquire()
-            real = a.clock
-            a.clock = lambda: real() + 5.0  # type: ignore[method-assign]
-            assert not a.leader
-            await a.release()
-            assert lease(cluster)["holderIdentity"] is None
-            assert await b.try_acquire_or_renew()
-            # Once another pod holds it, a late release of the old holder changes nothing.
-            await a.release()
-            assert lease(cluster)["holderIdentity"] == "pod-b"
-        finally:
-            await client.aclose()
+    async def main(client: kube_client.Client) -> None:
+        a, b = elector(client, "pod-a"), elector(client, "pod-b")
+        await a.acquire()
+        real = a.clock
+        a.clock = lambda: real() + 5.0  # type: ignore[method-assign]
+        assert not a.leader
+        await a.release()
+        assert lease(cluster)["holderIdentity"] is None
+        assert await b.try_acquire_or_renew()
+        # Once another pod holds it, a late release of the old holder changes nothing.
+        await a.release()
+        assert lease(cluster)["holderIdentity"] == "pod-b"
 
-    asyncio.run(main())
+    with_client(cluster, main)
 
 
 def test_two_candidates_racing_for_a_free_lease_get_one_leader(cluster: Cluster) -> None:
-    async def main() -> list[bool]:
-        client = kube_client.Client(connections.Connection(server=cluster.url))
-        try:
-            candidates = [elector(client, f"c{i}") for i in range(5)]
-            await candidates[0].acquire()
-            await candidates[0].release()
-            return list(await asyncio.gather(*(c.try_acquire_or_renew() for c in candidates)))
-        finally:
-            await client.aclose()
+    async def main(client: kube_client.Client) -> list[bool]:
+        candidates = [elector(client, f"c{i}") for i in range(5)]
+        await candidates[0].acquire()
+        await candidates[0].release()
+        return list(await asyncio.gather(*(c.try_acquire_or_renew() for c in candidates)))
 
-    won = asyncio.run(main())
+    won = with_client(cluster, main)
     assert won.count(True) == 1, won
 
 
