@@ -62,10 +62,7 @@ class Readahead:
         """The next chunk (``size`` is ignored: chunks are what the thread read); ``b""``
         at the end of the stream."""
         with self._cond:
-            if not self._has_news():
-                waited = True
-            else:
-                waited = False
+            waited = not self._has_news()
         if waited:
             # The turn is given away outside the lock the reading thread needs.
             with turns.waiting(), self._cond:

@@ -220,12 +220,9 @@ class Reader:
         entries) goes through :func:`_parse_block`, which reads these blocks the same way.
         """
         inp = self.input
-        pos = inp.pos + skip
-        end = pos + BLOCK
-        buf = inp.buf
-        if end > len(buf):
+        block = inp.peek(skip)
+        if block is None:
             return None
-        block = buf[pos:end]
         m = _PLAIN_FIELDS.match(block, 100)
         if (
             m is None
@@ -242,7 +239,7 @@ class Reader:
         if (i := name.find(0)) >= 0:
             name = name[:i]
         n = int(size, 8)
-        inp.pos = end
+        inp.pos += skip + BLOCK
         self._remaining = n
         self._pad = -n % BLOCK
         return Header(
@@ -684,14 +681,20 @@ class _Input:
     def _truncated(self) -> errors.UnsafeLayer:
         return errors.UnsafeLayer(f"{self._name}: truncated tar archive after {self.total} bytes")
 
+    def peek(self, skip: int = 0) -> bytes | None:
+        """The 512-byte block after the next ``skip`` bytes if the buffer holds it (nothing
+        is consumed), else ``None``."""
+        pos = self.pos + skip
+        end = pos + BLOCK
+        return self.buf[pos:end] if end <= len(self.buf) else None
+
     def header(self, skip: int = 0) -> bytes | None:
         """Skip ``skip`` bytes, then the next 512-byte block, or ``None`` at a clean end of
         stream."""
-        pos = self.pos + skip
-        end = pos + BLOCK
-        if end <= len(self.buf):  # all in the buffer: the common case
-            self.pos = end
-            return self.buf[pos:end]
+        block = self.peek(skip)
+        if block is not None:  # all in the buffer: the common case
+            self.pos += skip + BLOCK
+            return block
         self.skip(skip)
         if self.pos >= len(self.buf) and not self._fill():
             return None
