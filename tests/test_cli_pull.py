@@ -111,3 +111,32 @@ def test_a_stalled_pull_exits_non_zero_with_the_stall_reason(
     assert last.startswith(f"prefetcher: pull {proxy.host}/cli/stall:1 failed:")
     assert "stalled" in last and image.layers[0].digest in last
     assert "retry" in out.stderr.lower()  # the recovered stalls were shown as they happened
+
+
+def test_a_pull_loads_no_command_line_client_nor_kubernetes_code(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Every module a pull imports is start-up time paid before its first request. httpx
+    would import its own command-line client (click, pygments, rich's console: a tenth of
+    a second cold) because those are installed; the Kubernetes clients belong to the
+    operator and the agent."""
+    images.push(registry, "cli/lean", "1", images.Image([images.layer({"a": "a"})]))
+    script = (
+        "import json, sys\n"
+        "from agent.cli import main\n"
+        "code = main.main(sys.argv[1:])\n"
+        "print(json.dumps([code, sorted(sys.modules), sys.modules.get('httpx._main')]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, "pull", f"{registry.host}/cli/lean:1",
+         "--root", str(tmp_path / "store"), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert out.returncode == 0, out.stderr
+    code, modules, httpx_cli = json.loads(out.stdout.splitlines()[-1])
+    assert code == 0
+    assert "httpx" in modules and httpx_cli is None
+    tops = {name.split(".")[0] for name in modules}
+    assert tops & {"click", "pygments", "kopf", "kubernetes", "aiohttp"} == set()
+    assert "rich.console" not in modules  # piped: plain progress lines, no terminal bars
