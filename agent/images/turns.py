@@ -22,7 +22,9 @@ from such a wait keeps its place. Otherwise a lower layer whose download was lat
 every layer above it that asked while it waited, and every commit above it then ran one
 after the other once it was finally written (measured on the 190 MiB shape into containerd:
 the second layer written last, four snapshot commits of 40-110 ms each at the end of the
-pull).
+pull). For the same reason a layer that holds the turn makes way between two chunks
+(:func:`make_way`) for a layer earlier in line that is back from its wait: otherwise the
+later layer kept the turn until its own next wait, often to its end.
 """
 
 from __future__ import annotations
@@ -143,3 +145,22 @@ def waiting() -> Iterator[None]:
     finally:
         turns._acquire(cancel, place)
         _local.held = held
+
+
+def make_way() -> None:
+    """Between two chunks of a layer: if a thread earlier in line waits for a turn the
+    calling thread holds (a lower layer back from waiting for its bytes, or the first
+    layer of an image that started earlier), it takes the turn now and the calling thread
+    asks again at its own place; otherwise nothing happens. May raise
+    :class:`CancelledError` as :func:`waiting` does."""
+    held: tuple[Turns, threading.Event | None, tuple[int, int]] | None = getattr(
+        _local, "held", None
+    )
+    if held is None:
+        return
+    turns, _, place = held
+    with turns._cond:
+        behind = bool(turns._queue) and turns._queue[0] < place
+    if behind:
+        with waiting():
+            pass

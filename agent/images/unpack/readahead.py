@@ -9,7 +9,8 @@ the tar reader does not hash again (:meth:`Readahead.digest`).
 
 An applier that waits for a chunk the thread has not made yet gives its turn at writing
 (:func:`agent.images.turns.waiting`) meanwhile: the layer is then waiting for its download
-or its decompression, and another layer can write.
+or its decompression, and another layer can write. Before each chunk it makes way for a
+layer earlier in line that is ready to write again (:func:`agent.images.turns.make_way`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Readahead:
     def read(self, size: int = -1, /) -> bytes:
         """The next chunk (``size`` is ignored: chunks are what the thread read); ``b""``
         at the end of the stream."""
+        turns.make_way()
         with self._cond:
             waited = not self._has_news()
         if waited:

@@ -9,6 +9,7 @@ layer's apply starts and ends and how many run at once.
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
 import time
@@ -325,6 +326,72 @@ def test_a_thread_back_from_a_wait_keeps_its_place_in_line() -> None:
         t.join(WAIT)
     assert order == ["1 starts", "2", "1 resumes", "3"]
     assert shared.held == 0 and shared.waiting == 0
+
+
+def wait_for_waiters(shared: turns.Turns, n: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while shared.waiting < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert shared.waiting == n
+
+
+def test_a_layer_makes_way_for_an_earlier_one_back_from_its_wait() -> None:
+    """Layer 2 writes while layer 3 and then layer 1 (back from waiting for its bytes) ask
+    for the turn. Between two chunks layer 2 keeps it for layer 3, which comes after it,
+    but makes way for layer 1 and resumes once layer 1 is done; layer 3 goes last. So
+    layers are written, and committed, in chain order."""
+    shared = turns.Turns(1)
+    line = shared.line()
+    order: list[str] = []
+    threads: list[threading.Thread] = []
+
+    def layer(index: int) -> None:
+        with shared.turn(place=(line, index)):
+            order.append(str(index))
+
+    def ask(index: int) -> None:
+        t = threading.Thread(target=layer, args=(index,), daemon=True)
+        t.start()
+        threads.append(t)
+
+    with shared.turn(place=(line, 2)):
+        order.append("2 starts")
+        ask(3)
+        wait_for_waiters(shared, 1)
+        turns.make_way()
+        order.append("2 keeps its turn")
+        ask(1)
+        wait_for_waiters(shared, 2)
+        turns.make_way()
+        order.append("2 resumes")
+        assert shared.held == 1 and shared.waiting == 1
+    for t in threads:
+        t.join(WAIT)
+    assert order == ["2 starts", "2 keeps its turn", "1", "2 resumes", "3"]
+    assert shared.held == 0 and shared.waiting == 0
+    turns.make_way()  # holding no turn: nothing to do
+
+
+def test_a_read_ahead_layer_makes_way_before_its_next_chunk() -> None:
+    """The applier of a layer reads its inflated bytes chunk by chunk from its read-ahead;
+    a lower layer that asks meanwhile writes before the next chunk is handed out."""
+    shared = turns.Turns(1)
+    line = shared.line()
+    order: list[str] = []
+    data = bytes(range(256)) * 64  # four chunks of 4 KiB
+
+    def lower() -> None:
+        with shared.turn(place=(line, 0)):
+            order.append("layer 0")
+
+    with shared.turn(place=(line, 1)), readahead.Readahead(io.BytesIO(data), 4096) as ahead:
+        order.append(f"chunk {len(ahead.read())}")
+        t = threading.Thread(target=lower, daemon=True)
+        t.start()
+        wait_for_waiters(shared, 1)
+        order.append(f"chunk {len(ahead.read())}")
+    t.join(WAIT)
+    assert order == ["chunk 4096", "layer 0", "chunk 4096"]
 
 
 @pytest.mark.parametrize("configured, most", [(None, 1), (2, 2)])
