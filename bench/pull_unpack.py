@@ -161,6 +161,10 @@ class Run:
     entries: int = 0  # names found in the snapshot directories afterwards
     problems: list[str] = field(default_factory=list)  # failed checks after the run
     user: float = 0.0  # the user-mode part of cpu (system time swings with the machine)
+    #: the machine's pressure stall time during the run (/proc/pressure): seconds in which
+    #: every task was stalled on IO (``io_full``) or some task waited for a CPU
+    #: (``cpu_some``): what tells a run slowed by the machine from one slowed by the code
+    stalls: dict[str, float] = field(default_factory=dict)
 
 
 def read_io(pid: int | str = "self") -> dict[str, int]:
@@ -230,19 +234,35 @@ class Children:
                 self.stop(proc, timeout=5.0)
 
 
+def pressure_totals() -> dict[str, float]:
+    """Seconds of stall so far by /proc/pressure (PSI), ``{}`` where the kernel has none."""
+    out: dict[str, float] = {}
+    for resource in ("io", "cpu"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/pressure/{resource}").read_text().splitlines():
+                kind, _, rest = line.partition(" ")
+                total = dict(pair.split("=") for pair in rest.split())["total"]
+                out[f"{resource}_{kind}"] = int(total) / 1e6
+    return out
+
+
 def measured(children: Children, argv: list[str], log: Path, env: dict[str, str] | None = None
-             ) -> tuple[float, dict[str, int], Any]:
-    """Run ``argv`` to completion: (wall seconds, its /proc io counters, rusage)."""
+             ) -> tuple[float, dict[str, int], Any, dict[str, float]]:
+    """Run ``argv`` to completion: (wall seconds, its /proc io counters, rusage, the
+    machine's pressure stall seconds meanwhile)."""
     before = read_io()
+    stalled = pressure_totals()
     start = time.perf_counter()
     proc = children.spawn(argv, log, env)
     code, rusage = children.wait4(proc)
     wall = time.perf_counter() - start
     after = read_io()
+    stalls = {key: round(value - stalled.get(key, 0.0), 3)
+              for key, value in pressure_totals().items() if key in ("io_full", "cpu_some")}
     if code != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"{' '.join(argv)} exited with {code}:\n" + "\n".join(tail))
-    return wall, io_delta(before, after), rusage
+    return wall, io_delta(before, after), rusage, stalls
 
 
 def count_entries(snapshot_dirs: Iterator[Path]) -> int:
@@ -311,14 +331,15 @@ def run_ours(setup: Setup, repetition: int, sync_fs: bool) -> Run:
     argv = [setup.prefetcher, "pull", setup.ref, "--root", str(root), "--config",
             str(setup.config), "--plain-http", "--quiet"] + (["--sync-fs"] if sync_fs else [])
     try:
-        wall, io, rusage = measured(setup.children, argv, setup.run_dir / f"{method}.log",
-                                    setup.env)
+        wall, io, rusage, stalls = measured(
+            setup.children, argv, setup.run_dir / f"{method}.log", setup.env)
         entries = count_entries((root / "snapshots" / "snapshots").glob("*/fs"))
     finally:
         unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
     return Run(method, repetition, wall, rusage.ru_utime + rusage.ru_stime, io,
-               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries, user=rusage.ru_utime)
+               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries, user=rusage.ru_utime,
+               stalls=stalls)
 
 
 @dataclass
@@ -408,7 +429,7 @@ def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
         settle(setup.drop_caches)
         daemon_io, daemon_cpu = read_io(daemon.proc.pid), proc_cpu(daemon.proc.pid)
         daemon_user = proc_cpu(daemon.proc.pid, user_only=True)
-        wall, io, rusage = measured(setup.children, argv, log, setup.env)
+        wall, io, rusage, stalls = measured(setup.children, argv, log, setup.env)
         daemon_io = io_delta(daemon_io, read_io(daemon.proc.pid))
         daemon_cpu = proc_cpu(daemon.proc.pid) - daemon_cpu
         daemon_user = proc_cpu(daemon.proc.pid, user_only=True) - daemon_user
@@ -418,7 +439,7 @@ def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
     cpu = rusage.ru_utime + rusage.ru_stime + daemon_cpu
     peak = hwm if method == "containerd" else rusage.ru_maxrss
     return Run(method, repetition, wall, cpu, total_io, peak, rusage.ru_maxrss, hwm, entries,
-               problems, user=rusage.ru_utime + daemon_user)
+               problems, user=rusage.ru_utime + daemon_user, stalls=stalls)
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -527,6 +548,12 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
         print(f"{labels[method]:<24}{m['wall']:>8.2f}{m['cpu']:>8.2f}{m['syscw']:>13.0f}"
               f"{human(m['wchar']):>10}{human(m['write_bytes']):>10}"
               f"{m['peak_rss_mib']:>6.0f} MiB")
+    print()
+    print("  every run, in the order run: wall s, user s, and the machine's stalls meanwhile"
+          " (/proc/pressure: io full s, cpu some s)")
+    for r in runs:
+        stalls = "  ".join(f"{k} {v:.2f}" for k, v in r.stalls.items())
+        print(f"  {r.repetition:>3} {labels[r.method]:<28}{r.wall:>7.2f}{r.user:>7.2f}  {stalls}")
     ratios: dict[str, float] = {}
     checks: dict[str, str] = {}
 
@@ -716,7 +743,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"  cpu {run.cpu:6.2f}s (user {run.user:5.2f})"
                           f"  syscw {run.io['syscw']:>7}"
                           f"  write_bytes {human(run.io['write_bytes']):>9}"
-                          f"  peak RSS {run.peak_rss_kib / 1024:5.0f} MiB{daemon}{flag}",
+                          f"  peak RSS {run.peak_rss_kib / 1024:5.0f} MiB{daemon}"
+                          + "".join(f"  {k} {v:.2f}s" for k, v in run.stalls.items())
+                          + flag,
                           flush=True)
         info: dict[str, Any] = {
             "load_before": load_before,
