@@ -126,14 +126,20 @@ class Turns:
 _local = threading.local()
 
 
+def _holding() -> tuple[Turns, threading.Event | None, tuple[int, int]] | None:
+    """The turn the calling thread holds: (its turns, its cancel event, its place)."""
+    held: tuple[Turns, threading.Event | None, tuple[int, int]] | None = getattr(
+        _local, "held", None
+    )
+    return held
+
+
 @contextlib.contextmanager
 def waiting() -> Iterator[None]:
     """Around a wait for I/O: the calling thread's turn, if it holds one, goes to the next
     in line meanwhile and is queued for again afterwards, at its old place in line (which
     may raise :class:`CancelledError` if the unpack was cancelled)."""
-    held: tuple[Turns, threading.Event | None, tuple[int, int]] | None = getattr(
-        _local, "held", None
-    )
+    held = _holding()
     if held is None:
         yield
         return
@@ -153,9 +159,7 @@ def make_way() -> None:
     layer of an image that started earlier), it takes the turn now and the calling thread
     asks again at its own place; otherwise nothing happens. May raise
     :class:`CancelledError` as :func:`waiting` does."""
-    held: tuple[Turns, threading.Event | None, tuple[int, int]] | None = getattr(
-        _local, "held", None
-    )
+    held = _holding()
     if held is None:
         return
     turns, _, place = held
