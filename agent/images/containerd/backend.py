@@ -134,6 +134,9 @@ class ContainerdBackend:
         #: containerd's content store directory as this process sees it (``None``: not
         #: visible; then layers are fetched into the service's store and streamed over gRPC)
         self._content_root: Path | None | bool = False  # False: not asked yet
+        #: containerd's content sharing policy is ``shared`` (asked with the content root):
+        #: verified layers are then linked into its store, not hashed by it again
+        self._shares_content = False
 
     def close(self) -> None:
         if self._own_client:
@@ -187,6 +190,7 @@ class ContainerdBackend:
         if self._content_root is False:
             try:
                 self._content_root = ingests.content_root(self.client)
+                self._shares_content = ingests.shares_content(self.client)
             except errors.ImageError:
                 self._content_root = None
         root = self._content_root
@@ -200,7 +204,7 @@ class ContainerdBackend:
         lease = self.leases.create(expire=self.lease_expire)
         return LayerIngests(
             content_mod.ContainerdContent(self.client, lease=lease), root, labels,
-            lambda: self.leases.delete(lease),
+            lambda: self.leases.delete(lease), publish=self._shares_content,
         )
 
     async def unpack(self, job: backend_api.Unpacking) -> backend_api.Unpacked:
@@ -435,8 +439,10 @@ class LayerIngests(ingests.ContainerdIngests):
         root: Path,
         labels: dict[str, dict[str, str]],
         release: Callable[[], None],
+        *,
+        publish: bool = False,
     ):
-        super().__init__(content, root, labels)
+        super().__init__(content, root, labels, publish=publish)
         self._release = release
 
     def close(self) -> None:

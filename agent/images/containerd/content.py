@@ -428,9 +428,8 @@ def _info(info: content_pb2.Info) -> store.Info:
 
 
 def _skip(source: BinaryIO, offset: int) -> None:
-    """Move ``source`` to ``offset``: seek when it can, else read past the bytes."""
-    if not offset:
-        return
+    """Move ``source`` to ``offset``: seek when it can (to 0 too: a descriptor duplicated for
+    an earlier try shares its position), else read past the bytes."""
     seekable = getattr(source, "seekable", None)
     if seekable is not None and seekable():
         source.seek(offset)

@@ -16,10 +16,23 @@ Per blob (ref ``layer-<digest>``, as containerd's own fetcher names it):
    it meanwhile; the stream carries no lease, so containerd keeps an interrupted ingest for
    24 hours for a later pull to resume, as it does for its own pulls;
 2. the bytes go into the ``data`` file, hashed as they are written;
-3. once the fetcher verified size and digest, the stream is closed and a second one (under
-   the pull's lease) sends ``STAT`` — containerd resumes the ingest, hashing the file — and
-   ``COMMIT`` with the expected digest and the layer's labels: containerd verifies the digest
-   again, and only then is the blob visible.
+3. once the fetcher verified size and digest, the blob is committed:
+
+   * where containerd shares content across namespaces (its metadata plugin's
+     ``content_sharing_policy = "shared"``, the default), the verified file is made the blob
+     as containerd's own commit makes it (``fsync``, moved to ``blobs/<alg>/<hex>`` while the
+     ref's lock is still held, commit time, read-only), the emptied ingest is aborted, and a
+     second ``Write`` stream (under the pull's lease) sends ``STAT`` and ``COMMIT`` with the
+     expected digest and the layer's labels: containerd finds the blob in its store and
+     records it in the namespace without reading it again (its shared-content path, as when
+     another namespace has the blob). Hashing hundreds of megabytes a second time would take
+     containerd's CPU from the unpack beside it. If the blob is gone before that stream
+     (containerd's garbage collector removes blobs no namespace records), containerd starts
+     an empty ingest, the bytes are sent to it from the file still open here, and containerd
+     verifies them;
+   * otherwise (``isolated``, or containerd does not say) the first stream is closed and a
+     second one's ``STAT`` makes containerd resume the ingest, hashing the file; ``COMMIT``
+     has it verify the digest again before the blob is visible.
 
 A blob whose bytes fail verification, and a cancelled download, abort the ingest: nothing is
 left in containerd.
@@ -46,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 #: containerd's content plugin, whose ``root`` export is its content store's directory.
 CONTENT_PLUGIN: Final = ("io.containerd.content.v1", "content")
+#: containerd's metadata plugin, whose ``policy`` export is its content sharing policy.
+METADATA_PLUGIN: Final = ("io.containerd.metadata.v1", "bolt")
 
 _SERVICE: Final = "/containerd.services.content.v1.Content/"
 #: Tries of a commit whose ref another writer took in the moment between the two streams.
@@ -69,6 +84,22 @@ def content_root(client: client_mod.Client) -> Path | None:
     return None
 
 
+def shares_content(client: client_mod.Client) -> bool:
+    """Whether containerd's content sharing policy is ``shared`` (a blob in its store is
+    recorded in a namespace without being written again); ``False`` for ``isolated`` and when
+    containerd does not say."""
+    plugins = client.unary(
+        "/containerd.services.introspection.v1.Introspection/Plugins",
+        introspection_pb2.PluginsRequest(filters=[f"type=={METADATA_PLUGIN[0]}"]),
+        introspection_pb2.PluginsResponse,
+        what="introspection.Plugins",
+    ).plugins
+    return any(
+        (plugin.type, plugin.id) == METADATA_PLUGIN and plugin.exports.get("policy") == "shared"
+        for plugin in plugins
+    )
+
+
 class ContainerdIngests:
     """Layer blobs of one pull, written into containerd's content ingests.
 
@@ -76,6 +107,8 @@ class ContainerdIngests:
         content: containerd's content service under the pull's lease (commits join it).
         root: containerd's content store directory (:func:`content_root`).
         labels: the labels each layer is committed with, by digest.
+        publish: containerd shares content (:func:`shares_content`): a verified blob is
+            linked into its store and committed without containerd reading it again.
     """
 
     #: A cancelled pull's partial ingest is aborted, not left for a resume.
@@ -86,10 +119,13 @@ class ContainerdIngests:
         content: content_mod.ContainerdContent,
         root: Path,
         labels: Mapping[str, Mapping[str, str]],
+        *,
+        publish: bool = False,
     ):
         self.content = content
         self.root = root
         self.labels = {k: dict(v) for k, v in labels.items()}
+        self.publish = publish
 
     def exists(self, digest: digests.Digest) -> bool:
         return self.content.exists(digest)
@@ -136,13 +172,14 @@ class IngestWriter(local.FileIngest):
         self._labels = labels
         self._closed = False
         self._held: _HeldStream | None = None
+        self._data: Path | None = None
         try:
             self._held = _HeldStream(owner.content.client, ref, total, expected)
         except errors.AlreadyExists:
             return  # containerd has the blob: nothing to write
         try:
-            data = _ingest_data(owner.root, owner.content.client.namespace, ref)
-            self._fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+            self._data = _ingest_data(owner.root, owner.content.client.namespace, ref)
+            self._fd = os.open(self._data, os.O_RDWR | os.O_CLOEXEC)
             self._rehash()
         except BaseException:
             self._release()
@@ -168,7 +205,12 @@ class IngestWriter(local.FileIngest):
         # holding containerd's metadata lock). If containerd's commit fails, so does the pull.
         if self._feed is not None:
             self._feed.finish(committed=True)
+        # Published while containerd's lock on the ref is still held: no other writer can
+        # have the ingest's file open when it becomes the blob.
+        published = self._owner.publish and self._publish()
         self._release()  # containerd's lock: the commit's stream takes it again
+        if published:
+            self._abort_ingest("the committed blob's ingest")
         try:
             created = self._commit_in_containerd(size)
         except errors.DigestMismatch:
@@ -189,26 +231,59 @@ class IngestWriter(local.FileIngest):
     def abort(self) -> None:
         """Stop writing and drop the ingest from containerd."""
         self._finish(committed=False)
+        self._abort_ingest("the partial ingest")
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _abort_ingest(self, what: str) -> bool:
+        """Have containerd drop the ingest (its bucket and directory); ``False`` (logged)
+        if it could not."""
         for attempt in range(_LOCKED_TRIES):
             try:
                 self._owner.content.abort(self._ref)
-                return
+                return True
             except errors.Unavailable as e:  # still locked: the writer's stream is closing
                 if attempt == _LOCKED_TRIES - 1:
-                    logger.warning(f"the partial ingest {self._ref} stays in containerd: {e}")
-                    return
+                    logger.warning(f"{what} {self._ref} stays in containerd: {e}")
+                    return False
             except errors.ImageError as e:
-                logger.warning(f"the partial ingest {self._ref} stays in containerd: {e}")
-                return
+                logger.warning(f"{what} {self._ref} stays in containerd: {e}")
+                return False
             time.sleep(min(0.02 * 2**attempt, 0.5))
+        return False  # pragma: no cover - the loop returns
 
-    # -- internals ----------------------------------------------------------------------
+    def _publish(self) -> bool:
+        """Make the verified ingest file containerd's blob as its own commit does — flushed,
+        moved to ``blobs/<alg>/<hex>`` (never over a blob already there), with the commit
+        time, read-only. ``True`` if the blob is now there; the commit that follows records
+        it without reading it. On failure (logged) that is left to the ordinary commit."""
+        fd, data = self._require(), self._data
+        if data is None:  # pragma: no cover - set with the descriptor
+            return False
+        blob = self._owner.root / "blobs" / self._expected.algorithm / self._expected.hex
+        try:
+            os.fsync(fd)  # a blob is never visible before its bytes are on disk
+            blob.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.link(data, blob)
+        except FileExistsError:
+            return True  # containerd has the blob's file (another namespace's): it is used
+        except OSError as e:
+            logger.debug(f"blob {self._expected} not moved into containerd's store: {e}")
+            return False
+        try:
+            os.unlink(data)
+            os.utime(fd)
+            os.fchmod(fd, os.fstat(fd).st_mode & 0o777 & ~0o333)
+        except OSError as e:  # as containerd: the blob is there, this is only logged
+            logger.warning(f"blob {self._expected}: ingest file, time or mode left: {e}")
+        return True
 
     def _commit_in_containerd(self, size: int) -> bool:
         fd = self._require()
         for attempt in range(_LOCKED_TRIES):
-            # containerd resumes the ingest (hashing the file); the source is only read if
-            # it has fewer bytes than were written (it then takes the rest over gRPC).
+            # containerd finds the published blob, or resumes the ingest (hashing the file);
+            # the source is only read if containerd has fewer bytes than were written (it
+            # then takes the rest over gRPC).
             with open(os.dup(fd), "rb") as source:
                 try:
                     return self._owner.content.write(

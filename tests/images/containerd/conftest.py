@@ -9,6 +9,7 @@ containerd is not installed or the tests do not run as root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -142,15 +143,24 @@ def _unmount_below(path: Path) -> None:
 @pytest.fixture(scope="session")
 def ctrd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
     """A containerd of its own (root, state, socket under a temporary directory)."""
+    with started_containerd(tmp_path_factory.mktemp("ctrd")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def started_containerd(base: Path, extra_config: str = "") -> Iterator[Containerd]:
+    """A containerd with :data:`CONFIG` (and ``extra_config`` after it) under ``base``,
+    stopped and unmounted on exit."""
     if CONTAINERD is None or CTR is None:
         pytest.skip("containerd is missing (apt-get install containerd runc)")
     if os.geteuid() != 0:
         pytest.skip("needs root: containerd, overlay mounts, mknod")
-    base = tmp_path_factory.mktemp("ctrd")
     root, state = base / "root", base / "state"
     address = str(base / "containerd.sock")
     config = base / "config.toml"
-    config.write_text(CONFIG.format(base=base, root=root, state=state, socket=address))
+    config.write_text(
+        CONFIG.format(base=base, root=root, state=state, socket=address) + extra_config
+    )
     log = base / "containerd.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
