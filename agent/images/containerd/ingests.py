@@ -67,20 +67,27 @@ _SERVICE: Final = "/containerd.services.content.v1.Content/"
 _LOCKED_TRIES: Final = 20
 
 
-def content_root(client: client_mod.Client) -> Path | None:
-    """containerd's content store directory, if containerd says where it is and this process
-    sees it there (with its ``ingest`` directory); ``None`` otherwise."""
+def _exports(client: client_mod.Client, plugin: tuple[str, str]) -> Mapping[str, str]:
+    """What containerd's plugin ``(type, id)`` exports (empty if containerd has no such
+    plugin)."""
     plugins = client.unary(
         "/containerd.services.introspection.v1.Introspection/Plugins",
-        introspection_pb2.PluginsRequest(filters=[f"type=={CONTENT_PLUGIN[0]}"]),
+        introspection_pb2.PluginsRequest(filters=[f"type=={plugin[0]}"]),
         introspection_pb2.PluginsResponse,
         what="introspection.Plugins",
     ).plugins
-    for plugin in plugins:
-        if (plugin.type, plugin.id) == CONTENT_PLUGIN and plugin.exports.get("root"):
-            root = Path(plugin.exports["root"])
-            if (root / "ingest").is_dir():
-                return root
+    for found in plugins:
+        if (found.type, found.id) == plugin:
+            return found.exports
+    return {}
+
+
+def content_root(client: client_mod.Client) -> Path | None:
+    """containerd's content store directory, if containerd says where it is and this process
+    sees it there (with its ``ingest`` directory); ``None`` otherwise."""
+    if root := _exports(client, CONTENT_PLUGIN).get("root"):
+        if (Path(root) / "ingest").is_dir():
+            return Path(root)
     return None
 
 
@@ -88,16 +95,7 @@ def shares_content(client: client_mod.Client) -> bool:
     """Whether containerd's content sharing policy is ``shared`` (a blob in its store is
     recorded in a namespace without being written again); ``False`` for ``isolated`` and when
     containerd does not say."""
-    plugins = client.unary(
-        "/containerd.services.introspection.v1.Introspection/Plugins",
-        introspection_pb2.PluginsRequest(filters=[f"type=={METADATA_PLUGIN[0]}"]),
-        introspection_pb2.PluginsResponse,
-        what="introspection.Plugins",
-    ).plugins
-    return any(
-        (plugin.type, plugin.id) == METADATA_PLUGIN and plugin.exports.get("policy") == "shared"
-        for plugin in plugins
-    )
+    return _exports(client, METADATA_PLUGIN).get("policy") == "shared"
 
 
 class ContainerdIngests:
