@@ -135,7 +135,7 @@ class ContainerdBackend:
         #: visible; then layers are fetched into the service's store and streamed over gRPC)
         self._content_root: Path | None | bool = False  # False: not asked yet
         #: containerd's content sharing policy is ``shared`` (asked with the content root):
-        #: verified layers are then linked into its store, not hashed by it again
+        #: verified layers are then moved into its store, not hashed by it again
         self._shares_content = False
 
     def close(self) -> None:

@@ -106,7 +106,7 @@ class ContainerdIngests:
         root: containerd's content store directory (:func:`content_root`).
         labels: the labels each layer is committed with, by digest.
         publish: containerd shares content (:func:`shares_content`): a verified blob is
-            linked into its store and committed without containerd reading it again.
+            moved into its store and committed without containerd reading it again.
     """
 
     #: A cancelled pull's partial ingest is aborted, not left for a resume.
@@ -233,22 +233,21 @@ class IngestWriter(local.FileIngest):
 
     # -- internals ----------------------------------------------------------------------
 
-    def _abort_ingest(self, what: str) -> bool:
-        """Have containerd drop the ingest (its bucket and directory); ``False`` (logged)
-        if it could not."""
+    def _abort_ingest(self, what: str) -> None:
+        """Have containerd drop the ingest (its bucket and directory); logged if it could
+        not."""
         for attempt in range(_LOCKED_TRIES):
             try:
                 self._owner.content.abort(self._ref)
-                return True
+                return
             except errors.Unavailable as e:  # still locked: the writer's stream is closing
                 if attempt == _LOCKED_TRIES - 1:
                     logger.warning(f"{what} {self._ref} stays in containerd: {e}")
-                    return False
+                    return
             except errors.ImageError as e:
                 logger.warning(f"{what} {self._ref} stays in containerd: {e}")
-                return False
+                return
             time.sleep(min(0.02 * 2**attempt, 0.5))
-        return False  # pragma: no cover - the loop returns
 
     def _publish(self) -> bool:
         """Make the verified ingest file containerd's blob as its own commit does — flushed,
