@@ -190,9 +190,12 @@ class ContainerdBackend:
         if self._content_root is False:
             try:
                 self._content_root = ingests.content_root(self.client)
-                self._shares_content = ingests.shares_content(self.client)
             except errors.ImageError:
                 self._content_root = None
+            if self._content_root is not None:
+                # Not knowing the policy only means containerd hashes the layers again.
+                with contextlib.suppress(errors.ImageError):
+                    self._shares_content = ingests.shares_content(self.client)
         root = self._content_root
         if not isinstance(root, Path):
             return None

@@ -102,6 +102,7 @@ async def test_containerd_records_a_verified_layer_without_reading_it_again(
     images.push(registry, "takes/shared", "1", image)
     backend = ctrd.backend()
     backend.start()
+    assert ingests.shares_content(backend.client)  # containerd's default policy
 
     before = containerd_read(ctrd)
     result = await pull(registry, "takes/shared:1", backend, tmp_root)
@@ -121,6 +122,7 @@ async def test_an_isolated_containerd_verifies_the_layer_itself(
         backend = ctrd.backend()
         backend.start()
         try:
+            assert not ingests.shares_content(backend.client)
             before = containerd_read(ctrd)
             result = await pull(registry, "takes/isolated:1", backend, tmp_root)
             read = containerd_read(ctrd) - before
