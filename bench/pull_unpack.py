@@ -38,6 +38,12 @@ Before every run the previous run's state is wiped and the page cache is written
 (sync); with --drop-caches the page cache is also dropped (global: it slows other users of
 the machine and makes the registry read blobs from disk).
 
+All of a run's state (registry storage, containerd roots, prefetcher stores) lives on the work
+directory's filesystem, or with --filesystem ext4|xfs on a fresh filesystem made for the
+invocation on a loop device (ext4 with a journal, as a node's: ext4 *without* one, like this
+project's CI machines' /, makes every file creation scan past the inodes the previous run
+deleted, for both tools; see README.md).
+
 Targets (issue 3), printed as PASS/FAIL, never asserted: ours <= 0.6x containerd's wall time,
 --sync-fs <= +10 %, peak RSS < 150 MiB.
 """
@@ -286,12 +292,52 @@ SETTLE_SECONDS = 0.0
 
 
 def dirty_expire_seconds() -> float:
-    """``vm.dirty_expire_centisecs`` in seconds: how long ext4 without a journal avoids
-    reusing a deleted inode (``recently_deleted`` in its inode allocator)."""
+    """``vm.dirty_expire_centisecs`` in seconds: how long the kernel keeps dirty pages before
+    writing them back (``--settle``'s default is one second more)."""
     try:
         return int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100
     except (OSError, ValueError):  # pragma: no cover
         return 30.0
+
+
+#: ``--filesystem``: where the runs' state lives (``workdir``: the work directory's own).
+FILESYSTEMS = ("workdir", "ext4", "xfs")
+_MKFS = {"ext4": ("mkfs.ext4", "-q", "-F"), "xfs": ("mkfs.xfs", "-q", "-f")}
+
+
+@contextlib.contextmanager
+def filesystem_for_runs(kind: str, workdir: Path, size: int) -> Iterator[Path]:
+    """The directory the runs' state goes in (registry storage, containerd roots, prefetcher
+    stores): ``workdir`` itself, or a fresh filesystem of ``kind`` made with mkfs's defaults
+    (ext4 *with* a journal, as on a node) on a sparse ``size``-byte file in ``workdir``,
+    attached through a direct-I/O loop device (its writes are not cached twice) and mounted;
+    unmounted, detached and deleted afterwards."""
+    if kind == "workdir":
+        yield workdir
+        return
+    mkfs = _MKFS[kind]
+    if shutil.which(mkfs[0]) is None:
+        raise SystemExit(f"pull_unpack.py: --filesystem {kind} needs {mkfs[0]}"
+                         f" ({'xfsprogs' if kind == 'xfs' else 'e2fsprogs'})")
+    fd, name = tempfile.mkstemp(prefix=f"fs-{kind}-", suffix=".img", dir=workdir)
+    os.close(fd)
+    image = Path(name)
+    mount = Path(tempfile.mkdtemp(prefix=f"fs-{kind}-", dir=workdir))
+    loop = ""
+    try:
+        os.truncate(image, size)
+        subprocess.run([*mkfs, str(image)], check=True, stdout=subprocess.DEVNULL)
+        loop = subprocess.run(["losetup", "--direct-io=on", "--find", "--show", str(image)],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mount", loop, str(mount)], check=True)
+        yield mount
+    finally:
+        if loop:
+            subprocess.run(["umount", str(mount)], check=False)
+            subprocess.run(["losetup", "--detach", loop], check=False)
+        with contextlib.suppress(OSError):
+            mount.rmdir()  # never rmtree: if the unmount failed, the files are not ours to go
+        image.unlink(missing_ok=True)
 
 
 def settle(drop_caches: bool) -> None:
@@ -499,9 +545,19 @@ def machine() -> dict[str, str]:
 
 
 def filesystem_of(path: Path) -> str:
+    """Type, source and options of the filesystem holding ``path``; for ext4 also whether it
+    has a journal (without one, its inode allocator skips recently deleted inodes: see
+    README.md)."""
     out = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE,OPTIONS", "-T", str(path)],
                          capture_output=True, text=True).stdout.strip()
-    return re.sub(r"\s+", " ", out) or "?"
+    described = re.sub(r"\s+", " ", out) or "?"
+    fields = described.split(" ")
+    if fields[0] == "ext4" and len(fields) > 1:
+        features = subprocess.run(["dumpe2fs", "-h", fields[1]], capture_output=True,
+                                  text=True).stdout
+        if m := re.search(r"^Filesystem features:(.*)$", features, re.M):
+            described += " (journal)" if "has_journal" in m.group(1).split() else " (NO journal)"
+    return described
 
 
 def human(n: float) -> str:
@@ -659,9 +715,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=dirty_expire_seconds() + 1,
                         metavar="SECONDS",
                         help="wait this long after deleting the previous run's state (default:"
-                        " vm.dirty_expire_centisecs + 1 s: ext4 without a journal skips"
-                        " inodes deleted more recently than that when it allocates new ones,"
-                        " which makes creating the next run's files much slower)")
+                        " vm.dirty_expire_centisecs + 1 s). On ext4 without a journal it does"
+                        " not stop the inode allocator from scanning past the previous run's"
+                        " deleted inodes (60 s, or 360 s once their inode-table block is"
+                        " dirty again); --filesystem ext4 does (see README.md)")
+    parser.add_argument("--filesystem", choices=FILESYSTEMS, default="workdir",
+                        help="the filesystem the runs write to: the work directory's own, or a"
+                        " fresh one made for this invocation on a loop device (ext4 with a"
+                        " journal, as on a node; xfs)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw numbers here")
     parser.add_argument("--prefetcher", default=str(Path(sys.executable).parent / "prefetcher"),
                         help="the prefetcher executable")
@@ -696,10 +757,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _raise_interrupt)
     args.workdir.mkdir(parents=True, exist_ok=True)
     children = Children()
-    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
+    stack = contextlib.ExitStack()
+    run_dir: Path | None = None
     try:
         params = imagegen.Params(args.size, args.files, args.layers, args.seed, args.gzip_level)
         image = imagegen.build(params, args.workdir / "cache")
+        # Room for the registry's blobs and one run's content and snapshots, twice over.
+        fs_size = max(8 << 30, 4 * (image.uncompressed + image.compressed))
+        fs_dir = stack.enter_context(filesystem_for_runs(args.filesystem, args.workdir, fs_size))
+        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=fs_dir))
         print(f"image: {human(image.uncompressed)} tar, {human(image.compressed)} gzip, "
               f"{image.files} files, {image.entries} entries in {len(image.layers)} layers")
         with registries.start_registry(run_dir / "registry", "none") as registry:
@@ -751,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": load_before,
             "load_after": Path("/proc/loadavg").read_text().strip(),
             "machine": machine(),
-            "filesystem": filesystem_of(args.workdir),
+            "filesystem": filesystem_of(run_dir),
+            "filesystem_choice": args.filesystem,
             "drop_caches": args.drop_caches,
             "settle_seconds": SETTLE_SECONDS,
         }
@@ -775,8 +842,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         children.stop_all()
-        unmount_under(run_dir)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir is not None:
+            unmount_under(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        stack.close()
 
 
 if __name__ == "__main__":
