@@ -306,11 +306,16 @@ def _image_blobs(layers: list[LayerBlob]) -> tuple[images.Blob, images.Blob]:
     return config, images.Blob(images.OCI_MANIFEST, images.canonical_json(manifest_value))
 
 
+def is_cached(params: Params, cache: Path) -> bool:
+    """Whether :func:`build` finds the image for ``params`` in ``cache``."""
+    return (cache / params.key / "meta.json").exists()
+
+
 def build(params: Params, cache: Path, log: Any = print) -> BuiltImage:
     """The image for ``params``, generated into ``cache`` unless it is there already."""
     directory = cache / params.key
     meta_path = directory / "meta.json"
-    if meta_path.exists():
+    if is_cached(params, cache):
         meta = json.loads(meta_path.read_text())
         layers = [LayerBlob(**{**m, "path": directory / m["path"]}) for m in meta["layers"]]
         log(f"image: cached in {directory}")

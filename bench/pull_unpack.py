@@ -206,13 +206,14 @@ def build_image(params: imagegen.Params, cache: Path) -> imagegen.BuiltImage:
     grow this process, and every command it starts afterwards would report at least this
     process's peak as its own ``ru_maxrss``: Linux keeps the high-water mark of the memory a
     process had before ``exec`` (this process's, after ``vfork``) in its ``maxrss``."""
-    child = multiprocessing.get_context("spawn").Process(target=imagegen.build,
-                                                         args=(params, cache))
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        raise SystemExit(f"pull_unpack.py: generating the image failed ({child.exitcode})")
-    return imagegen.build(params, cache, log=lambda message: None)  # the child said it
+    if not imagegen.is_cached(params, cache):
+        child = multiprocessing.get_context("spawn").Process(target=imagegen.build,
+                                                             args=(params, cache))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"pull_unpack.py: generating the image failed ({child.exitcode})")
+    return imagegen.build(params, cache)
 
 
 class Children:
