@@ -8,8 +8,9 @@ downloading.
 A committed blob is opened from the store. A blob still downloading is opened as a
 :class:`~agent.images.content.local.FollowingReader` of its ingest: its bytes are not
 verified yet, and the unpacker must :meth:`~FollowingReader.confirm` them (wait for the
-blob's commit, compare what it read) before it commits the layer's snapshot — and redo the
-layer from the committed blob if that fails (see ``Unpacker``).
+blob's commit, learn whether the download was restarted under it) before it commits the
+layer's snapshot — and redo the layer from the committed blob if that fails (see
+``Unpacker``).
 
 ``arrived()`` (the fetch is over, whatever its outcome) and ``close()`` wake the waiters
 (``close()`` also fails every feed); an expected blob that is not in the store then raises

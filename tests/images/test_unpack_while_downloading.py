@@ -1,6 +1,6 @@
 """A layer is unpacked while its blob downloads (``ArrivingBlobs`` hands the unpacker a
 ``FollowingReader`` of the ingest), but no snapshot is committed unless the blob was
-committed (size and digest verified) and the bytes unpacked were exactly the blob's: a
+committed (size and digest verified) and what was unpacked hashes to the layer's diff ID: a
 download that is restarted from zero with other bytes, or that fails, never leaves a
 snapshot made from bad bytes.
 
@@ -203,6 +203,31 @@ async def test_a_download_restarted_from_zero_never_commits_a_snapshot_of_bad_by
     assert unpacked_files(tmp_path)["big.bin"] == L.random_bytes(3_000_000, seed=7)
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["straight", "restarted"])
+async def test_a_layer_that_does_not_match_its_diff_id_fails_without_a_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarted: bool
+) -> None:
+    """The blob verifies but the config names another diff ID. Read straight through, the
+    bytes applied were the committed blob's: the mismatch is the layer's error at once, not
+    applied a second time. Read across a restart (the same bytes again), the apply cannot
+    tell, so the layer is judged from the committed blob, which fails the same way."""
+    tar = layer_tar()
+    image = images.Image(
+        [images.Layer(images.compress(tar, "gzip"), images.sha256(b"another layer"))]
+    )
+    layer = image.layers[0]
+    spy = Spy(monkeypatch)
+    fake = PausingRegistry(image, first=layer.data, pause_at=100_000,
+                           end=200_000 if restarted else layer.size, go=spy.read.is_set)
+
+    with pytest.raises(errors.DigestMismatch, match="config says its diff ID is"):
+        await pull_from(fake, tmp_path)
+
+    assert spy.attempts == ([True, False] if restarted else [True])
+    assert snapshot_kinds(tmp_path) == []
+    assert list((tmp_path / "snapshots" / "snapshots").iterdir()) == []
+
+
 async def test_a_download_that_fails_verification_leaves_no_snapshot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,17 +281,23 @@ async def test_a_cancelled_pull_removes_the_speculative_snapshot_and_resumes_lat
     assert unpacked_files(tmp_path)["big.bin"] == L.random_bytes(3_000_000, seed=7)
 
 
-def test_a_following_reader_confirms_only_the_committed_bytes(tmp_path: Path) -> None:
+def test_a_following_reader_is_certain_of_its_bytes_only_without_a_rewrite(
+    tmp_path: Path,
+) -> None:
+    """The reader does not hash the compressed bytes again: the writer hashed every byte it
+    wrote, and a reader that saw no truncation read exactly those. One open across a
+    truncation and rewrite cannot be certain (its first bytes were other bytes), and one that
+    did not read the whole blob is not confirmed at all."""
     store = local.LocalStore(tmp_path)
     data = L.random_bytes(300_000, seed=3)
     digest = images.sha256(data)
 
-    # Bytes read, then the ingest truncated and rewritten with other bytes: not confirmed.
     writer = store.writer(digest, total=len(data))
     feed = writer.follow(len(data), digest)
     writer.write(b"x" * 100_000)
-    with feed.reader() as reader:
+    with feed.reader() as reader, feed.reader() as unfinished:
         assert reader.read(50_000) == b"x" * 50_000
+        assert unfinished.read(10) == b"x" * 10
         writer.truncate(0)
         writer.write(data)
         writer.commit(len(data), digest)
@@ -274,15 +305,16 @@ def test_a_following_reader_confirms_only_the_committed_bytes(tmp_path: Path) ->
         while chunk := reader.read(65_536):
             rest += chunk
         assert rest == data[50_000:]
-        with pytest.raises(errors.Unavailable, match="not the committed blob"):
-            reader.confirm()
-        # The same bytes, read from the start: confirmed (the file is committed by now).
+        assert reader.confirm() is False  # read across the rewrite: the diff ID decides
+        with pytest.raises(errors.Unavailable, match="10 of its 300000 bytes were read"):
+            unfinished.confirm()
+        # Opened after the rewrite, read to the end: certainly the committed blob.
         with feed.reader() as again:
             got = b""
             while chunk := again.read(100_000):
                 got += chunk
             assert got == data
-            again.confirm()
+            assert again.confirm() is True
     feed.close()
 
 

@@ -16,9 +16,11 @@ resumable; it is removed on any verification failure.
 :meth:`LocalWriter.follow` lets another thread read an ingest while it is being written (an
 unpack that starts before the download ends): an :class:`IngestFeed` learns of every write,
 truncation and the writer's outcome, and its :class:`FollowingReader` s hand out bytes as they
-arrive. Those bytes are *unconfirmed*: a reader hashes what it returned, and
-:meth:`FollowingReader.confirm` succeeds only once the writer committed the blob (size and
-digest verified) and the reader returned exactly the blob's bytes.
+arrive. Those bytes are *unconfirmed*: :meth:`FollowingReader.confirm` succeeds only once the
+writer committed the blob (size and digest verified, the writer hashing every byte it wrote)
+and tells whether the reader certainly returned the blob's bytes: it did when the writer
+never rewrote a byte while the reader was open (bytes below what the writer reported written
+only change by a truncation, which the feed counts), so the reader need not hash them again.
 """
 
 from __future__ import annotations
@@ -421,6 +423,7 @@ class IngestFeed:
         self._fd: int | None = fd
         self._cond = threading.Condition()
         self._written = offset  # bytes at the start of the file that the writer wrote
+        self.restarts = 0  # truncations below what was written: bytes read may have changed
         self._wanted: list[int] = []  # the offsets waiting readers need
         self._outcome: bool | None = None  # True committed, False failed, None writing
 
@@ -428,6 +431,8 @@ class IngestFeed:
 
     def wrote(self, offset: int) -> None:
         with self._cond:
+            if offset < self._written:
+                self.restarts += 1
             self._written = offset
             if self._wanted and min(self._wanted) <= offset:
                 self._cond.notify_all()
@@ -508,16 +513,20 @@ class FollowingReader:
     another layer meanwhile (:func:`agent.images.turns.waiting`).
 
     Everything it returns is unconfirmed until :meth:`confirm`, which waits for the writer's
-    commit and checks that the bytes returned were exactly the blob's (the hash of what was
-    read, in the digest's own algorithm, so a truncation and rewrite by a resumed download
-    that changed any byte already read is caught).
+    commit. The reader reads only bytes the writer reported written, and the writer hashed
+    each of them and verified the whole at its commit; such bytes only change when the
+    ingest is truncated and written again (a resumed download the registry answered from
+    offset 0), which the feed counts. So a reader returned exactly the committed blob when
+    it read all of it and no truncation happened while it was open — no second hash of the
+    compressed bytes; otherwise :meth:`confirm` says it cannot tell, and the caller judges
+    what it made of the bytes by other means (the unpacker: the layer's diff ID).
     """
 
     def __init__(self, feed: IngestFeed, fd: int):
         self._feed = feed
         self._fd: int | None = fd
         self._pos = 0
-        self._hasher = feed.expected.hasher()
+        self._restarts = feed.restarts
 
     def read(self, size: int = -1, /) -> bytes:
         if self._fd is None:
@@ -539,7 +548,6 @@ class FollowingReader:
             data = os.pread(self._fd, min(end, written) - self._pos, self._pos)
             if data:
                 self._pos += len(data)
-                self._hasher.update(data)
                 return data
             # Truncated under us (a resume from offset 0): wait for the rewrite.
         return b""
@@ -552,20 +560,27 @@ class FollowingReader:
     def readable(self) -> bool:
         return True
 
-    def confirm(self) -> None:
-        """Wait for the blob's commit and check the bytes returned were exactly the blob.
+    def confirm(self) -> bool:
+        """Wait for the blob's commit; whether the bytes returned were certainly the blob's.
+
+        ``True``: the reader returned the whole blob and the ingest was not truncated while
+        it was open. ``False``: it was (a restarted download), so the bytes returned may
+        differ from the committed blob's in places.
 
         Raises:
-            Unavailable: the download failed, or the bytes read were not the blob's.
+            Unavailable: the download failed, or the reader has not returned all of the
+                blob (it was committed shorter than the manifest says, or not read to the
+                end).
         """
         feed = self._feed
         if not feed.outcome():
             raise errors.Unavailable(f"blob {feed.expected}: its download failed")
-        if self._pos != feed.size or self._hasher.digest() != feed.expected:
+        if self._pos != feed.size:
             raise errors.Unavailable(
-                f"blob {feed.expected}: the bytes read while it downloaded were not the"
-                " committed blob's (the download was restarted)"
+                f"blob {feed.expected}: {self._pos} of its {feed.size} bytes were read"
+                " while it downloaded"
             )
+        return feed.restarts == self._restarts
 
     def outcome(self) -> bool:
         """Wait for the download to end; whether the blob was committed."""

@@ -326,11 +326,13 @@ class Unpacker:
         The provider may hand out a blob that is still downloading (an object with
         ``confirm()`` and ``outcome()``, see :class:`_Unconfirmed`). Its bytes are applied
         as they arrive, and the layer is only returned once ``confirm()`` says the blob was
-        committed (size and digest verified) and the bytes applied were exactly its bytes.
-        If anything fails during such a speculative apply (a restarted download, or bytes
-        that fail to decompress, parse or match the diff ID), the active snapshot is removed
-        and, once the blob is committed, the layer is applied again from the committed blob;
-        that second attempt's error, if any, is the layer's.
+        committed (size and digest verified) and the layer's uncompressed bytes hash to its
+        diff ID. If anything fails during such a speculative apply (bytes that fail to
+        decompress or parse, or — after a download restarted under it — to match the diff
+        ID), the active snapshot is removed and, once the blob is committed, the layer is
+        applied again from the committed blob; that second attempt's error, if any, is the
+        layer's. Without a restart the bytes applied were the committed blob's, and a diff
+        ID mismatch is the layer's error at once.
         """
         if cancel.is_set():
             raise CancelledError(f"layer {layer.digest}: unpack cancelled")
@@ -398,9 +400,10 @@ class Unpacker:
                                 cancel=cancel,
                                 name=name,
                             )
-                    if confirm is not None:
-                        # No snapshot from bytes that are not the verified blob's.
-                        confirm()
+                    # The blob must be committed (verified) before its layer is; and if
+                    # its download was restarted under the apply, only the diff ID below
+                    # tells whether the bytes applied were the blob's.
+                    certain = confirm() if confirm is not None else True
                 except Exception as e:
                     if confirm is None or cancel.is_set():
                         raise
@@ -410,6 +413,8 @@ class Unpacker:
                         raise
                     raise _Unconfirmed(str(e)) from e
             if result.diff_id != diff_id:
+                if not certain:  # perhaps the bytes of the first attempt: judge the blob
+                    raise _Unconfirmed(f"{name}: its download was restarted under the apply")
                 raise errors.DigestMismatch(
                     f"{name}: uncompressed it hashes to {result.diff_id}, but the image"
                     f" config says its diff ID is {diff_id}"
@@ -490,8 +495,9 @@ _LABEL_OWNER: Final = snapshots.LABEL_OWNER
 
 
 class _Unconfirmed(Exception):  # noqa: N818
-    """A layer applied from a blob still downloading failed, or its bytes were not the
-    committed blob's; the layer is applied again from the committed blob."""
+    """A layer applied from a blob still downloading failed, or did not match its diff ID
+    after the download was restarted under it; the layer is applied again from the committed
+    blob."""
 
 
 def _lowers(mounts: Sequence[snapshots.Mount]) -> list[str]:
