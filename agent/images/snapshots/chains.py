@@ -26,9 +26,17 @@ def is_committed(sn: snapshots.Snapshotter, chain_id: str | digests.Digest) -> b
 def committed_depth(sn: snapshots.Snapshotter, diff_ids: Sequence[digests.Digest]) -> int:
     """How many bottom layers of the chain of ``diff_ids`` are committed in ``sn``.
 
-    Looks from the top down: a committed chain ID implies all of its parents."""
+    A committed chain ID implies all of its parents (a snapshotter keeps a committed
+    snapshot's parent), and a missing one that none above it is. So it asks about the top
+    first (an image already unpacked: one question), then from the bottom up to the first
+    missing layer (a new image: two questions; one sharing its base layers with another:
+    one more per shared layer) rather than about every layer."""
     chain = digests.chain_ids(diff_ids)
-    for depth in range(len(chain), 0, -1):
-        if is_committed(sn, chain[depth - 1]):
+    if not chain:
+        return 0
+    if is_committed(sn, chain[-1]):
+        return len(chain)
+    for depth in range(len(chain) - 1):
+        if not is_committed(sn, chain[depth]):
             return depth
-    return 0
+    return len(chain) - 1

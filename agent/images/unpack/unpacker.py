@@ -190,12 +190,10 @@ class Unpacker:
             raise errors.InvalidManifest("an image without layers cannot be unpacked")
         cancel = cancel or threading.Event()
         chain = digests.chain_ids(diff_ids)
-        missing = []
-        for i, chain_id in enumerate(chain):
-            if self._committed(chain_id):
-                self._emit("skipped", i, layers[i], chain_id)
-            else:
-                missing.append(i)
+        depth = chains.committed_depth(self.snapshotter, diff_ids)
+        for i in range(depth):
+            self._emit("skipped", i, layers[i], chain[i])
+        missing = list(range(depth, len(chain)))
         if not missing:
             return chain[-1]
 
@@ -465,9 +463,6 @@ class Unpacker:
             self._remove(key)
             raise
         self._emit("done", index, layer, chain_id, layer.size)
-
-    def _committed(self, chain_id: digests.Digest) -> bool:
-        return chains.is_committed(self.snapshotter, chain_id)
 
     def _remove(self, key: str) -> None:
         with contextlib.suppress(errors.NotFound):
