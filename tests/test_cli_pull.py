@@ -115,6 +115,16 @@ def test_a_stalled_pull_exits_non_zero_with_the_stall_reason(
     assert "retry" in out.stderr.lower()  # the recovered stalls were shown as they happened
 
 
+def pull_in_a_child(script: str, ref: str, store: Path) -> subprocess.CompletedProcess[str]:
+    """``python -c SCRIPT pull REF --root STORE --quiet``, which must succeed."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, "pull", ref, "--root", str(store), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_a_pull_loads_no_command_line_client_nor_kubernetes_code(
     registry: Registry, tmp_path: Path
 ) -> None:
@@ -129,13 +139,8 @@ def test_a_pull_loads_no_command_line_client_nor_kubernetes_code(
         "code = main.main(sys.argv[1:])\n"
         "print(json.dumps([code, sorted(sys.modules), sys.modules.get('httpx._main')]))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script, "pull", f"{registry.host}/cli/lean:1",
-         "--root", str(tmp_path / "store"), "--quiet"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = pull_in_a_child(script, f"{registry.host}/cli/lean:1", tmp_path / "store")
 
-    assert out.returncode == 0, out.stderr
     code, modules, httpx_cli = json.loads(out.stdout.splitlines()[-1])
     assert code == 0
     assert "httpx" in modules and httpx_cli is None
@@ -165,13 +170,8 @@ def test_the_start_up_does_not_collect_garbage_over_the_modules_it_loads(
         "    'frozen': gc.get_freeze_count()}), file=sys.stderr))\n"
         "console()\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script, "pull", f"{registry.host}/cli/gc:1",
-         "--root", str(tmp_path / "store"), "--quiet"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = pull_in_a_child(script, f"{registry.host}/cli/gc:1", tmp_path / "store")
 
-    assert out.returncode == 0, out.stderr
     report = json.loads(out.stderr.strip().splitlines()[-1])
     assert report["enabled"] is True  # the pull ran with the collector on
     assert report["frozen"] > 10_000  # the modules' objects, out of its way
