@@ -72,17 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     children = pu.Children()
     pu.SETTLE_SECONDS = args.settle
     walls: dict[str, list[float]] = {"A": [], "B": []}
-    fs_size = max(8 << 30, 4 * (image.uncompressed + image.compressed))
     try:
-        with pu.filesystem_for_runs(args.filesystem, args.workdir, fs_size) as fs_dir:
+        with pu.filesystem_for_runs(args.filesystem, args.workdir,
+                                    pu.filesystem_size(image)) as fs_dir:
             run_dir = Path(tempfile.mkdtemp(prefix="alternate-", dir=fs_dir))
             with registries.start_registry(run_dir / "registry", "none") as registry:
                 imagegen.push(registry.url, pu.REPO, pu.TAG, image)
                 config = run_dir / "prefetcher.toml"
                 config.write_text("")
-                env = {k: v for k, v in os.environ.items()
-                       if not k.startswith(("PREFETCHER_", "CONTAINERD_"))
-                       and k != "PYTHONDONTWRITEBYTECODE"}
+                env = pu.child_env()
                 setup = pu.Setup(run_dir, f"{registry.host}/{pu.REPO}:{pu.TAG}", "",
                                  "containerd", "ctr", sys.executable, config, True,
                                  image.entries, len(image.layers), children, env)
@@ -116,12 +114,7 @@ def _run(setup: pu.Setup, mode: str, prefetcher: str, extra: list[str], i: int) 
             pu.unmount_under(root)
             shutil.rmtree(root, ignore_errors=True)
     with pu.private_containerd(setup, f"containerd-{i}") as daemon:
-        config = setup.run_dir / f"run-{i}.toml"
-        config.write_text(
-            'version = 2\n[images]\nsnapshotter = "containerd"\n[images.containerd]\n'
-            f'address = "{daemon.sock}"\nnamespace = "{pu.NAMESPACE}"\n'
-            'snapshotter = "overlayfs"\n'
-        )
+        config = pu.into_containerd_config(setup.run_dir / f"run-{i}.toml", daemon)
         pu.settle(setup.drop_caches)
         return _timed(setup, [*argv, "--config", str(config)], log)
 

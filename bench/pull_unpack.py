@@ -355,6 +355,12 @@ def filesystem_for_runs(kind: str, workdir: Path, size: int) -> Iterator[Path]:
         image.unlink(missing_ok=True)
 
 
+def filesystem_size(image: imagegen.BuiltImage) -> int:
+    """``--filesystem``'s size: room for the registry's blobs and one run's content and
+    snapshots, twice over."""
+    return max(8 << 30, 4 * (image.uncompressed + image.compressed))
+
+
 def settle(drop_caches: bool) -> None:
     """Write back everything dirty, wait ``SETTLE_SECONDS`` (and drop the page cache when
     asked)."""
@@ -467,6 +473,25 @@ def check_containerd(setup: Setup, daemon: Daemon, layers: int) -> tuple[int, li
     return count_entries(snapshots.glob("*/fs")), problems
 
 
+def into_containerd_config(path: Path, daemon: Daemon) -> Path:
+    """Write a prefetcher config that pulls into ``daemon`` (namespace k8s.io, overlayfs)."""
+    path.write_text(
+        'version = 2\n[images]\nsnapshotter = "containerd"\n[images.containerd]\n'
+        f'address = "{daemon.sock}"\nnamespace = "{NAMESPACE}"\n'
+        'snapshotter = "overlayfs"\n'
+    )
+    return path
+
+
+def child_env() -> dict[str, str]:
+    """The environment of the commands the benchmark runs: this one's without the
+    prefetcher's and containerd's own settings, and compiling bytecode as an installation
+    does."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("PREFETCHER_", "CONTAINERD_"))
+            and k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
     """``containerd`` (ctr image pull) or ``ours-containerd[-syncfs]`` (prefetcher pull into
     it, with ``--sync-fs``)."""
@@ -475,12 +500,8 @@ def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
             argv = [*daemon.ctr, "image", "pull", "--plain-http", setup.ref]
             log = setup.run_dir / "ctr.log"
         else:
-            config = setup.run_dir / f"{method}-{repetition}.toml"
-            config.write_text(
-                'version = 2\n[images]\nsnapshotter = "containerd"\n[images.containerd]\n'
-                f'address = "{daemon.sock}"\nnamespace = "{NAMESPACE}"\n'
-                'snapshotter = "overlayfs"\n'
-            )
+            config = into_containerd_config(setup.run_dir / f"{method}-{repetition}.toml",
+                                            daemon)
             root = setup.run_dir / f"{method}-{repetition}" / "prefetcher"
             argv = [setup.prefetcher, "pull", setup.ref, "--root", str(root), "--config",
                     str(config), "--plain-http", "--quiet"]
@@ -778,9 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = imagegen.Params(args.size, args.files, args.layers, args.seed, args.gzip_level)
         image = build_image(params, args.workdir / "cache")
-        # Room for the registry's blobs and one run's content and snapshots, twice over.
-        fs_size = max(8 << 30, 4 * (image.uncompressed + image.compressed))
-        fs_dir = stack.enter_context(filesystem_for_runs(args.filesystem, args.workdir, fs_size))
+        fs_dir = stack.enter_context(
+            filesystem_for_runs(args.filesystem, args.workdir, filesystem_size(image)))
         run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=fs_dir))
         print(f"image: {human(image.uncompressed)} tar, {human(image.compressed)} gzip, "
               f"{image.files} files, {image.entries} entries in {len(image.layers)} layers")
@@ -791,9 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"in {time.perf_counter() - started:.1f}s")
             config = run_dir / "prefetcher.toml"
             config.write_text("")
-            env = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("PREFETCHER_", "CONTAINERD_"))
-                   and k != "PYTHONDONTWRITEBYTECODE"}
+            env = child_env()
             # Bytecode compiled once, outside the clock, as an installed package has it (not
             # compiled again by every run), in the package's (git-ignored) __pycache__
             # directories; site-packages has its own already. (Not PYTHONPYCACHEPREFIX: with
