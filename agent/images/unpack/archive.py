@@ -233,26 +233,45 @@ class _Applier:
     def _loop(self) -> None:
         layer = self.name
         cancel = self.cancel
-        next_entry = self.reader.next
+        reader = self.reader
+        next_plain = reader.next_plain
+        next_entry = reader.next
+        plain_file = self._plain_file
         while True:
             if cancel is not None and cancel.is_set():
                 raise CancelledError(f"{layer}: unpack cancelled")
-            h = next_entry()
-            if h is None:
-                break
-            if h.uid > _MAX_ID or h.gid > _MAX_ID or h.uid < 0 or h.gid < 0:
-                raise errors.UnsafeLayer(f"{layer}: entry {h.name!r} has uid/gid out of range")
-            if b"\0" in h.linkname:
-                raise errors.UnsafeLayer(f"{layer}: entry {h.name!r} links to a name with NUL")
-            if not 0 <= h.mtime_ns <= _MAX_TIME_NS:
-                h.mtime_ns = 0
+            # The common entry quickly (its fields are in range by its format: 7 and 11
+            # octal digits, no link name), any other by the full rules.
+            plain = next_plain()
+            if plain is None:
+                h = next_entry()
+                if h is None:
+                    break
+                if h.uid > _MAX_ID or h.gid > _MAX_ID or h.uid < 0 or h.gid < 0:
+                    raise errors.UnsafeLayer(
+                        f"{layer}: entry {h.name!r} has uid/gid out of range"
+                    )
+                if b"\0" in h.linkname:
+                    raise errors.UnsafeLayer(
+                        f"{layer}: entry {h.name!r} links to a name with NUL"
+                    )
+                if not 0 <= h.mtime_ns <= _MAX_TIME_NS:
+                    h.mtime_ns = 0
+                name = h.name
+            else:
+                name = plain[0]
             self.entries += 1
             try:
+                if plain is not None:
+                    if plain_file(*plain):
+                        continue
+                    h = tar.Header(name, tar.REG, *plain[1:])
+                assert h is not None  # read by next_entry() otherwise
                 self._entry(h)
             except OSError as e:
-                raise self._os_error(e, h.name) from e
+                raise self._os_error(e, name) from e
             except (OverflowError, ValueError) as e:  # a field out of the kernel's range
-                raise errors.UnsafeLayer(f"{layer}: cannot apply entry {h.name!r}: {e}") from e
+                raise errors.UnsafeLayer(f"{layer}: cannot apply entry {name!r}: {e}") from e
 
     def _os_error(self, e: OSError, name: bytes) -> Exception:
         if e.errno in _SPACE_ERRNOS:
@@ -268,8 +287,12 @@ class _Applier:
         layer = self.name
         if len(self.dirs) >= _MAX_CACHED_DIRS:
             self._forget_dirs()  # only between entries: no fd is in use here
-        if h.typeflag == tar.REG and not h.pax and self._plain_file(h):
-            return
+        if (
+            h.typeflag == tar.REG
+            and not h.pax
+            and self._plain_file(h.name, h.mode, h.uid, h.gid, h.size, h.mtime_ns)
+        ):
+            return  # e.g. a GNU-format header (next_plain reads only USTAR ones)
         xattrs = h.xattrs if h.pax else {}
         for xname in xattrs:
             if xname.startswith("trusted."):
@@ -317,7 +340,10 @@ class _Applier:
             h.uid != self.euid or h.gid != self.egid or self.setgid.get(parent_key, True)
         )
         if t == tar.REG:
-            self._file(d, base, key, h, xattrs, chown)
+            self._file(
+                d, base, key, h.mode, h.uid, h.gid, h.mtime_ns, xattrs, chown,
+                h if h.sparse is not None else None,
+            )
             return
         if t == tar.DIR:
             self._mkdir(d, base, key, h, xattrs, chown)
@@ -357,16 +383,19 @@ class _Applier:
         self._xattrs_at(d, base, xattrs)
         os.utime(base, ns=(h.mtime_ns, h.mtime_ns), dir_fd=d, follow_symlinks=False)
 
-    def _plain_file(self, h: tar.Header) -> bool:
-        """Apply the common entry, a regular file without PAX records in a directory already
-        open, and say so; ``False`` (nothing done) for any other, left to :meth:`_entry`.
+    def _plain_file(
+        self, name: bytes, mode: int, uid: int, gid: int, size: int, mtime_ns: int
+    ) -> bool:
+        """Apply the common entry (:meth:`tar.Reader.next_plain`: a regular file without
+        PAX records) if its name is plain and its directory already open, and say so;
+        ``False`` (nothing done) for any other, left to :meth:`_entry`.
 
-        Its name has no component that is empty or starts with a dot (so no ``.``, ``..``,
-        whiteout or root), no leading or trailing slash, and fewer than ``_MAX_DEPTH``
-        components: it is its own key and passes every check of :meth:`_entry` and
-        :func:`_components`.
+        A plain name has no component that is empty or starts with a dot (so no ``.``,
+        ``..``, whiteout or root), no leading or trailing slash, and fewer than
+        ``_MAX_DEPTH`` components: it is its own key and passes every check of
+        :meth:`_entry` and :func:`_components`. What :meth:`_entry` and :meth:`_file` do
+        for it is done here, without their calls: this is most entries of most layers.
         """
-        name = h.name
         if (
             not name
             or name.startswith(_NOT_PLAIN_START)
@@ -376,14 +405,15 @@ class _Applier:
             or len(name) >= _PLAIN_NAME_MAX
         ):
             return False
+        dirs = self.dirs
         parent_key, _, base = name.rpartition(b"/")
-        d = self.dirs.get(parent_key)
-        if d is None:
+        d = dirs.get(parent_key)
+        if d is None or len(dirs) >= _MAX_CACHED_DIRS:
             return False
         if self.strategy.tracks_created:
             self.created.add(name)
-        chown = h.uid != self.euid or h.gid != self.egid or self.setgid.get(parent_key, True)
-        self._file(d, base, name, h, _NO_XATTRS, chown)
+        chown = uid != self.euid or gid != self.egid or self.setgid.get(parent_key, True)
+        self._file(d, base, name, mode, uid, gid, mtime_ns, _NO_XATTRS, chown)
         return True
 
     def _file(
@@ -391,11 +421,17 @@ class _Applier:
         d: int,
         base: bytes,
         key: bytes,
-        h: tar.Header,
+        mode: int,
+        uid: int,
+        gid: int,
+        mtime_ns: int,
         xattrs: dict[str, bytes],
         chown: bool,
+        sparse: tar.Header | None = None,
     ) -> None:
-        perm = h.mode & 0o7777
+        """Create the regular file ``base`` in ``d`` with the current entry's data
+        (``sparse``: its header, whose sparse map the data follows)."""
+        perm = mode & 0o7777
         self.dir_mtimes.pop(key, None)
         try:
             fd = os.open(base, _FILE_FLAGS, perm & 0o777, dir_fd=d)
@@ -403,15 +439,17 @@ class _Applier:
             self._remove(d, base, key)
             fd = os.open(base, _FILE_FLAGS, perm & 0o777, dir_fd=d)
         try:
-            self.reader.write_to(fd, h)
+            if sparse is None:
+                self.reader.copy_data(fd)
+            else:
+                self.reader.write_to(fd, sparse)
             if chown:
-                os.fchown(fd, h.uid, h.gid)
+                os.fchown(fd, uid, gid)
             if chown or perm & (0o7000 | self.umask):
                 os.fchmod(fd, perm)
-            if xattrs:
-                for xname, value in xattrs.items():
-                    self._setxattr(fd, xname, value)
-            os.utime(fd, ns=(h.mtime_ns, h.mtime_ns))
+            for xname, value in xattrs.items():
+                self._setxattr(fd, xname, value)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)
 

@@ -143,11 +143,12 @@ class Reader:
 
     def next(self) -> Header | None:
         """The next entry, or ``None`` at the end of the archive (the rest is drained)."""
+        plain = self.next_plain()
+        if plain is not None:
+            name, mode, uid, gid, size, mtime_ns = plain
+            return Header(name, REG, mode, uid, gid, size, mtime_ns)
         skip = self._remaining + self._pad
         self._remaining = self._pad = 0
-        h = self._next_plain(skip)
-        if h is not None:
-            return h
         pax: dict[bytes, bytes] = {}
         long_name = long_link = b""
         meta = 0
@@ -210,19 +211,25 @@ class Reader:
             self._sparse(h, block, fmt, MAX_META_BYTES - meta)
             return h
 
-    def _next_plain(self, skip: int) -> Header | None:
-        """The common entry read quickly, or ``None`` (nothing consumed) for the full rules.
+    def next_plain(self) -> tuple[bytes, int, int, int, int, int] | None:
+        """The next entry if it is the common one, as ``(name, mode, uid, gid, size,
+        mtime_ns)`` of a regular file (:meth:`next` would return the same as a
+        :class:`Header`, typeflag ``0``, nothing else set); else ``None``, nothing consumed.
 
-        A regular file (type ``0``) in a USTAR header as Go, Python and GNU tar write one:
-        every number zero-padded octal ended by a NUL, device numbers zero, no link name,
-        no prefix, a valid unsigned checksum, its block already in the buffer. Anything
-        else (and every pending PAX record or long name: :meth:`next` only asks between
-        entries) goes through :func:`_parse_block`, which reads these blocks the same way.
+        The common one: a regular file (type ``0``) in a USTAR header as Go, Python and GNU
+        tar write one: every number zero-padded octal ended by a NUL, device numbers zero,
+        no link name, no prefix, a valid unsigned checksum, its block already in the
+        buffer. Anything else (and every pending PAX record or long name: this is asked
+        only between entries) goes through :meth:`next`'s full rules
+        (:func:`_parse_block`), which read these blocks the same way.
         """
         inp = self.input
-        block = inp.peek(skip)
-        if block is None:
+        pos = inp.pos + self._remaining + self._pad
+        end = pos + BLOCK
+        buf = inp.buf
+        if end > len(buf):
             return None
+        block = buf[pos:end]
         m = _PLAIN_FIELDS.match(block, 100)
         if (
             m is None
@@ -239,12 +246,17 @@ class Reader:
         if (i := name.find(0)) >= 0:
             name = name[:i]
         n = int(size, 8)
-        inp.pos += skip + BLOCK
+        inp.pos = end
         self._remaining = n
         self._pad = -n % BLOCK
-        return Header(
-            name, REG, int(mode, 8), int(uid, 8), int(gid, 8), n, int(mtime, 8) * 1_000_000_000
-        )
+        return name, int(mode, 8), int(uid, 8), int(gid, 8), n, int(mtime, 8) * 1_000_000_000
+
+    def copy_data(self, fd: int) -> None:
+        """Write the current entry's data, not sparse, to ``fd`` (:meth:`write_to` without
+        the sparse map)."""
+        if self._remaining:
+            self.input.copy(fd, self._remaining)
+            self._remaining = 0
 
     def _header_block(self, skip: int = 0) -> bytes | None:
         block = self.input.header(skip)

@@ -67,6 +67,13 @@ CASES: dict[str, bytes] = {
     + R.entry(b"g/f", b"f"),
     "in an implicit directory": R.entry(b"imp/f", b"f") + R.entry(b"imp/g", b"g"),
     "deep": R.entry(b"a/" + b"q/" * 40 + b"f", b"deep") + R.entry(b"a/" + b"q/" * 40 + b"g"),
+    # More directories than the applier keeps open: it forgets them, then opens "a" again.
+    "past the open-directory cache": b"".join(
+        L.header(f"c{i}/".encode(), type=b"5") + R.entry(f"c{i}/f".encode(), b"f")
+        for i in range(archive._MAX_CACHED_DIRS + 8)
+    )
+    + R.entry(b"a/late", b"late")
+    + R.entry(b"a/later", b"later"),
 }
 
 
@@ -79,7 +86,7 @@ def apply(tmp_path: Path, label: str, entries: bytes, *, quick: bool, strategy: 
     archive.apply(io.BytesIO(LOWER), root, whiteouts=how)
     with monkeypatch.context() as m:
         if not quick:
-            m.setattr(archive._Applier, "_plain_file", lambda self, h: False)
+            m.setattr(archive._Applier, "_plain_file", lambda self, *fields: False)
         try:
             archive.apply(io.BytesIO(R.entry(b"a/opener", b"") + entries + END), root,
                           whiteouts=how)  # fmt: skip
@@ -97,9 +104,9 @@ def test_a_file_applies_the_same_with_and_without_the_quick_path(
     calls = 0
     plain = archive._Applier._plain_file
 
-    def counting(self: archive._Applier, h: Any) -> bool:
+    def counting(self: archive._Applier, *fields: Any) -> bool:
         nonlocal calls
-        taken = plain(self, h)
+        taken = plain(self, *fields)
         calls += taken
         return taken
 

@@ -32,7 +32,7 @@ def read_all(data: bytes, *, quick: bool) -> Reading:
     """Every entry (or the error that stopped the reading), the bytes read, the diff ID."""
     reader = tar.Reader(io.BytesIO(data))  # type: ignore[arg-type]
     if not quick:
-        reader._next_plain = lambda skip: None  # type: ignore[method-assign]
+        reader.next_plain = lambda: None  # type: ignore[method-assign]
     entries: list[object] = []
     try:
         while (h := reader.next()) is not None:
@@ -46,15 +46,15 @@ def quick_headers(data: bytes) -> int:
     """How many headers of ``data`` the quick path read."""
     reader = tar.Reader(io.BytesIO(data))  # type: ignore[arg-type]
     taken = 0
-    plain = reader._next_plain
+    plain = reader.next_plain
 
-    def counting(skip: int) -> tar.Header | None:
+    def counting() -> tuple[bytes, int, int, int, int, int] | None:
         nonlocal taken
-        h = plain(skip)
-        taken += h is not None
-        return h
+        fields = plain()
+        taken += fields is not None
+        return fields
 
-    reader._next_plain = counting  # type: ignore[method-assign]
+    reader.next_plain = counting  # type: ignore[method-assign]
     while reader.next() is not None:
         pass
     return taken
