@@ -40,7 +40,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,27 +393,62 @@ class ContainerdBackend:
         lease = await asyncio.to_thread(self.leases.create, expire=self.lease_expire)
         try:
             job = _Import(self, lease, content, ref, on_layer)
-            chain_id = await job.unpack_and_copy_layers(
-                manifest,
-                diff_ids,
-                stream_layers=stream_layers,
-                sync_fs=sync_fs,
-                concurrency=concurrency,
-                turns=turns,
-                max_uncompressed_bytes=(
-                    self.max_uncompressed_bytes
-                    if max_uncompressed_bytes is None
-                    else max_uncompressed_bytes
-                ),
-                max_image_uncompressed_bytes=(
-                    self.max_image_uncompressed_bytes
-                    if max_image_uncompressed_bytes is None
-                    else max_image_uncompressed_bytes
-                ),
+            # Where the import copies every layer it lacks, a successful import leaves
+            # containerd with all of them: the config, manifest and index, which name them
+            # (and the chain the layers make), are then written beside the unpack instead
+            # of after it. Under the lease, and nothing names them before the image
+            # records, written last: a failed import leaves them to containerd's collector.
+            early = (
+                asyncio.ensure_future(
+                    asyncio.to_thread(
+                        job.copy_metadata,
+                        target,
+                        manifest_desc,
+                        manifest,
+                        config_desc,
+                        digests.chain_ids(diff_ids)[-1],
+                        {str(layer.digest) for layer in manifest.layers},
+                    )
+                )
+                if self.copy_layers is not False and diff_ids
+                else None
             )
-            await asyncio.to_thread(
-                job.copy_metadata, target, manifest_desc, manifest, config_desc, chain_id
-            )
+            try:
+                chain_id = await job.unpack_and_copy_layers(
+                    manifest,
+                    diff_ids,
+                    stream_layers=stream_layers,
+                    sync_fs=sync_fs,
+                    concurrency=concurrency,
+                    turns=turns,
+                    max_uncompressed_bytes=(
+                        self.max_uncompressed_bytes
+                        if max_uncompressed_bytes is None
+                        else max_uncompressed_bytes
+                    ),
+                    max_image_uncompressed_bytes=(
+                        self.max_image_uncompressed_bytes
+                        if max_image_uncompressed_bytes is None
+                        else max_image_uncompressed_bytes
+                    ),
+                )
+            except BaseException:
+                if early is not None:  # not left writing past the lease's deletion
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(early)
+                raise
+            if early is not None:
+                await early
+            else:
+                await asyncio.to_thread(
+                    job.copy_metadata,
+                    target,
+                    manifest_desc,
+                    manifest,
+                    config_desc,
+                    chain_id,
+                    job.layers_present,
+                )
             names = images_mod.cri_names(ref, target.digest, config_desc.digest)
             labels = images_mod.cri_labels(pinned=pinned)
             for record in names:
@@ -553,13 +588,15 @@ class _Import:
         manifest: descriptors.Manifest,
         config_desc: descriptors.Descriptor,
         chain_id: digests.Digest,
+        layers: Collection[str],
     ) -> None:
-        """Config, manifest and index, children first, each with its GC labels."""
+        """Config, manifest and index, children first, each with its GC labels (the
+        manifest's for the ``layers`` given by digest)."""
         snapshot_label = f"{content_mod.LABEL_REF_SNAPSHOT}{self.backend.snapshotter_name}"
         self._copy("config", config_desc, {**self.source, snapshot_label: str(chain_id)})
         labels = {**self.source, content_mod.LABEL_REF_CONFIG: str(config_desc.digest)}
         for i, layer in enumerate(manifest.layers):
-            if str(layer.digest) in self.layers_present:
+            if str(layer.digest) in layers:
                 labels[f"{content_mod.LABEL_REF_LAYER}{i}"] = str(layer.digest)
         self._copy("manifest", manifest_desc, labels)
         if target.digest != manifest_desc.digest:
@@ -595,7 +632,14 @@ class _Import:
                 with self.lock:
                     self.layers_present.add(str(layer.digest))
 
-        unique = {str(layer.digest): (layer, d) for layer, d in zip(layers, diff_ids, strict=True)}
+        # A streamed layer was committed into containerd with its labels already.
+        unique = {
+            str(layer.digest): (layer, d)
+            for layer, d in zip(layers, diff_ids, strict=True)
+            if str(layer.digest) not in self.layers_present
+        }
+        if not unique:
+            return
         with ThreadPoolExecutor(COPY_CONCURRENCY, thread_name_prefix="ctrd-copy") as pool:
             futures = [pool.submit(one, layer, d) for layer, d in unique.values()]
             try:

@@ -80,3 +80,9 @@ async def test_a_layer_whose_diff_id_lies_is_not_committed(
         backend.snapshotter.stat(lie)
     with pytest.raises(errors.NotFound):
         backend.images.get("liar.test/app:1")
+    # The config and manifest, written beside the unpack, were written under the import's
+    # lease and before it ended: the next collection leaves nothing of the import.
+    backend.leases.delete(backend.leases.create(), sync=True)
+    for blob in (manifest.config.digest, target.digest, manifest.layers[0].digest):
+        with pytest.raises(errors.NotFound):
+            backend.content.info(blob)
