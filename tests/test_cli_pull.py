@@ -181,6 +181,36 @@ def test_the_start_up_does_not_collect_garbage_over_the_modules_it_loads(
     assert all(frozen > 0 for _, frozen in report["passes"]), report["passes"]
 
 
+def test_the_start_up_does_not_look_for_pydantic_plugins(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """pydantic looks for plugins in the entry points of every installed distribution when
+    it builds its first model; the prefetcher has none, and ``console()`` says so, so no
+    start reads a hundred distributions' metadata (with a cold page cache, tens of
+    milliseconds before the first request). A setting of the caller's own is kept."""
+    images.push(registry, "cli/plugins", "1", images.Image([images.layer({"a": "a"})]))
+    script = (
+        "import atexit, json, os, sys\n"
+        "sys.argv[0] = 'prefetcher'\n"
+        "from agent.cli.main import console\n"
+        "def report():\n"
+        "    from pydantic.plugin import _loader\n"
+        "    print(json.dumps({'looked': _loader._plugins is not None,\n"
+        "        'setting': os.environ.get('PYDANTIC_DISABLE_PLUGINS')}), file=sys.stderr)\n"
+        "atexit.register(report)\n"
+        "console()\n"
+    )
+    out = pull_in_a_child(script, f"{registry.host}/cli/plugins:1", tmp_path / "store")
+    report = json.loads(out.stderr.strip().splitlines()[-1])
+    assert report == {"looked": False, "setting": "__all__"}
+
+    kept = script.replace("import atexit", "os_ = __import__('os')\n"
+                          "os_.environ['PYDANTIC_DISABLE_PLUGINS'] = 'logfire'\nimport atexit")
+    out = pull_in_a_child(kept, f"{registry.host}/cli/plugins:1", tmp_path / "store2")
+    report = json.loads(out.stderr.strip().splitlines()[-1])
+    assert report == {"looked": True, "setting": "logfire"}  # looked, skipping the one named
+
+
 def test_main_called_in_a_process_leaves_its_collector_alone() -> None:
     """Only ``console()`` (a process of its own) freezes: code that calls ``main()`` — a test,
     an embedding program — keeps its collector as it was."""

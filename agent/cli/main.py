@@ -75,6 +75,9 @@ def console() -> NoReturn:
     ``prefetcher pull``. An exception (a bug's traceback, ``--help``'s SystemExit) takes
     the ordinary way out.
 
+    pydantic is told it has no plugins to look for (``PYDANTIC_DISABLE_PLUGINS``, unless
+    set), so the start does not read every installed distribution's entry points.
+
     The garbage collector is off while the command modules load: they allocate some 50,000
     long-lived objects (classes, functions, pydantic schemas, protobuf descriptors) and
     next to no garbage, and collecting over them as they grow — a dozen passes, a full one
@@ -83,6 +86,10 @@ def console() -> NoReturn:
     command. Only here, in a process of its own: a caller of :func:`main` keeps its
     collector as it is.
     """
+    # No pydantic plugins are used here: without this, building the first model looks for
+    # them in the entry points of every installed distribution, on every start (with a cold
+    # page cache, a read of each one's metadata). An explicit setting is kept.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     gc.disable()
     try:
         parser = build_parser()
