@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fixtures import images
@@ -149,6 +150,25 @@ def test_a_pull_loads_no_command_line_client_nor_kubernetes_code(
     assert "rich.console" not in modules  # piped: plain progress lines, no terminal bars
 
 
+def console_pull_report(
+    ref: str, store: Path, report: str, *, setup: str = "", loaded: str = ""
+) -> Any:
+    """``console()`` pulling ``ref`` into ``store`` in a child: ``setup`` (code) runs before
+    the command modules load, ``loaded`` right after; at the exit (after the command, before
+    the process ends) the child prints the expression ``report`` as JSON, returned here."""
+    script = (
+        "import atexit, gc, json, os, sys\n"
+        f"{setup}"
+        "sys.argv[0] = 'prefetcher'\n"
+        "from agent.cli.main import console\n"
+        f"{loaded}"
+        f"atexit.register(lambda: print(json.dumps({report}), file=sys.stderr))\n"
+        "console()\n"
+    )
+    out = pull_in_a_child(script, ref, store)
+    return json.loads(out.stderr.strip().splitlines()[-1])
+
+
 def test_the_start_up_does_not_collect_garbage_over_the_modules_it_loads(
     registry: Registry, tmp_path: Path
 ) -> None:
@@ -157,22 +177,16 @@ def test_the_start_up_does_not_collect_garbage_over_the_modules_it_loads(
     a dozen passes over them, a full one among them: 40-70 ms of every start), freezes them
     out of every later collection, and runs the command with the collector on."""
     images.push(registry, "cli/gc", "1", images.Image([images.layer({"a": "a"})]))
-    script = (
-        "import atexit, gc, json, sys\n"
-        "passes = []  # (generation, objects frozen by then) of every collection\n"
+    report = console_pull_report(
+        f"{registry.host}/cli/gc:1", tmp_path / "store",
+        "{'passes': passes[before:], 'enabled': gc.isenabled(),"
+        " 'frozen': gc.get_freeze_count()}",
+        setup="passes = []  # (generation, objects frozen by then) of every collection\n"
         "gc.callbacks.append(lambda phase, info: phase == 'start' and passes.append(\n"
-        "    (info['generation'], gc.get_freeze_count())))\n"
-        "sys.argv[0] = 'prefetcher'\n"
-        "from agent.cli.main import console\n"
-        "before = len(passes)  # passes of the interpreter's own start-up\n"
-        "atexit.register(lambda: print(json.dumps({\n"
-        "    'passes': passes[before:], 'enabled': gc.isenabled(),\n"
-        "    'frozen': gc.get_freeze_count()}), file=sys.stderr))\n"
-        "console()\n"
-    )
-    out = pull_in_a_child(script, f"{registry.host}/cli/gc:1", tmp_path / "store")
+        "    (info['generation'], gc.get_freeze_count())))\n",
+        loaded="before = len(passes)  # passes of the interpreter's own start-up\n",
+    )  # fmt: skip
 
-    report = json.loads(out.stderr.strip().splitlines()[-1])
     assert report["enabled"] is True  # the pull ran with the collector on
     assert report["frozen"] > 10_000  # the modules' objects, out of its way
     # The pull collected its own garbage, and every pass came after the freeze: none while
@@ -189,26 +203,19 @@ def test_the_start_up_does_not_look_for_pydantic_plugins(
     start reads a hundred distributions' metadata (with a cold page cache, tens of
     milliseconds before the first request). A setting of the caller's own is kept."""
     images.push(registry, "cli/plugins", "1", images.Image([images.layer({"a": "a"})]))
-    script = (
-        "import atexit, json, os, sys\n"
-        "sys.argv[0] = 'prefetcher'\n"
-        "from agent.cli.main import console\n"
-        "def report():\n"
-        "    from pydantic.plugin import _loader\n"
-        "    print(json.dumps({'looked': _loader._plugins is not None,\n"
-        "        'setting': os.environ.get('PYDANTIC_DISABLE_PLUGINS')}), file=sys.stderr)\n"
-        "atexit.register(report)\n"
-        "console()\n"
+    ref = f"{registry.host}/cli/plugins:1"
+    looked = (
+        "{'looked': __import__('pydantic.plugin._loader', fromlist=['_'])._plugins"
+        " is not None, 'setting': os.environ.get('PYDANTIC_DISABLE_PLUGINS')}"
     )
-    out = pull_in_a_child(script, f"{registry.host}/cli/plugins:1", tmp_path / "store")
-    report = json.loads(out.stderr.strip().splitlines()[-1])
-    assert report == {"looked": False, "setting": "__all__"}
-
-    kept = script.replace("import atexit", "os_ = __import__('os')\n"
-                          "os_.environ['PYDANTIC_DISABLE_PLUGINS'] = 'logfire'\nimport atexit")
-    out = pull_in_a_child(kept, f"{registry.host}/cli/plugins:1", tmp_path / "store2")
-    report = json.loads(out.stderr.strip().splitlines()[-1])
-    assert report == {"looked": True, "setting": "logfire"}  # looked, skipping the one named
+    assert console_pull_report(ref, tmp_path / "store", looked) == {
+        "looked": False, "setting": "__all__",
+    }  # fmt: skip
+    kept = console_pull_report(
+        ref, tmp_path / "store2", looked,
+        setup="os.environ['PYDANTIC_DISABLE_PLUGINS'] = 'logfire'\n",
+    )  # fmt: skip
+    assert kept == {"looked": True, "setting": "logfire"}  # looked, skipping the one named
 
 
 def test_main_called_in_a_process_leaves_its_collector_alone() -> None:
