@@ -393,8 +393,9 @@ class _Applier:
         A plain name has no component that is empty or starts with a dot (so no ``.``,
         ``..``, whiteout or root), no leading or trailing slash, and fewer than
         ``_MAX_DEPTH`` components: it is its own key and passes every check of
-        :meth:`_entry` and :func:`_components`. What :meth:`_entry` and :meth:`_file` do
-        for it is done here, without their calls: this is most entries of most layers.
+        :meth:`_entry` and :func:`_components`, so what :meth:`_entry` does for it is done
+        here, without its checks: this is most entries of most layers. (``size`` is the
+        reader's current entry's: its data is written as it comes.)
         """
         if (
             not name
