@@ -28,10 +28,8 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import imagegen
@@ -109,24 +107,17 @@ def _run(setup: pu.Setup, mode: str, prefetcher: str, extra: list[str], i: int) 
     if mode == "local":
         pu.settle(setup.drop_caches)
         try:
-            return _timed(setup, [*argv, "--config", str(setup.config)], log)
+            wall, *_ = pu.measured(
+                setup.children, [*argv, "--config", str(setup.config)], log, setup.env)
+            return wall
         finally:
             pu.unmount_under(root)
             shutil.rmtree(root, ignore_errors=True)
     with pu.private_containerd(setup, f"containerd-{i}") as daemon:
         config = pu.into_containerd_config(setup.run_dir / f"run-{i}.toml", daemon)
         pu.settle(setup.drop_caches)
-        return _timed(setup, [*argv, "--config", str(config)], log)
-
-
-def _timed(setup: pu.Setup, argv: list[str], log: Path) -> float:
-    started = time.perf_counter()
-    with log.open("ab") as out:
-        done = subprocess.run(argv, env=setup.env, stdout=out, stderr=out)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"alternate.py: {shlex.join(argv)} failed ({done.returncode}); see {log}")
-    return wall
+        wall, *_ = pu.measured(setup.children, [*argv, "--config", str(config)], log, setup.env)
+        return wall
 
 
 if __name__ == "__main__":
