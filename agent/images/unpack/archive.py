@@ -235,7 +235,7 @@ class _Applier:
         cancel = self.cancel
         reader = self.reader
         next_plain = reader.next_plain
-        next_entry = reader.next
+        next_entry = reader.next_by_full_rules  # next_plain was asked first
         plain_file = self._plain_file
         while True:
             if cancel is not None and cancel.is_set():

@@ -147,6 +147,11 @@ class Reader:
         if plain is not None:
             name, mode, uid, gid, size, mtime_ns = plain
             return Header(name, REG, mode, uid, gid, size, mtime_ns)
+        return self.next_by_full_rules()
+
+    def next_by_full_rules(self) -> Header | None:
+        """:meth:`next` for a reader that asked :meth:`next_plain` already and got ``None``
+        (it does not ask again)."""
         skip = self._remaining + self._pad
         self._remaining = self._pad = 0
         pax: dict[bytes, bytes] = {}
