@@ -5,7 +5,7 @@ Generates (and caches) a multi-layer gzip image, pushes it to a fresh Debian
 ``docker-registry`` on a loopback port, then pulls and unpacks it into overlayfs snapshots
 four ways, interleaved, each from fresh state, ``--repeat`` times:
 
-  ours             prefetcher pull HOST/REPO:TAG --root FRESH --plain-http --quiet
+  ours             prefetcher pull HOST/REPO:TAG --root FRESH --plain-http --json
   ours-syncfs      the same with --sync-fs
   ours-containerd  a private containerd 1.6 (as for ``containerd``), then the same
                    prefetcher pull with a config of [images] snapshotter = "containerd"
@@ -26,6 +26,10 @@ Measurements per run (see README.md for why they are correct):
                 parent's, and this process does nothing else meanwhile.  For containerd, the
                 daemon's /proc/PID/io delta across the pull is added to ctr's (and to
                 prefetcher's for ours-containerd).
+  pull          for ours: the ``seconds`` of prefetcher's ``--json`` result, the pull inside
+                the process (resolve to image recorded): the wall time without the
+                interpreter's start-up, the connection to the runtime and the exit, which a
+                running agent does not pay per pull
   peak RSS      ru_maxrss of the client from wait4; for containerd the daemon's VmHWM
                 (a fresh daemon per run), ctr's own is in the JSON.  For ours-containerd
                 prefetcher's (the target is about our process); the daemon's VmHWM is in
@@ -171,6 +175,8 @@ class Run:
     #: every task was stalled on IO (``io_full``) or some task waited for a CPU
     #: (``cpu_some``): what tells a run slowed by the machine from one slowed by the code
     stalls: dict[str, float] = field(default_factory=dict)
+    #: ours: the pull inside the process, as its ``--json`` result says (``seconds``)
+    pull: float = 0.0
 
 
 def read_io(pid: int | str = "self") -> dict[str, int]:
@@ -286,6 +292,23 @@ def measured(children: Children, argv: list[str], log: Path, env: dict[str, str]
     return wall, io_delta(before, after), rusage, stalls
 
 
+def log_size(log: Path) -> int:
+    """Where this run's output will start in ``log`` (runs of a method share one log)."""
+    return log.stat().st_size if log.exists() else 0
+
+
+def reported_pull_seconds(log: Path, offset: int) -> float:
+    """The ``seconds`` of the ``prefetcher pull --json`` result written to ``log`` after
+    ``offset`` (from resolving the reference to the image recorded, inside the process);
+    ``0.0`` if there is none."""
+    text = log.read_bytes()[offset:].decode(errors="replace")
+    try:
+        result = json.loads(text[text.index("{"):text.rindex("}") + 1])
+        return float(result["seconds"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def count_entries(snapshot_dirs: Iterator[Path]) -> int:
     total = 0
     for fs in snapshot_dirs:
@@ -396,17 +419,20 @@ def run_ours(setup: Setup, repetition: int, sync_fs: bool) -> Run:
     root = setup.run_dir / f"{method}-{repetition}"
     settle(setup.drop_caches)
     argv = [setup.prefetcher, "pull", setup.ref, "--root", str(root), "--config",
-            str(setup.config), "--plain-http", "--quiet"] + (["--sync-fs"] if sync_fs else [])
+            str(setup.config), "--plain-http", "--json"] + (["--sync-fs"] if sync_fs else [])
+    log = setup.run_dir / f"{method}.log"
+    offset = log_size(log)
     try:
-        wall, io, rusage, stalls = measured(
-            setup.children, argv, setup.run_dir / f"{method}.log", setup.env)
+        wall, io, rusage, stalls = measured(setup.children, argv, log, setup.env)
         entries = count_entries((root / "snapshots" / "snapshots").glob("*/fs"))
     finally:
         unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
+    pull = reported_pull_seconds(log, offset)
+    problems = [] if pull else [f"no --json result with seconds in {log}"]
     return Run(method, repetition, wall, rusage.ru_utime + rusage.ru_stime, io,
-               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries, user=rusage.ru_utime,
-               stalls=stalls)
+               rusage.ru_maxrss, rusage.ru_maxrss, 0, entries, problems, user=rusage.ru_utime,
+               stalls=stalls, pull=pull)
 
 
 @dataclass
@@ -504,11 +530,12 @@ def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
                                             daemon)
             root = setup.run_dir / f"{method}-{repetition}" / "prefetcher"
             argv = [setup.prefetcher, "pull", setup.ref, "--root", str(root), "--config",
-                    str(config), "--plain-http", "--quiet"]
+                    str(config), "--plain-http", "--json"]
             if method.endswith("-syncfs"):
                 argv.append("--sync-fs")
             log = setup.run_dir / f"{method}.log"
         settle(setup.drop_caches)
+        offset = log_size(log)
         daemon_io, daemon_cpu = read_io(daemon.proc.pid), proc_cpu(daemon.proc.pid)
         daemon_user = proc_cpu(daemon.proc.pid, user_only=True)
         wall, io, rusage, stalls = measured(setup.children, argv, log, setup.env)
@@ -517,11 +544,16 @@ def run_into_containerd(setup: Setup, repetition: int, method: str) -> Run:
         daemon_user = proc_cpu(daemon.proc.pid, user_only=True) - daemon_user
         hwm = vm_hwm_kib(daemon.proc.pid)
         entries, problems = check_containerd(setup, daemon, setup.layers)
+    pull = 0.0
+    if method != "containerd":
+        pull = reported_pull_seconds(log, offset)
+        if not pull:
+            problems.append(f"no --json result with seconds in {log}")
     total_io = {key: io[key] + daemon_io[key] for key in IO_KEYS}
     cpu = rusage.ru_utime + rusage.ru_stime + daemon_cpu
     peak = hwm if method == "containerd" else rusage.ru_maxrss
     return Run(method, repetition, wall, cpu, total_io, peak, rusage.ru_maxrss, hwm, entries,
-               problems, user=rusage.ru_utime + daemon_user, stalls=stalls)
+               problems, user=rusage.ru_utime + daemon_user, stalls=stalls, pull=pull)
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -542,6 +574,8 @@ def median_of(runs: list[Run], method: str) -> dict[str, float]:
     }
     for key in IO_KEYS:
         out[key] = statistics.median(r.io[key] for r in mine)
+    if pulls := [r.pull for r in mine if r.pull]:
+        out["pull"] = statistics.median(pulls)
     return out
 
 
@@ -642,11 +676,13 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
               f"{human(m['wchar']):>10}{human(m['write_bytes']):>10}"
               f"{m['peak_rss_mib']:>6.0f} MiB")
     print()
-    print("  every run, in the order run: wall s, user s, and the machine's stalls meanwhile"
-          " (/proc/pressure: io full s, cpu some s)")
+    print("  every run, in the order run: wall s, user s, the machine's stalls meanwhile"
+          " (/proc/pressure: io full s, cpu some s), and ours' pull inside the process")
     for r in runs:
         stalls = "  ".join(f"{k} {v:.2f}" for k, v in r.stalls.items())
-        print(f"  {r.repetition:>3} {labels[r.method]:<28}{r.wall:>7.2f}{r.user:>7.2f}  {stalls}")
+        pull = f"  pull {r.pull:.2f}" if r.pull else ""
+        print(f"  {r.repetition:>3} {labels[r.method]:<28}{r.wall:>7.2f}{r.user:>7.2f}  {stalls}"
+              f"{pull}")
     ratios: dict[str, float] = {}
     checks: dict[str, str] = {}
 
@@ -679,6 +715,17 @@ def report(runs: list[Run], image: imagegen.BuiltImage, info: dict[str, Any]) ->
         pair = paired.get(name.removesuffix(".wall")) if name.endswith(".wall") else None
         extra = f"   (paired {pair:.2f}x)" if pair is not None else ""
         print(f"  {name:<40}{value:6.2f}x{extra}")
+    if "containerd" in med and any("pull" in m for m in med.values()):
+        ctr_wall = med["containerd"]["wall"]
+        print()
+        print("  the pull inside our process (--json \"seconds\": without the interpreter's"
+              " start-up, the runtime connection and the exit, which a running agent pays"
+              " once), against ctr's wall:")
+        for method, m in med.items():
+            if "pull" in m:
+                ratios[f"{method}(in-process)/containerd.wall"] = m["pull"] / ctr_wall
+                print(f"  {labels[method]:<28}{m['pull']:6.2f}s  {m['pull'] / ctr_wall:.2f}x"
+                      f"   (the rest of its wall: {m['wall'] - m['pull']:.2f}s)")
     print()
     if "ours/containerd.wall" in ratios:
         value = ratios["ours/containerd.wall"]
