@@ -2,11 +2,13 @@
 
 One blob at a time per digest (a lock per digest: a blob two pulls need at once is
 downloaded once), at most ``per_pull`` at once per pull and ``node_limit`` at once for the
-whole service. Each blob is streamed into an ingest, hashed as it arrives, resumed with
-``Range`` after a broken connection (at most :data:`MAX_BLOB_RESUMES` times) or after a
-request that went silent for the stall policy's read timeout (a recovered stall; too many
-of them fail the pull with :class:`~agent.images.errors.PullStalled`), and committed only
-once verified. Blobs already in the store are not downloaded.
+whole service; a pull's blobs given places in a :class:`Line` queue for those slots in its
+order (a pull's layers in the manifest's, the order they are unpacked in). Each blob is
+streamed into an ingest, hashed as it arrives, resumed with ``Range`` after a broken
+connection (at most :data:`MAX_BLOB_RESUMES` times) or after a request that went silent for
+the stall policy's read timeout (a recovered stall; too many of them fail the pull with
+:class:`~agent.images.errors.PullStalled`), and committed only once verified. Blobs already
+in the store are not downloaded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,42 @@ MAX_BLOB_RESUMES = 5
 
 #: Called with a blob's ingest writer before its first byte is written.
 OnWriter = Callable[[descriptors.Descriptor, sinks.SinkWriter], None]
+
+
+class Line:
+    """An order in which blobs queue for their download slots: a pull's layers in the
+    manifest's order, which is the order its unpack applies them in. Taken as they come, the
+    blobs of a runtime's store (containerd's) would queue in whatever order its answers to
+    "do you have it?" came back, and on a network slower than the unpack a layer downloaded
+    out of turn holds the unpack up while later layers are already in.
+
+    A blob's :class:`Place` waits for the one before to have queued (or to need no slot, or
+    to wait for another pull that fetches the same blob) and lets the next one go once it
+    queues itself.
+    """
+
+    def __init__(self, size: int):
+        self._gone = [asyncio.Event() for _ in range(size)]
+
+    def place(self, index: int) -> Place:
+        return Place(self._gone, index)
+
+
+class Place:
+    """One blob's place in a :class:`Line`."""
+
+    def __init__(self, gone: list[asyncio.Event], index: int):
+        self._gone = gone
+        self._index = index
+
+    async def reached(self) -> None:
+        """Wait until the blob before this one has queued or left the line."""
+        if self._index:
+            await self._gone[self._index - 1].wait()
+
+    def leave(self) -> None:
+        """Let the next blob go (again: no effect)."""
+        self._gone[self._index].set()
 
 
 class Fetcher:
@@ -56,34 +94,46 @@ class Fetcher:
         progress_timeout: float,
         on_writer: OnWriter | None = None,
         sink: sinks.BlobSink | None = None,
+        place: Place | None = None,
     ) -> int:
         """Download one blob into ``sink`` (default: the store) unless it is there. Returns
         bytes downloaded.
 
         ``on_writer`` is called with the ingest's writer before the first byte is written
         (an unpack follows the ingest from there, see :mod:`agent.images.arriving`).
-        ``sink`` is where a backend keeps the blob itself (containerd's content ingest)."""
+        ``sink`` is where a backend keeps the blob itself (containerd's content ingest).
+        ``place``: the blob queues for ``per_pull`` in that :class:`Line`'s order."""
         key = str(desc.digest)
         into: sinks.BlobSink = sink if sink is not None else self.content
-        if await self._exists(into, desc.digest):
-            progress.blob_present(desc)
-            return 0
-        async with self._blob_locks.hold(key):
+        try:
+            if place is not None:
+                await place.reached()
             if await self._exists(into, desc.digest):
                 progress.blob_present(desc)
                 return 0
-            async with per_pull, self._node_downloads:
-                attrs: dict[str, str | int] = {
-                    tracing.LAYER_DIGEST: key,
-                    tracing.LAYER_SIZE: desc.size,
-                    tracing.LAYER_MEDIA_TYPE: desc.media_type,
-                }
-                with tracing.span(tracing.SERVICE_SPANS, "fetch_blob", attrs) as span:
-                    got = await self._download(
-                        ref, desc, progress, progress_timeout, on_writer, into
-                    )
-                    span.set_attribute("blob.bytes_downloaded", got)
-                    return got
+            if place is not None and self._blob_locks.held(key):
+                place.leave()  # another pull fetches it: the blobs behind need not wait
+            async with self._blob_locks.hold(key):
+                if await self._exists(into, desc.digest):
+                    progress.blob_present(desc)
+                    return 0
+                if place is not None:
+                    place.leave()  # it queues for a slot right here, before the next one
+                async with per_pull, self._node_downloads:
+                    attrs: dict[str, str | int] = {
+                        tracing.LAYER_DIGEST: key,
+                        tracing.LAYER_SIZE: desc.size,
+                        tracing.LAYER_MEDIA_TYPE: desc.media_type,
+                    }
+                    with tracing.span(tracing.SERVICE_SPANS, "fetch_blob", attrs) as span:
+                        got = await self._download(
+                            ref, desc, progress, progress_timeout, on_writer, into
+                        )
+                        span.set_attribute("blob.bytes_downloaded", got)
+                        return got
+        finally:
+            if place is not None:
+                place.leave()
 
     async def store_small(self, desc: descriptors.Descriptor, data: bytes) -> None:
         """Commit ``data`` (a manifest or index already read and verified) as ``desc``."""

@@ -4,8 +4,9 @@
 
 1. **resolve** the reference (``HEAD``, then ``GET`` unless the manifest is already stored),
    and pick the platform's manifest from an index;
-2. **fetch** the config and every layer concurrently (``max_concurrent_downloads`` per pull,
-   a node-wide limit shared by all pulls of this service), each blob streamed into an ingest
+2. **fetch** the config, then every layer concurrently (``max_concurrent_downloads`` per pull,
+   started in the manifest's order, the unpack's; a node-wide limit shared by all pulls of
+   this service), each blob streamed into an ingest
    (ours; for layers, the backend's own when it has one: containerd's content ingest), hashed
    as it arrives, resumed with ``Range`` after a broken or silent connection, and committed
    only once verified. Blobs already in the store are not downloaded; a blob two pulls need
@@ -484,14 +485,16 @@ class ImageService:
             blobs_in = arriving.ArrivingBlobs(
                 self.content, [d.digest for d in needed], sink
             )
+            unique = _unique(needed)
+            line = fetching.Line(len(unique))  # downloads start in the unpack's order
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest
                     fetches = [
                         group.create_task(
                             self._fetch_and_announce(ref, desc, progress, per_pull, timeout,
-                                                     blobs_in, sink)
+                                                     blobs_in, sink, line.place(i))
                         )
-                        for desc in _unique(needed)
+                        for i, desc in enumerate(unique)
                     ]
                     # Unpacking starts now and takes each layer as soon as its blob is in.
                     unpacked_chain = None
@@ -675,12 +678,14 @@ class ImageService:
         progress_timeout: float,
         blobs: arriving.ArrivingBlobs,
         sink: backend_api.LayerSink | None,
+        place: fetching.Place,
     ) -> int:
         if sink is not None and self.content.exists(desc.digest):
             sink = None  # in our store already (left by an earlier pull): read from there
         try:
             return await self.fetcher.fetch_blob(
-                ref, desc, progress, per_pull, progress_timeout, blobs.downloading, sink
+                ref, desc, progress, per_pull, progress_timeout, blobs.downloading, sink,
+                place,
             )
         finally:
             # Committed, or never will be in this pull: either way an unpack waiting for
