@@ -35,11 +35,12 @@ async def test_layers_download_into_the_local_store_in_the_manifests_order(
     fault_proxy: FaultProxy, tmp_root: Path
 ) -> None:
     image = many_layer_image(seed=90)
-    order = await layer_requests(
+    order, result = await layer_requests(
         fault_proxy, image, "order/local", tmp_root,
         backends.open_store(tmp_root, "overlayfs"), 1,
     )
     assert order == list(range(LAYERS))
+    assert result.chain_id
 
 
 async def test_a_layer_another_pull_is_downloading_does_not_hold_up_the_next_ones(
