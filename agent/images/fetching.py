@@ -111,10 +111,14 @@ class Fetcher:
             if await self._exists(into, desc.digest):
                 progress.blob_present(desc)
                 return 0
-            if place is not None and self._blob_locks.held(key):
+            # Taken at once if no other pull holds it: nothing can have changed since the
+            # check above (no await in between), and another process's writer is found by
+            # the check after the ingest is opened (_download).
+            contended = self._blob_locks.held(key)
+            if place is not None and contended:
                 place.leave()  # another pull fetches it: the blobs behind need not wait
             async with self._blob_locks.hold(key):
-                if await self._exists(into, desc.digest):
+                if contended and await self._exists(into, desc.digest):
                     progress.blob_present(desc)
                     return 0
                 if place is not None:
